@@ -1,0 +1,228 @@
+package overlay
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+)
+
+// Names of the files Extract writes.
+const (
+	DiskFile     = "disk.img"
+	MemoryFile   = "memory.img"
+	StateFile    = "state"
+	VMConfigFile = "vm.json"
+)
+
+// CheckBase reports whether base is the one o was built against and can
+// supply every chunk o takes from it.
+func (o *Overlay) CheckBase(base *Base) error {
+	if o.Header.BaseID != base.ID {
+		return fmt.Errorf("overlay was built against base %s, not %s", o.Header.BaseID.Short(), base.ID.Short())
+	}
+	if int(o.Header.ChunkSize) != base.Index.ChunkSize {
+		return fmt.Errorf("overlay chunk size %d differs from the base's %d", o.Header.ChunkSize, base.Index.ChunkSize)
+	}
+	for _, img := range Images {
+		for i, r := range o.Manifest.Refs[img] {
+			if (r.Kind == BaseDisk || r.Kind == BaseMemory) && int(r.Index) >= len(base.Index.Hashes[r.Kind-BaseDisk]) {
+				return fmt.Errorf("manifest: %s chunk %d refers to %s chunk %d, beyond the base image", img, i, r.Kind, r.Index)
+			}
+		}
+	}
+	return nil
+}
+
+// Extract writes the custom VM an overlay describes into dir: disk.img,
+// memory.img, state and, when present, vm.json. Every file is written beside
+// its final name and renamed into place only after all of them are complete;
+// on failure nothing is left behind, not even dir if Extract created it.
+func Extract(o *Overlay, base *Base, dir string, workers int, progress func(n, total int64)) (err error) {
+	if err := o.CheckBase(base); err != nil {
+		return err
+	}
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	if _, serr := os.Stat(dir); errors.Is(serr, os.ErrNotExist) {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		defer func() {
+			if err != nil {
+				os.Remove(dir)
+			}
+		}()
+	}
+
+	names := []string{DiskFile, MemoryFile, StateFile}
+	if o.VMConfig != nil {
+		names = append(names, VMConfigFile)
+	}
+	files := make([]*os.File, len(names))
+	defer func() {
+		if err != nil {
+			for _, f := range files {
+				if f != nil {
+					discard(f)
+				}
+			}
+		}
+	}()
+	for i, n := range names {
+		if files[i], err = tempFile(filepath.Join(dir, n)); err != nil {
+			return err
+		}
+	}
+	h := o.Header
+	for _, img := range Images {
+		if err := files[img].Truncate(h.ImageSize(img)); err != nil {
+			return err
+		}
+	}
+	if _, err := files[2].Write(o.State); err != nil {
+		return err
+	}
+	if o.VMConfig != nil {
+		if _, err := files[3].Write(o.VMConfig); err != nil {
+			return err
+		}
+	}
+
+	var total int64
+	for _, s := range o.Manifest.Segments {
+		total += int64(s.Raw)
+	}
+	var prog func(int64)
+	if progress != nil {
+		var mu sync.Mutex
+		prog = func(n int64) {
+			mu.Lock()
+			defer mu.Unlock()
+			progress(n, total)
+		}
+	}
+	out := [2]*os.File{files[Disk], files[Memory]}
+	if err := o.writeData(out, workers, prog); err != nil {
+		return err
+	}
+	if err := o.writeRefs(out, base); err != nil {
+		return err
+	}
+	for i, f := range files {
+		if err := commit(f, filepath.Join(dir, names[i])); err != nil {
+			return err
+		}
+	}
+	return syncDir(dir)
+}
+
+// writeData decodes every segment on workers goroutines and writes its
+// chunks to their places in the images.
+func (o *Overlay) writeData(out [2]*os.File, workers int, progress func(int64)) error {
+	jobs := make(chan int)
+	errs := make(chan error, workers)
+	var wg sync.WaitGroup
+	done := make(chan struct{})
+	var once sync.Once
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range jobs {
+				if err := o.writeSegment(out, i); err != nil {
+					errs <- err
+					once.Do(func() { close(done) })
+					return
+				}
+				if progress != nil {
+					progress(int64(o.Manifest.Segments[i].Raw))
+				}
+			}
+		}()
+	}
+feed:
+	for i := range o.Manifest.Segments {
+		select {
+		case jobs <- i:
+		case <-done:
+			break feed
+		}
+	}
+	close(jobs)
+	wg.Wait()
+	select {
+	case err := <-errs:
+		return err
+	default:
+		return nil
+	}
+}
+
+func (o *Overlay) writeSegment(out [2]*os.File, i int) error {
+	raw, err := o.ReadSegment(i)
+	if err != nil {
+		return err
+	}
+	s := o.Manifest.Segments[i]
+	cs := int64(o.Header.ChunkSize)
+	off := int64(0)
+	for _, c := range o.Manifest.Order[s.First : s.First+s.Count] {
+		n := o.Header.ChunkLen(c)
+		if _, err := out[c.Image].WriteAt(raw[off:off+n], int64(c.Index)*cs); err != nil {
+			return err
+		}
+		off += n
+	}
+	return nil
+}
+
+// writeRefs fills the chunks that come from the base or repeat a data chunk.
+// Runs of consecutive base chunks are copied in one piece.
+func (o *Overlay) writeRefs(out [2]*os.File, base *Base) error {
+	h := o.Header
+	cs := int64(h.ChunkSize)
+	buf := make([]byte, 0, 4<<20)
+	for _, img := range Images {
+		refs := o.Manifest.Refs[img]
+		size := h.ImageSize(img)
+		for i := 0; i < len(refs); {
+			r := refs[i]
+			var src io.ReaderAt
+			switch r.Kind {
+			case BaseDisk, BaseMemory:
+				src = base.Images[r.Kind-BaseDisk]
+			case Self:
+				src = out[r.Image]
+			default:
+				i++
+				continue
+			}
+			// Extend the run while the next chunk continues the same source.
+			n := 1
+			for r.Kind != Self && i+n < len(refs) && (n+1)*int(cs) <= cap(buf) &&
+				refs[i+n].Kind == r.Kind && refs[i+n].Index == r.Index+uint32(n) {
+				n++
+			}
+			dst := int64(i) * cs
+			length := min(int64(n)*cs, size-dst)
+			b := buf[:length]
+			// Reading past the end of a base image yields zeros, as the index
+			// assumed when it hashed the padded last chunk.
+			m, err := src.ReadAt(b, int64(r.Index)*cs)
+			if m < len(b) && err != nil && err != io.EOF {
+				return fmt.Errorf("reading %s chunk %d for %s chunk %d: %w", r.Kind, r.Index, img, i, err)
+			}
+			clear(b[m:])
+			if _, err := out[img].WriteAt(b, dst); err != nil {
+				return err
+			}
+			i += n
+		}
+	}
+	return nil
+}
