@@ -1,0 +1,94 @@
+package order
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/cloudletfs/cloudletfs/overlay"
+)
+
+func TestParse(t *testing.T) {
+	in := "# resumed\n0.000 memory 5\n0.010 disk 2\n\n0.005 memory 7\n0.020 memory 5\n"
+	acc, err := Parse(strings.NewReader(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(acc) != 4 {
+		t.Fatalf("got %d accesses, want 4", len(acc))
+	}
+	got := FirstAccess(acc)
+	want := []overlay.ChunkID{{Image: overlay.Memory, Index: 5}, {Image: overlay.Memory, Index: 7}, {Image: overlay.Disk, Index: 2}}
+	if len(got) != len(want) {
+		t.Fatalf("first access %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("first access %v, want %v", got, want)
+		}
+	}
+	if err := Check(acc, [2]int{3, 8}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Check(acc, [2]int{2, 8}); err == nil || !strings.Contains(err.Error(), "disk chunk 2") {
+		t.Fatalf("chunk beyond the image: got %v", err)
+	}
+	var buf bytes.Buffer
+	if err := Write(&buf, acc); err != nil {
+		t.Fatal(err)
+	}
+	back, err := Parse(&buf)
+	if err != nil || len(back) != len(acc) {
+		t.Fatalf("round trip: %v, %d accesses", err, len(back))
+	}
+}
+
+func TestParseErrors(t *testing.T) {
+	for in, want := range map[string]string{
+		"":                     "no accesses",
+		"# only a comment\n\n": "no accesses",
+		"0.1 disk\n":           "line 1",
+		"x disk 1\n":           "time",
+		"-1 disk 1\n":          "time",
+		"0 swap 1\n":           "unknown image",
+		"0 disk -1\n":          "chunk index",
+		"0 disk 99999999999\n": "chunk index",
+		"0 disk 1\n0 disk\n":   "line 2",
+	} {
+		_, err := Parse(strings.NewReader(in))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Parse(%q) = %v, want an error containing %q", in, err, want)
+		}
+	}
+	if _, err := Parse(strings.NewReader("")); !errors.Is(err, ErrEmpty) {
+		t.Errorf("empty trace: %v is not ErrEmpty", err)
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add("0.000 memory 5\n0.010 disk 2\n")
+	f.Add("# c\n\n1e3 disk 4294967295\n")
+	f.Add("0 disk 1\n0 disk\n")
+	f.Fuzz(func(t *testing.T, in string) {
+		acc, err := Parse(strings.NewReader(in))
+		if err != nil {
+			return
+		}
+		// What parses must survive a round trip through Write.
+		var buf bytes.Buffer
+		if err := Write(&buf, acc); err != nil {
+			t.Fatal(err)
+		}
+		back, err := Parse(&buf)
+		if err != nil || len(back) != len(acc) {
+			t.Fatalf("round trip of %q: %v", in, err)
+		}
+		for i := range acc {
+			if back[i].Chunk != acc[i].Chunk {
+				t.Fatalf("round trip changed %v to %v", acc[i], back[i])
+			}
+		}
+		FirstAccess(acc)
+	})
+}
