@@ -86,7 +86,7 @@ func TestCorruptionIsNamed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := bad.Verify(nil); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("segment %d: sha256 mismatch", last)) {
+	if err := bad.Verify(2, nil); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("segment %d: sha256 mismatch", last)) {
 		t.Fatalf("flipped segment bit: got %v", err)
 	}
 }

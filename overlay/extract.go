@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"sync"
 )
 
 // Names of the files Extract writes.
@@ -93,21 +92,17 @@ func Extract(o *Overlay, base *Base, dir string, workers int, progress func(n, t
 		}
 	}
 
-	var total int64
-	for _, s := range o.Manifest.Segments {
-		total += int64(s.Raw)
-	}
-	var prog func(int64)
-	if progress != nil {
-		var mu sync.Mutex
-		prog = func(n int64) {
-			mu.Lock()
-			defer mu.Unlock()
-			progress(n, total)
-		}
-	}
+	prog := lockedProgress(progress, o.rawTotal())
 	out := [2]*os.File{files[Disk], files[Memory]}
-	if err := o.writeData(out, workers, prog); err != nil {
+	if err := o.eachSegment(workers, func(i int) error {
+		if err := o.writeSegment(out, i); err != nil {
+			return err
+		}
+		if prog != nil {
+			prog(int64(o.Manifest.Segments[i].Raw))
+		}
+		return nil
+	}); err != nil {
 		return err
 	}
 	if err := o.writeRefs(out, base); err != nil {
@@ -119,48 +114,6 @@ func Extract(o *Overlay, base *Base, dir string, workers int, progress func(n, t
 		}
 	}
 	return syncDir(dir)
-}
-
-// writeData decodes every segment on workers goroutines and writes its
-// chunks to their places in the images.
-func (o *Overlay) writeData(out [2]*os.File, workers int, progress func(int64)) error {
-	jobs := make(chan int)
-	errs := make(chan error, workers)
-	var wg sync.WaitGroup
-	done := make(chan struct{})
-	var once sync.Once
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range jobs {
-				if err := o.writeSegment(out, i); err != nil {
-					errs <- err
-					once.Do(func() { close(done) })
-					return
-				}
-				if progress != nil {
-					progress(int64(o.Manifest.Segments[i].Raw))
-				}
-			}
-		}()
-	}
-feed:
-	for i := range o.Manifest.Segments {
-		select {
-		case jobs <- i:
-		case <-done:
-			break feed
-		}
-	}
-	close(jobs)
-	wg.Wait()
-	select {
-	case err := <-errs:
-		return err
-	default:
-		return nil
-	}
 }
 
 func (o *Overlay) writeSegment(out [2]*os.File, i int) error {

@@ -131,7 +131,7 @@ func TestBuildExtractRoundTrip(t *testing.T) {
 				dir := t.TempDir()
 				path, sum := build(t, dir, base, cd, cm, BuildOptions{Codec: codec, SegmentSize: (1 + n%5) * 3 * c})
 				o := openFile(t, path)
-				if err := o.Verify(nil); err != nil {
+				if err := o.Verify(2, nil); err != nil {
 					t.Fatal(err)
 				}
 				out := filepath.Join(dir, "out")

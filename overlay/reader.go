@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
+	"sync"
 )
 
 // Overlay is an opened overlay: its header, manifest, state and vm.json,
@@ -159,18 +161,77 @@ func DecodeSegment(i int, s Segment, stored []byte) ([]byte, error) {
 	return raw, nil
 }
 
-// Verify reads and decodes every segment, checking each digest. The metadata
-// was already verified by Open.
-func (o *Overlay) Verify(progress func(n int64)) error {
-	for i := range o.Manifest.Segments {
+// Verify reads and decodes every segment on workers goroutines, checking
+// each digest. The metadata was already verified by Open. progress, if set,
+// is told the raw bytes of each segment verified.
+func (o *Overlay) Verify(workers int, progress func(n, total int64)) error {
+	prog := lockedProgress(progress, o.rawTotal())
+	return o.eachSegment(workers, func(i int) error {
 		if _, err := o.ReadSegment(i); err != nil {
 			return err
 		}
-		if progress != nil {
-			progress(int64(o.Manifest.Segments[i].Stored))
+		if prog != nil {
+			prog(int64(o.Manifest.Segments[i].Raw))
+		}
+		return nil
+	})
+}
+
+func (o *Overlay) rawTotal() int64 {
+	var total int64
+	for _, s := range o.Manifest.Segments {
+		total += int64(s.Raw)
+	}
+	return total
+}
+
+// lockedProgress adapts a progress callback for use from many goroutines.
+func lockedProgress(progress func(n, total int64), total int64) func(int64) {
+	if progress == nil {
+		return nil
+	}
+	var mu sync.Mutex
+	return func(n int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		progress(n, total)
+	}
+}
+
+// eachSegment runs fn for every segment index on workers goroutines (0 means
+// all cores) and returns the first error, after which no new segment starts.
+func (o *Overlay) eachSegment(workers int, fn func(i int) error) error {
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	jobs := make(chan int)
+	stop := make(chan struct{})
+	var first error
+	var once sync.Once
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range jobs {
+				if err := fn(i); err != nil {
+					once.Do(func() { first = err; close(stop) })
+					return
+				}
+			}
+		}()
+	}
+feed:
+	for i := range o.Manifest.Segments {
+		select {
+		case jobs <- i:
+		case <-stop:
+			break feed
 		}
 	}
-	return nil
+	close(jobs)
+	wg.Wait()
+	return first
 }
 
 // Counts returns the number of chunks of each kind, per image.

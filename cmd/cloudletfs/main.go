@@ -1,0 +1,92 @@
+// Command cloudletfs builds, inspects and extracts VM overlays: the small
+// files that carry a custom VM as its difference from a base VM kept on a
+// cloudlet. Run `cloudletfs --help` for the commands.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/urfave/cli/v2"
+
+	"github.com/cloudletfs/cloudletfs/store"
+)
+
+// version is set at link time by the Makefile.
+var version = "dev"
+
+func main() {
+	app := newApp(os.Stdout, os.Stderr)
+	if err := app.Run(interspersed(app, os.Args)); err != nil {
+		fmt.Fprintf(os.Stderr, "cloudletfs: %v\n", err)
+		var ec cli.ExitCoder
+		if errors.As(err, &ec) {
+			os.Exit(ec.ExitCode())
+		}
+		os.Exit(1)
+	}
+}
+
+// newApp builds the command tree. Output goes to stdout and stderr so tests
+// can run commands in-process.
+func newApp(stdout, stderr io.Writer) *cli.App {
+	return &cli.App{
+		Name:    "cloudletfs",
+		Usage:   "resume custom VMs on a cloudlet from small VM overlays",
+		Version: version,
+		Description: `A cloudlet keeps base VMs (disk, memory, device state). A custom VM travels as a
+VM overlay: only the chunks that differ from a base, deduplicated, compressed and
+cut into verified segments in the order the VM is expected to touch them.
+
+Typical use:
+  cloudletfs base import --name debian --disk base.img --memory base.mem --state base.state
+  cloudletfs overlay create --base debian --disk app.img --memory app.mem --state app.state -o app.overlay
+  cloudletfs overlay extract app.overlay -o ./app`,
+		Writer:          stdout,
+		ErrWriter:       stderr,
+		HideHelpCommand: true,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "state-dir", EnvVars: []string{"CLOUDLETFS_STATE_DIR"}, Value: store.DefaultDir(),
+				Usage: "directory of the embedded store: base registry and chunk indexes"},
+			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "log level: debug, info, warn or error"},
+		},
+		Before: func(c *cli.Context) error {
+			lvl, err := zerolog.ParseLevel(c.String("log-level"))
+			if err != nil || lvl == zerolog.NoLevel {
+				return fmt.Errorf("--log-level %q: want debug, info, warn or error", c.String("log-level"))
+			}
+			log := zerolog.New(zerolog.ConsoleWriter{Out: stderr, TimeFormat: time.TimeOnly}).Level(lvl).With().Timestamp().Logger()
+			c.App.Metadata = map[string]any{"log": log}
+			return nil
+		},
+		Commands: []*cli.Command{baseCommand(), overlayCommand()},
+	}
+}
+
+func logger(c *cli.Context) zerolog.Logger {
+	if l, ok := c.App.Metadata["log"].(zerolog.Logger); ok {
+		return l
+	}
+	return zerolog.Nop()
+}
+
+// openStore opens the state directory named by --state-dir.
+func openStore(c *cli.Context) (*store.Store, error) {
+	return store.Open(c.String("state-dir"), logger(c))
+}
+
+var jobsFlag = &cli.IntFlag{Name: "jobs", Aliases: []string{"j"}, Value: runtime.NumCPU(),
+	Usage: "goroutines for hashing, compression and decoding; the default is the number of cores"}
+
+// need reports a missing positional argument the way flags report theirs.
+func need(c *cli.Context, n int, what string) error {
+	if c.NArg() != n {
+		return fmt.Errorf("%s: want %s (see --help)", c.Command.FullName(), what)
+	}
+	return nil
+}

@@ -1,0 +1,388 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/urfave/cli/v2"
+
+	"github.com/cloudletfs/cloudletfs/order"
+	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/store"
+)
+
+func overlayCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "overlay",
+		Usage: "create, inspect, verify and extract VM overlays",
+		Subcommands: []*cli.Command{
+			{
+				Name:      "create",
+				Usage:     "build an overlay of a custom VM against a registered base",
+				UsageText: "cloudletfs overlay create --base ID|NAME --disk FILE --memory FILE --state FILE [--vm-config FILE] [--segment-size SIZE] [--codec xz|zstd] [--order TRACE]... -o OUT",
+				Description: `Each chunk of the custom disk and memory images becomes the cheapest of: zero; a
+chunk of the base disk or base memory at any offset; a repeat of another chunk of this
+overlay; or data. Only data travels in segments, compressed in parallel.
+
+Segments stream in this order: the chunks named by the --order traces, in order of
+first access (trace after trace), then the remaining memory chunks by offset, then
+the remaining disk chunks by offset. docs/FORMAT.md describes the trace format.`,
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "base", Required: true, Usage: "base VM, by ID or NAME"},
+					&cli.PathFlag{Name: "disk", Required: true, Usage: "custom VM's raw disk image"},
+					&cli.PathFlag{Name: "memory", Required: true, Usage: "custom VM's raw memory image"},
+					&cli.PathFlag{Name: "state", Required: true, Usage: "custom VM's QEMU device state"},
+					&cli.PathFlag{Name: "vm-config", Usage: "vm.json to carry in the overlay"},
+					&cli.StringFlag{Name: "segment-size", Value: "1MiB", Usage: "uncompressed bytes per segment, rounded to whole chunks"},
+					&cli.StringFlag{Name: "codec", Value: "xz", Usage: "segment codec: xz (smallest) or zstd (fastest to decode)"},
+					&cli.StringSliceFlag{Name: "order", Usage: "access trace whose chunks stream first (repeatable)"},
+					&cli.PathFlag{Name: "output", Aliases: []string{"o"}, Required: true, Usage: "overlay file to write"},
+					jobsFlag,
+				},
+				Action: overlayCreate,
+			},
+			{
+				Name:      "info",
+				Usage:     "describe an overlay: base, sizes, codec, segments and chunks by kind",
+				ArgsUsage: "FILE",
+				Flags:     []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "print JSON"}},
+				Action:    overlayInfo,
+			},
+			{
+				Name:      "verify",
+				Usage:     "check every digest of an overlay and decode every segment",
+				ArgsUsage: "FILE",
+				Flags:     []cli.Flag{jobsFlag},
+				Action:    overlayVerify,
+			},
+			{
+				Name:      "extract",
+				Usage:     "rebuild the custom VM's files from an overlay and its base (full synthesis)",
+				UsageText: "cloudletfs overlay extract [--base ID|NAME] FILE -o DIR",
+				Description: `Writes DIR/disk.img, DIR/memory.img, DIR/state and, if the overlay carries one,
+DIR/vm.json, byte-identical to what 'overlay create' was given. Without --base, the
+base is found in the registry by the ID the overlay records.`,
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "base", Usage: "base VM, by ID or NAME (default: the overlay's own base ID)"},
+					&cli.PathFlag{Name: "output", Aliases: []string{"o"}, Required: true, Usage: "directory to write the VM's files into"},
+					jobsFlag,
+				},
+				Action: overlayExtract,
+			},
+		},
+	}
+}
+
+// openImage opens a custom image and returns it with its size.
+func openImage(what, path string) (*os.File, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, 0, fmt.Errorf("%s: %w", what, err)
+	}
+	st, err := f.Stat()
+	if err == nil && !st.Mode().IsRegular() {
+		err = fmt.Errorf("not a regular file")
+	}
+	if err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("%s %s: %w", what, path, err)
+	}
+	return f, st.Size(), nil
+}
+
+// readSmall reads a small file whole, refusing one larger than limit.
+func readSmall(what, path string, limit int64) ([]byte, error) {
+	f, size, err := openImage(what, path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if size > limit {
+		return nil, fmt.Errorf("%s %s: %d bytes, more than the limit of %d", what, path, size, limit)
+	}
+	b, err := io.ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", what, path, err)
+	}
+	return b, nil
+}
+
+func overlayCreate(c *cli.Context) error {
+	segSize, err := humanize.ParseBytes(c.String("segment-size"))
+	if err != nil || segSize == 0 || segSize > overlay.MaxSegmentRaw {
+		return fmt.Errorf("--segment-size %q: want a size such as 1MiB or 256KiB, at most %s", c.String("segment-size"), humanize.IBytes(overlay.MaxSegmentRaw))
+	}
+	codec, err := overlay.ParseCodec(c.String("codec"))
+	if err != nil || codec == overlay.CodecNone {
+		return fmt.Errorf("--codec %q: want xz or zstd", c.String("codec"))
+	}
+	out := c.Path("output")
+
+	in := &overlay.Input{}
+	for _, img := range overlay.Images {
+		f, size, err := openImage(img.String(), c.Path(img.String()))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		in.Images[img], in.Sizes[img] = f, size
+	}
+	if in.State, err = readSmall("state", c.Path("state"), overlay.MaxStateSize); err != nil {
+		return err
+	}
+	if p := c.Path("vm-config"); p != "" {
+		if in.VMConfig, err = readSmall("vm-config", p, overlay.MaxVMConfigSize); err != nil {
+			return err
+		}
+	}
+
+	st, err := openStore(c)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	rec, err := st.Resolve(c.String("base"))
+	if err != nil {
+		return err
+	}
+	base, closeBase, err := st.Open(rec)
+	if err != nil {
+		return err
+	}
+	defer closeBase()
+
+	var chunks [2]int
+	for _, img := range overlay.Images {
+		chunks[img] = int((in.Sizes[img] + int64(rec.ChunkSize) - 1) / int64(rec.ChunkSize))
+	}
+	var seq []overlay.ChunkID
+	for _, path := range c.StringSlice("order") {
+		acc, err := order.ParseFile(path)
+		if err != nil {
+			return err
+		}
+		if err := order.Check(acc, chunks); err != nil {
+			return fmt.Errorf("trace %s: %w", path, err)
+		}
+		seq = append(seq, order.FirstAccess(acc)...)
+	}
+
+	p := newProgress(c.App.ErrWriter)
+	start := time.Now()
+	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{
+		SegmentSize: int(segSize),
+		Codec:       codec,
+		Workers:     c.Int("jobs"),
+		Order:       seq,
+		Progress:    p.add,
+	})
+	p.done()
+	if err != nil {
+		return fmt.Errorf("overlay %s: %w", out, err)
+	}
+	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
+	return nil
+}
+
+func printSummary(w io.Writer, out string, s *overlay.Summary, codec overlay.Codec, took time.Duration) {
+	fmt.Fprintf(w, "wrote %s in %s: %s in %d %s segments, overlay ID %s\n", out, took.Round(time.Millisecond),
+		humanize.IBytes(uint64(s.OverlaySize)), s.Segments, codec, s.ID.Short())
+	printCounts(w, s.Counts)
+	share := "no bytes changed"
+	if s.ChangedBytes > 0 {
+		share = fmt.Sprintf("the overlay is %.1f%% of the changed bytes", 100*float64(s.OverlaySize)/float64(s.ChangedBytes))
+	}
+	fmt.Fprintf(w, "changed %s; data in segments %s, compressed to %s; %s\n",
+		humanize.IBytes(uint64(s.ChangedBytes)), humanize.IBytes(uint64(s.DataBytes)), humanize.IBytes(uint64(s.OverlaySize)), share)
+}
+
+func printCounts(w io.Writer, counts [2][len(overlay.Kinds)]int) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "chunks\tdisk\tmemory\t")
+	for _, k := range overlay.Kinds {
+		fmt.Fprintf(tw, "%s\t%d\t%d\t\n", k, counts[overlay.Disk][k], counts[overlay.Memory][k])
+	}
+	tw.Flush()
+}
+
+// openOverlay opens and verifies an overlay file's metadata. Errors name the
+// file.
+func openOverlay(path string) (*overlay.Overlay, *os.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("overlay: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("overlay %s: %w", path, err)
+	}
+	o, err := overlay.Open(f, st.Size())
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("overlay %s: %w", path, err)
+	}
+	return o, f, nil
+}
+
+// infoJSON is the shape of `overlay info --json`.
+type infoJSON struct {
+	ID          string                    `json:"id"`
+	Version     int                       `json:"version"`
+	BaseID      string                    `json:"base_id"`
+	ChunkSize   int                       `json:"chunk_size"`
+	DiskSize    int64                     `json:"disk_size"`
+	MemorySize  int64                     `json:"memory_size"`
+	Codecs      map[string]int            `json:"segment_codecs"`
+	MetaCodec   string                    `json:"metadata_codec"`
+	Size        int64                     `json:"size"`
+	MetadataLen int64                     `json:"metadata_bytes"`
+	StateSize   int                       `json:"state_bytes"`
+	HasVMConfig bool                      `json:"has_vm_config"`
+	Segments    []segmentJSON             `json:"segments"`
+	Chunks      map[string]map[string]int `json:"chunks"`
+}
+
+type segmentJSON struct {
+	Offset int64  `json:"offset"`
+	Stored uint32 `json:"stored"`
+	Raw    uint32 `json:"raw"`
+	Codec  string `json:"codec"`
+	Chunks int    `json:"chunks"`
+	SHA256 string `json:"sha256"`
+}
+
+func describe(o *overlay.Overlay) infoJSON {
+	h := o.Header
+	info := infoJSON{
+		ID: o.ID.String(), Version: int(h.Version), BaseID: h.BaseID.String(), ChunkSize: int(h.ChunkSize),
+		DiskSize: int64(h.DiskSize), MemorySize: int64(h.MemorySize), Codecs: map[string]int{},
+		MetaCodec: h.MetaCodec.String(), Size: h.TotalLen(), MetadataLen: h.MetadataLen(),
+		StateSize: len(o.State), HasVMConfig: o.VMConfig != nil, Segments: []segmentJSON{},
+		Chunks: map[string]map[string]int{},
+	}
+	for _, s := range o.Manifest.Segments {
+		info.Codecs[s.Codec.String()]++
+		info.Segments = append(info.Segments, segmentJSON{s.Offset, s.Stored, s.Raw, s.Codec.String(), s.Count, s.SHA.String()})
+	}
+	counts := o.Manifest.Counts()
+	for _, img := range overlay.Images {
+		m := map[string]int{}
+		for _, k := range overlay.Kinds {
+			m[k.String()] = counts[img][k]
+		}
+		info.Chunks[img.String()] = m
+	}
+	return info
+}
+
+func overlayInfo(c *cli.Context) error {
+	if err := need(c, 1, "one overlay FILE"); err != nil {
+		return err
+	}
+	o, f, err := openOverlay(c.Args().First())
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	info := describe(o)
+	w := c.App.Writer
+	if c.Bool("json") {
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(info)
+	}
+	var stored, raw int64
+	var minS, maxS uint32
+	for i, s := range o.Manifest.Segments {
+		stored += int64(s.Stored)
+		raw += int64(s.Raw)
+		if i == 0 || s.Stored < minS {
+			minS = s.Stored
+		}
+		maxS = max(maxS, s.Stored)
+	}
+	fmt.Fprintf(w, "overlay     %s (format version %d)\n", info.ID, info.Version)
+	fmt.Fprintf(w, "base        %s\n", info.BaseID)
+	fmt.Fprintf(w, "disk        %s (%d bytes)\n", humanize.IBytes(uint64(info.DiskSize)), info.DiskSize)
+	fmt.Fprintf(w, "memory      %s (%d bytes)\n", humanize.IBytes(uint64(info.MemorySize)), info.MemorySize)
+	fmt.Fprintf(w, "chunk size  %d\n", info.ChunkSize)
+	fmt.Fprintf(w, "size        %s, of which metadata %s (state %s, vm.json %v)\n", humanize.IBytes(uint64(info.Size)),
+		humanize.IBytes(uint64(info.MetadataLen)), humanize.IBytes(uint64(info.StateSize)), info.HasVMConfig)
+	fmt.Fprintf(w, "codec       segments %v, metadata %s\n", info.Codecs, info.MetaCodec)
+	if n := len(o.Manifest.Segments); n > 0 {
+		fmt.Fprintf(w, "segments    %d: %s stored from %s raw; stored size min %s, mean %s, max %s\n", n,
+			humanize.IBytes(uint64(stored)), humanize.IBytes(uint64(raw)), humanize.IBytes(uint64(minS)),
+			humanize.IBytes(uint64(stored/int64(n))), humanize.IBytes(uint64(maxS)))
+	} else {
+		fmt.Fprintf(w, "segments    0\n")
+	}
+	printCounts(w, o.Manifest.Counts())
+	return nil
+}
+
+func overlayVerify(c *cli.Context) error {
+	if err := need(c, 1, "one overlay FILE"); err != nil {
+		return err
+	}
+	path := c.Args().First()
+	o, f, err := openOverlay(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	p := newProgress(c.App.ErrWriter)
+	err = o.Verify(c.Int("jobs"), func(n, total int64) { p.add("verifying", n, total) })
+	p.done()
+	if err != nil {
+		return fmt.Errorf("overlay %s: %w", path, err)
+	}
+	fmt.Fprintf(c.App.Writer, "overlay %s is intact: header, manifest, state and %d segments verified\n", path, len(o.Manifest.Segments))
+	return nil
+}
+
+func overlayExtract(c *cli.Context) error {
+	if err := need(c, 1, "one overlay FILE"); err != nil {
+		return err
+	}
+	path := c.Args().First()
+	o, f, err := openOverlay(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := openStore(c)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	var rec *store.Base
+	if ref := c.String("base"); ref != "" {
+		rec, err = st.Resolve(ref)
+	} else if rec, err = st.Resolve(o.Header.BaseID.String()); err != nil {
+		err = fmt.Errorf("overlay %s needs base %s, which is not in the registry: import it, or name one with --base", path, o.Header.BaseID)
+	}
+	if err != nil {
+		return err
+	}
+	base, closeBase, err := st.Open(rec)
+	if err != nil {
+		return err
+	}
+	defer closeBase()
+	dir := c.Path("output")
+	p := newProgress(c.App.ErrWriter)
+	start := time.Now()
+	err = overlay.Extract(o, base, dir, c.Int("jobs"), func(n, total int64) { p.add("extracting", n, total) })
+	p.done()
+	if err != nil {
+		return fmt.Errorf("overlay %s: %w", path, err)
+	}
+	fmt.Fprintf(c.App.Writer, "extracted %s into %s in %s\n", path, dir, time.Since(start).Round(time.Millisecond))
+	return nil
+}

@@ -1,0 +1,407 @@
+package store
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/cloudletfs/cloudletfs/overlay"
+)
+
+// Key layout:
+//
+//	base/<id hex>                      -> JSON Base
+//	basename/<name>                    -> id hex
+//	baseidx/<id hex>/<image>/<block>   -> up to hashesPerBlock sha256s
+const hashesPerBlock = 32768 // 1 MiB values
+
+// File is one file of a base as it was at import.
+type File struct {
+	Path    string         `json:"path"`
+	Size    int64          `json:"size"`
+	ModTime int64          `json:"mtime_ns"`
+	SHA     overlay.Digest `json:"sha256"`
+}
+
+// Base is a registered base VM.
+type Base struct {
+	ID        overlay.Digest `json:"id"`
+	Name      string         `json:"name"`
+	ChunkSize int            `json:"chunk_size"`
+	Disk      File           `json:"disk"`
+	Memory    File           `json:"memory"`
+	State     File           `json:"state"`
+	VMConfig  *File          `json:"vm_config,omitempty"`
+	Imported  time.Time      `json:"imported"`
+}
+
+// Files returns the base's files with their names, in base-ID order.
+func (b *Base) Files() []struct {
+	Name string
+	File File
+} {
+	out := []struct {
+		Name string
+		File File
+	}{{"disk", b.Disk}, {"memory", b.Memory}, {"state", b.State}}
+	if b.VMConfig != nil {
+		out = append(out, struct {
+			Name string
+			File File
+		}{"vm.json", *b.VMConfig})
+	}
+	return out
+}
+
+// ImportFiles names the files of a base to import.
+type ImportFiles struct {
+	Disk, Memory, State string
+	VMConfig            string // optional
+}
+
+// Import hashes a base's files, builds its chunk index and registers it
+// under name. The files stay where they are; the registry remembers their
+// paths, sizes and modification times to notice later changes.
+func (s *Store) Import(name string, in ImportFiles, chunkSize, workers int, progress func(n, total int64)) (*Base, error) {
+	if name == "" || strings.ContainsAny(name, "/\n") {
+		return nil, fmt.Errorf("base name %q: use a non-empty name without '/' or newlines", name)
+	}
+	if _, err := s.lookupName(name); err == nil {
+		return nil, fmt.Errorf("a base named %q is already registered: pick another name or remove it with `cloudletfs base rm %s`", name, name)
+	}
+	paths := []string{in.Disk, in.Memory, in.State}
+	if in.VMConfig != "" {
+		paths = append(paths, in.VMConfig)
+	}
+	names := []string{"disk", "memory", "state", "vm.json"}
+	var total int64
+	files := make([]File, len(paths))
+	for i, p := range paths {
+		f, err := statFile(names[i], p)
+		if err != nil {
+			return nil, err
+		}
+		files[i] = f
+		total += f.Size
+	}
+	var prog func(int64)
+	if progress != nil {
+		prog = func(n int64) { progress(n, total) }
+	}
+	idx := &overlay.Index{ChunkSize: chunkSize}
+	var parts []overlay.Part
+	for i := range files {
+		fh, err := os.Open(files[i].Path)
+		if err != nil {
+			return nil, fmt.Errorf("%s %s: %w", names[i], paths[i], err)
+		}
+		sum, hs, err := overlay.HashImage(fh, files[i].Size, chunkSize, workers, prog)
+		fh.Close()
+		if err != nil {
+			return nil, fmt.Errorf("%s %s: %w", names[i], paths[i], err)
+		}
+		files[i].SHA = sum
+		if i < 2 {
+			idx.Hashes[i] = hs
+			idx.Sizes[i] = files[i].Size
+		}
+		parts = append(parts, overlay.Part{Name: names[i], Size: files[i].Size, SHA: sum})
+	}
+	b := &Base{ID: overlay.BaseID(parts), Name: name, ChunkSize: chunkSize,
+		Disk: files[0], Memory: files[1], State: files[2], Imported: time.Now().UTC()}
+	if len(files) > 3 {
+		b.VMConfig = &files[3]
+	}
+	if old, err := s.lookupID(b.ID.String()); err == nil {
+		return nil, fmt.Errorf("this base is already registered as %q (ID %s)", old.Name, b.ID)
+	}
+	if err := s.put(b, idx); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+func statFile(name, path string) (File, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return File{}, fmt.Errorf("%s %s: %w", name, path, err)
+	}
+	st, err := os.Stat(abs)
+	if err != nil {
+		return File{}, fmt.Errorf("%s %s: %w", name, path, err)
+	}
+	if !st.Mode().IsRegular() {
+		return File{}, fmt.Errorf("%s %s: not a regular file", name, path)
+	}
+	f, err := os.Open(abs)
+	if err != nil {
+		return File{}, fmt.Errorf("%s %s: %w", name, path, err)
+	}
+	f.Close()
+	return File{Path: abs, Size: st.Size(), ModTime: st.ModTime().UnixNano()}, nil
+}
+
+func (s *Store) put(b *Base, idx *overlay.Index) error {
+	id := b.ID.String()
+	rec, err := json.Marshal(b)
+	if err != nil {
+		return err
+	}
+	wb := s.db.NewWriteBatch()
+	defer wb.Cancel()
+	for _, img := range overlay.Images {
+		hs := idx.Hashes[img]
+		for blk := 0; blk*hashesPerBlock < len(hs); blk++ {
+			part := hs[blk*hashesPerBlock : min(len(hs), (blk+1)*hashesPerBlock)]
+			v := make([]byte, 0, len(part)*32)
+			for _, h := range part {
+				v = append(v, h[:]...)
+			}
+			if err := wb.Set(idxKey(id, img, blk), v); err != nil {
+				return err
+			}
+		}
+	}
+	// The record goes last, so a base is never visible without its index.
+	if err := wb.Flush(); err != nil {
+		return err
+	}
+	return s.db.Update(func(txn *badger.Txn) error {
+		if err := txn.Set([]byte("basename/"+b.Name), []byte(id)); err != nil {
+			return err
+		}
+		return txn.Set([]byte("base/"+id), rec)
+	})
+}
+
+func idxKey(id string, img overlay.Image, blk int) []byte {
+	k := []byte("baseidx/" + id + "/" + img.String() + "/")
+	return binary.BigEndian.AppendUint32(k, uint32(blk))
+}
+
+// List returns every registered base, by name.
+func (s *Store) List() ([]*Base, error) {
+	var out []*Base
+	err := s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte("base/"), PrefetchValues: true})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			var b Base
+			if err := it.Item().Value(func(v []byte) error { return json.Unmarshal(v, &b) }); err != nil {
+				return err
+			}
+			out = append(out, &b)
+		}
+		return nil
+	})
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, err
+}
+
+func (s *Store) lookupID(id string) (*Base, error) {
+	var b Base
+	err := s.db.View(func(txn *badger.Txn) error {
+		it, err := txn.Get([]byte("base/" + id))
+		if err != nil {
+			return err
+		}
+		return it.Value(func(v []byte) error { return json.Unmarshal(v, &b) })
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return nil, errNotFound
+	}
+	return &b, err
+}
+
+func (s *Store) lookupName(name string) (*Base, error) {
+	var id string
+	err := s.db.View(func(txn *badger.Txn) error {
+		it, err := txn.Get([]byte("basename/" + name))
+		if err != nil {
+			return err
+		}
+		v, err := it.ValueCopy(nil)
+		id = string(v)
+		return err
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return nil, errNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	return s.lookupID(id)
+}
+
+// Resolve finds a base by name, full ID, or an unambiguous ID prefix of at
+// least 6 hex digits.
+func (s *Store) Resolve(ref string) (*Base, error) {
+	if b, err := s.lookupName(ref); err == nil || !errors.Is(err, errNotFound) {
+		return b, err
+	}
+	if b, err := s.lookupID(ref); err == nil || !errors.Is(err, errNotFound) {
+		return b, err
+	}
+	if len(ref) >= 6 {
+		all, err := s.List()
+		if err != nil {
+			return nil, err
+		}
+		var found []*Base
+		for _, b := range all {
+			if strings.HasPrefix(b.ID.String(), strings.ToLower(ref)) {
+				found = append(found, b)
+			}
+		}
+		if len(found) == 1 {
+			return found[0], nil
+		}
+		if len(found) > 1 {
+			return nil, fmt.Errorf("base %q is ambiguous: %d bases have IDs starting with it", ref, len(found))
+		}
+	}
+	return nil, fmt.Errorf("base %q is not in the registry (see `cloudletfs base list`, or import it with `cloudletfs base import`)", ref)
+}
+
+// Remove unregisters a base and drops its index. The files are not touched.
+func (s *Store) Remove(b *Base) error {
+	id := b.ID.String()
+	if err := s.db.Update(func(txn *badger.Txn) error {
+		if err := txn.Delete([]byte("base/" + id)); err != nil {
+			return err
+		}
+		return txn.Delete([]byte("basename/" + b.Name))
+	}); err != nil {
+		return err
+	}
+	return s.db.DropPrefix([]byte("baseidx/" + id + "/"))
+}
+
+// Index loads a base's chunk index.
+func (s *Store) Index(b *Base) (*overlay.Index, error) {
+	idx := &overlay.Index{ChunkSize: b.ChunkSize, Sizes: [2]int64{b.Disk.Size, b.Memory.Size}}
+	err := s.db.View(func(txn *badger.Txn) error {
+		for _, img := range overlay.Images {
+			n := int((idx.Sizes[img] + int64(b.ChunkSize) - 1) / int64(b.ChunkSize))
+			hs := make([]overlay.Digest, 0, n)
+			for blk := 0; len(hs) < n; blk++ {
+				it, err := txn.Get(idxKey(b.ID.String(), img, blk))
+				if err != nil {
+					return fmt.Errorf("%s index block %d: %w", img, blk, err)
+				}
+				if err := it.Value(func(v []byte) error {
+					for o := 0; o+32 <= len(v); o += 32 {
+						hs = append(hs, overlay.Digest(v[o:o+32]))
+					}
+					return nil
+				}); err != nil {
+					return err
+				}
+			}
+			if len(hs) != n {
+				return fmt.Errorf("%s index has %d chunks, want %d", img, len(hs), n)
+			}
+			idx.Hashes[img] = hs
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("base %s: index is damaged (%v): remove and re-import the base", b.Name, err)
+	}
+	return idx, nil
+}
+
+// CheckFiles is the cheap check made at every use: each file still exists
+// with the size and modification time it had at import.
+func (b *Base) CheckFiles() error {
+	for _, f := range b.Files() {
+		st, err := os.Stat(f.File.Path)
+		if err != nil {
+			return fmt.Errorf("base %s: %s %s: %w", b.Name, f.Name, f.File.Path, err)
+		}
+		if st.Size() != f.File.Size || st.ModTime().UnixNano() != f.File.ModTime {
+			return fmt.Errorf("base %s: %s %s changed since import (size or modification time differs): run `cloudletfs base verify %s`, or re-import the base", b.Name, f.Name, f.File.Path, b.Name)
+		}
+	}
+	return nil
+}
+
+// Verify re-hashes every file of the base and compares it with the digest
+// taken at import.
+func (b *Base) Verify(progress func(n, total int64)) error {
+	var total int64
+	for _, f := range b.Files() {
+		total += f.File.Size
+	}
+	var bad []string
+	for _, f := range b.Files() {
+		fh, err := os.Open(f.File.Path)
+		if err != nil {
+			return fmt.Errorf("base %s: %s: %w", b.Name, f.Name, err)
+		}
+		st, err := fh.Stat()
+		if err != nil {
+			fh.Close()
+			return err
+		}
+		h := sha256.New()
+		_, err = io.Copy(io.MultiWriter(h, progressWriter(func(n int64) {
+			if progress != nil {
+				progress(n, total)
+			}
+		})), fh)
+		sum := overlay.Digest(h.Sum(nil))
+		fh.Close()
+		if err != nil {
+			return fmt.Errorf("base %s: %s %s: %w", b.Name, f.Name, f.File.Path, err)
+		}
+		if sum != f.File.SHA || st.Size() != f.File.Size {
+			bad = append(bad, fmt.Sprintf("%s %s", f.Name, f.File.Path))
+		}
+	}
+	if len(bad) > 0 {
+		return fmt.Errorf("base %s: content changed since import: %s", b.Name, strings.Join(bad, ", "))
+	}
+	return nil
+}
+
+// Open checks the base's files cheaply and opens them for building or
+// extracting overlays. Close the returned closer when done.
+func (s *Store) Open(b *Base) (*overlay.Base, func(), error) {
+	if err := b.CheckFiles(); err != nil {
+		return nil, nil, err
+	}
+	idx, err := s.Index(b)
+	if err != nil {
+		return nil, nil, err
+	}
+	disk, err := os.Open(b.Disk.Path)
+	if err != nil {
+		return nil, nil, err
+	}
+	mem, err := os.Open(b.Memory.Path)
+	if err != nil {
+		disk.Close()
+		return nil, nil, err
+	}
+	ob := &overlay.Base{ID: b.ID, Images: [2]io.ReaderAt{disk, mem}, Index: idx}
+	return ob, func() { disk.Close(); mem.Close() }, nil
+}
+
+// progressWriter reports the length of every write.
+type progressWriter func(int64)
+
+func (p progressWriter) Write(b []byte) (int, error) {
+	p(int64(len(b)))
+	return len(b), nil
+}
