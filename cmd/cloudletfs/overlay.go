@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sort"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -314,7 +316,15 @@ func overlayInfo(c *cli.Context) error {
 	fmt.Fprintf(w, "chunk size  %d\n", info.ChunkSize)
 	fmt.Fprintf(w, "size        %s, of which metadata %s (state %s, vm.json %v)\n", humanize.IBytes(uint64(info.Size)),
 		humanize.IBytes(uint64(info.MetadataLen)), humanize.IBytes(uint64(info.StateSize)), info.HasVMConfig)
-	fmt.Fprintf(w, "codec       segments %v, metadata %s\n", info.Codecs, info.MetaCodec)
+	var codecs []string
+	for name, n := range info.Codecs {
+		codecs = append(codecs, fmt.Sprintf("%s (%d segments)", name, n))
+	}
+	sort.Strings(codecs)
+	if len(codecs) == 0 {
+		codecs = []string{"no segments"}
+	}
+	fmt.Fprintf(w, "codec       %s; metadata %s\n", strings.Join(codecs, ", "), info.MetaCodec)
 	if n := len(o.Manifest.Segments); n > 0 {
 		fmt.Fprintf(w, "segments    %d: %s stored from %s raw; stored size min %s, mean %s, max %s\n", n,
 			humanize.IBytes(uint64(stored)), humanize.IBytes(uint64(raw)), humanize.IBytes(uint64(minS)),

@@ -1,0 +1,54 @@
+# cloudletfs: `make demo` runs the main job end to end, `make test` runs every test.
+
+GO        ?= go
+BUILD     ?= build
+BIN       := $(BUILD)/cloudletfs
+STATICCHECK_VERSION := v0.8.2
+FUZZTIME  ?= 5s
+LONGFUZZ  ?= 5m
+
+.PHONY: all build deps demo test lint unit fuzz-short fuzz bench clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/cloudletfs
+
+# System packages the project needs; installs only what is missing.
+deps:
+	tools/install-deps.sh
+
+# Generate a base and a customized VM, import the base, build the overlay,
+# extract it and compare every byte.
+demo: deps build
+	tools/demo.sh $(BIN) $(BUILD)/demo
+
+test: deps lint unit fuzz-short
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt would change: $$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+unit:
+	$(GO) test -count=1 -timeout 20m ./...
+
+# Each fuzz target briefly; `make fuzz` runs them longer.
+FUZZ_TARGETS := ./overlay:FuzzDecodeManifest ./order:FuzzParse
+fuzz-short:
+	@for t in $(FUZZ_TARGETS); do \
+	  pkg=$${t%%:*}; fn=$${t##*:}; \
+	  echo "fuzz $$fn ($(FUZZTIME))"; \
+	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	done
+
+fuzz:
+	$(MAKE) fuzz-short FUZZTIME=$(LONGFUZZ)
+
+# Figures for docs/BENCHMARKS.md.
+bench: deps build
+	tools/bench.sh $(BIN) $(BUILD)/bench
+
+clean:
+	rm -rf $(BUILD)
