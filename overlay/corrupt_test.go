@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"runtime"
 	"strings"
 	"testing"
 )
@@ -88,6 +89,36 @@ func TestCorruptionIsNamed(t *testing.T) {
 	}
 	if err := bad.Verify(2, nil); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("segment %d: sha256 mismatch", last)) {
 		t.Fatalf("flipped segment bit: got %v", err)
+	}
+}
+
+// A header may claim the largest images the limits allow; what it claims
+// must not be allocated before the manifest's bytes back it up.
+func TestClaimsAreNotAllocated(t *testing.T) {
+	good := sample(t)
+	for name, tc := range map[string]struct {
+		edit func(b []byte)
+		want string
+	}{
+		"short manifest": {func(b []byte) { binary.LittleEndian.PutUint64(b[16:], 1<<40) }, "fewer than"},
+		"long claim": {func(b []byte) {
+			binary.LittleEndian.PutUint64(b[16:], 1<<40)
+			binary.LittleEndian.PutUint64(b[80:], 1<<31)
+		}, "manifest"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			b := resealHeader(good, tc.edit)
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			_, err := openBytes(b)
+			runtime.ReadMemStats(&after)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tc.want)
+			}
+			if n := after.TotalAlloc - before.TotalAlloc; n > 16<<20 {
+				t.Fatalf("rejecting the overlay allocated %d bytes", n)
+			}
+		})
 	}
 }
 

@@ -231,8 +231,12 @@ func (h *Header) check() error {
 			return fmt.Errorf("%s has %d chunks, more than the limit of %d", img, n, MaxChunks)
 		}
 	}
-	if max := manifestBound(h.Chunks(Disk) + h.Chunks(Memory)); h.Manifest.Raw > max || h.Manifest.Stored > max+(1<<20) {
-		return fmt.Errorf("manifest claims %d bytes (%d stored), more than %d chunks can need", h.Manifest.Raw, h.Manifest.Stored, h.Chunks(Disk)+h.Chunks(Memory))
+	n := h.Chunks(Disk) + h.Chunks(Memory)
+	if max := manifestBound(n); h.Manifest.Raw > max || h.Manifest.Stored > max+(1<<20) {
+		return fmt.Errorf("manifest claims %d bytes (%d stored), more than %d chunks can need", h.Manifest.Raw, h.Manifest.Stored, n)
+	}
+	if h.Manifest.Raw < uint64(n) {
+		return fmt.Errorf("manifest claims %d bytes, fewer than the %d chunks it must describe", h.Manifest.Raw, n)
 	}
 	if h.State.Raw > MaxStateSize || h.State.Stored > MaxStateSize+(1<<20) {
 		return fmt.Errorf("state claims %d bytes, more than the limit of %d", h.State.Raw, MaxStateSize)

@@ -185,8 +185,10 @@ func DecodeManifest(r io.Reader, h *Header, segOff int64) (*Manifest, error) {
 	ndata := 0
 	for _, img := range Images {
 		n := h.Chunks(img)
-		refs := make([]Ref, n)
-		for i := range refs {
+		// Grow as entries decode rather than trusting the count up front,
+		// so memory follows the bytes actually present.
+		refs := make([]Ref, 0, min(n, 1<<16))
+		for i := range n {
 			k, err := br.ReadByte()
 			if err != nil {
 				return nil, badManifest("%s chunk %d: %v", img, i, err)
@@ -225,7 +227,7 @@ func DecodeManifest(r io.Reader, h *Header, segOff int64) (*Manifest, error) {
 			default:
 				return nil, badManifest("%s chunk %d: unknown reference kind %d", img, i, k)
 			}
-			refs[i] = r
+			refs = append(refs, r)
 		}
 		m.Refs[img] = refs
 	}

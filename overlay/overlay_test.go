@@ -121,6 +121,12 @@ func TestBuildExtractRoundTrip(t *testing.T) {
 		{17*c + 4095, 9*c + 1, 17*c + 4095, 9*c + 1},             // one byte short of whole
 		{128 * c, 128 * c, 128*c + 4096*3 + 1, 128*c - 4096 + 1}, // odd growth
 	}
+	// And random ones: any size, bigger or smaller than the base.
+	gen := rand.New(rand.NewPCG(42, 42))
+	size := func() int { return 1 + gen.IntN(100)*c + gen.IntN(2)*gen.IntN(c) }
+	for range 12 {
+		cases = append(cases, struct{ bd, bm, cd, cm int }{size() + c, size() + c, size() - 1, size() - 1})
+	}
 	var seen [numKinds]int
 	for n, tc := range cases {
 		for _, codec := range []Codec{CodecXZ, CodecZstd} {
