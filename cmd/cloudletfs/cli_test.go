@@ -260,6 +260,16 @@ func TestBadInput(t *testing.T) {
 		e.fails([]string{"memory", "app", "not a regular file"}, args...)
 		e.nothingAt("out/a.overlay")
 	})
+	t.Run("import missing file", func(t *testing.T) {
+		e := e.in(t)
+		e.fails([]string{"state", "nope", "no such file"}, "base", "import", "--name", "x", "--disk", e.path("base/disk.img"),
+			"--memory", e.path("base/memory.img"), "--state", e.path("base/nope"))
+		e.fails([]string{"disk", "not a regular file"}, "base", "import", "--name", "x", "--disk", e.path("base"),
+			"--memory", e.path("base/memory.img"), "--state", e.path("base/state"))
+		if out := e.ok("base", "list"); strings.Contains(out, "x ") {
+			t.Fatalf("a failed import registered a base:\n%s", out)
+		}
+	})
 	t.Run("base not registered", func(t *testing.T) {
 		e := e.in(t)
 		args := createArgs("out/a.overlay")
