@@ -13,6 +13,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
 
 	"github.com/cloudletfs/cloudletfs/store"
 )
@@ -60,11 +61,16 @@ Typical use:
 			if err != nil || lvl == zerolog.NoLevel {
 				return fmt.Errorf("--log-level %q: want debug, info, warn or error", c.String("log-level"))
 			}
-			log := zerolog.New(zerolog.ConsoleWriter{Out: stderr, TimeFormat: time.TimeOnly}).Level(lvl).With().Timestamp().Logger()
+			noColor := true
+			if f, ok := stderr.(*os.File); ok {
+				noColor = !term.IsTerminal(int(f.Fd()))
+			}
+			log := zerolog.New(zerolog.ConsoleWriter{Out: stderr, TimeFormat: time.TimeOnly, NoColor: noColor}).
+				Level(lvl).With().Timestamp().Logger()
 			c.App.Metadata = map[string]any{"log": log}
 			return nil
 		},
-		Commands: []*cli.Command{baseCommand(), overlayCommand()},
+		Commands: append([]*cli.Command{baseCommand(), overlayCommand()}, runtimeCommands()...),
 	}
 }
 

@@ -1,0 +1,362 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/urfave/cli/v2"
+
+	"github.com/cloudletfs/cloudletfs/fetch"
+	cfs "github.com/cloudletfs/cloudletfs/fs"
+	"github.com/cloudletfs/cloudletfs/order"
+	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/serve"
+	"github.com/cloudletfs/cloudletfs/store"
+)
+
+func runtimeCommands() []*cli.Command {
+	return []*cli.Command{
+		{
+			Name:      "serve",
+			Usage:     "serve overlay files over HTTP with Range support, optionally over an emulated link",
+			UsageText: "cloudletfs serve [--addr 127.0.0.1:8080] [--rate RATE] [--rtt DURATION] DIR",
+			Description: `Serves the regular files under DIR, never anything outside it. --rate is one token
+bucket shared by all connections, like one access link (e.g. 38mbit, 1gbit, 5MB for
+bytes per second); --rtt delays every request by one round trip. Each request is
+logged with its path, range, bytes and duration.`,
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "addr", Value: "127.0.0.1:8080", Usage: "address to listen on"},
+				&cli.StringFlag{Name: "rate", Value: "0", Usage: "link rate, e.g. 38mbit (0: unlimited)"},
+				&cli.DurationFlag{Name: "rtt", Usage: "round-trip time added to each request, e.g. 20ms"},
+			},
+			Action: serveCmd,
+		},
+		{
+			Name:      "mount",
+			Usage:     "mount an overlay so a VM can resume from it before it has arrived",
+			UsageText: "cloudletfs mount [--base ID|NAME] [--trace-out FILE] [--fetch-timeout DURATION] OVERLAY MOUNTPOINT",
+			Description: `OVERLAY is an http(s):// URL, a file:// URL or a path. The mount appears as soon as the
+overlay's metadata has arrived and shows disk/image, memory/image, state, vm.json,
+stats and streams/. Segments stream in the background; a read of a chunk that has not
+arrived fetches its segment ahead of the stream. The command serves until SIGINT,
+SIGTERM or 'cloudletfs umount MOUNTPOINT', then unmounts and exits 0.`,
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "base", Usage: "base VM, by ID or NAME (default: the overlay's own base ID)"},
+				&cli.PathFlag{Name: "trace-out", Usage: "write the accesses seen, timed from ready, to FILE at unmount"},
+				&cli.DurationFlag{Name: "fetch-timeout", Value: 30 * time.Second, Usage: "longest a read waits for its segment before failing with EIO"},
+				&cli.BoolFlag{Name: "allow-other", Usage: "let users other than the mounting one use the mount"},
+				&cli.BoolFlag{Name: "debug-fuse", Usage: "log every FUSE request"},
+			},
+			Action: mountCmd,
+		},
+		{
+			Name:      "umount",
+			Usage:     "unmount a cloudletfs mount; its daemon then exits",
+			ArgsUsage: "MOUNTPOINT",
+			Action:    umountCmd,
+		},
+		{
+			Name:      "status",
+			Usage:     "show a mount's progress until the overlay is complete",
+			ArgsUsage: "MOUNTPOINT",
+			Flags: []cli.Flag{
+				&cli.BoolFlag{Name: "once", Usage: "print the current state once and exit"},
+				&cli.DurationFlag{Name: "interval", Value: 500 * time.Millisecond, Usage: "refresh interval"},
+			},
+			Action: statusCmd,
+		},
+	}
+}
+
+func serveCmd(c *cli.Context) error {
+	if err := need(c, 1, "one DIR to serve"); err != nil {
+		return err
+	}
+	rate, err := serve.ParseRate(c.String("rate"))
+	if err != nil {
+		return fmt.Errorf("--rate: %w", err)
+	}
+	dir := c.Args().First()
+	s, err := serve.New(dir, serve.Options{Rate: rate, RTT: c.Duration("rtt"), Log: logger(c)})
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	ln, err := net.Listen("tcp", c.String("addr"))
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	srv := &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	link := "unlimited"
+	if rate > 0 {
+		link = fmt.Sprintf("%s/s", humanize.SI(rate*8, "bit"))
+	}
+	fmt.Fprintf(c.App.Writer, "serving %s on http://%s (link %s, rtt %s)\n", dir, ln.Addr(), link, c.Duration("rtt"))
+	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// checkMountpoint refuses a missing mountpoint, one that is not a
+// directory, and one that already has something mounted on it.
+func checkMountpoint(dir string) (string, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	st, err := os.Stat(abs)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("mountpoint %s does not exist: create the directory first", dir)
+		}
+		if errors.Is(err, syscall.ENOTCONN) {
+			return "", fmt.Errorf("mountpoint %s holds a dead mount: run `cloudletfs umount %s` first", dir, dir)
+		}
+		return "", fmt.Errorf("mountpoint %s: %w", dir, err)
+	}
+	if !st.IsDir() {
+		return "", fmt.Errorf("mountpoint %s is not a directory", dir)
+	}
+	if mounted, err := isMountpoint(abs); err != nil {
+		return "", err
+	} else if mounted {
+		return "", fmt.Errorf("mountpoint %s is busy: something is already mounted there", dir)
+	}
+	return abs, nil
+}
+
+// isMountpoint reports whether abs is a mount point, from /proc/self/mountinfo.
+func isMountpoint(abs string) (bool, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) > 4 && unescapeMount(fields[4]) == abs {
+			return true, nil
+		}
+	}
+	return false, sc.Err()
+}
+
+// unescapeMount undoes mountinfo's octal escapes of space, tab, newline and
+// backslash.
+func unescapeMount(s string) string {
+	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
+	return r.Replace(s)
+}
+
+func mountCmd(c *cli.Context) error {
+	if err := need(c, 2, "OVERLAY and MOUNTPOINT"); err != nil {
+		return err
+	}
+	start := time.Now()
+	log := logger(c)
+	ref, dir := c.Args().Get(0), c.Args().Get(1)
+	timeout := c.Duration("fetch-timeout")
+	if timeout <= 0 {
+		return fmt.Errorf("--fetch-timeout %s: want a positive duration", timeout)
+	}
+	abs, err := checkMountpoint(dir)
+	if err != nil {
+		return err
+	}
+	src, err := fetch.OpenSource(ref, nil)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	o, err := fetch.OpenOverlay(ctx, src)
+	cancel()
+	if err != nil {
+		return err
+	}
+
+	st, err := openStore(c)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	rec, err := resolveBase(st, c.String("base"), o, ref)
+	if err != nil {
+		return err
+	}
+	base, closeBase, err := st.Open(rec)
+	if err != nil {
+		return err
+	}
+	defer closeBase()
+	f, err := fetch.New(src, o, base, st.Cache(o.ID), fetch.Options{Timeout: timeout, Log: log})
+	if err != nil {
+		return fmt.Errorf("overlay %s: %w", ref, err)
+	}
+	m, err := cfs.New(abs, f, cfs.Options{Log: log, AllowOther: c.Bool("allow-other"), Debug: c.Bool("debug-fuse")})
+	if err != nil {
+		f.Close()
+		return fmt.Errorf("mount %s: %w", dir, err)
+	}
+	f.Start()
+	s := f.Stats()
+	fmt.Fprintf(c.App.Writer, "ready in %s: %s mounted on %s (%d of %d segments present)\n",
+		time.Since(start).Round(time.Millisecond), ref, abs, s.SegmentsPresent, s.Segments)
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		<-f.Complete()
+		log.Info().Str("since_start", time.Since(start).Round(time.Millisecond).String()).Msg("overlay complete: every segment is present")
+	}()
+	go func() {
+		sig := <-sigs
+		log.Info().Str("signal", sig.String()).Msg("unmounting")
+		// Wake every waiting reader first, so the kernel can let go.
+		f.Close()
+		if err := m.Unmount(); err != nil {
+			log.Warn().Err(err).Msg("unmount failed; detaching lazily")
+			syscall.Unmount(abs, syscall.MNT_DETACH)
+		}
+	}()
+	m.Wait()
+	f.Close()
+	if out := c.Path("trace-out"); out != "" {
+		if err := writeTrace(out, m.Trace()); err != nil {
+			return fmt.Errorf("--trace-out: %w", err)
+		}
+	}
+	fmt.Fprintf(c.App.Writer, "unmounted %s\n", abs)
+	return nil
+}
+
+// resolveBase finds the base named by --base, or the one the overlay records.
+func resolveBase(st *store.Store, ref string, o *overlay.Overlay, src string) (*store.Base, error) {
+	if ref != "" {
+		return st.Resolve(ref)
+	}
+	b, err := st.Resolve(o.Header.BaseID.String())
+	if err != nil {
+		return nil, fmt.Errorf("overlay %s needs base %s, which is not in the registry: import it, or name one with --base", src, o.Header.BaseID)
+	}
+	return b, nil
+}
+
+// writeTrace writes a trace atomically.
+func writeTrace(path string, acc []order.Access) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	fmt.Fprintf(tmp, "# cloudletfs trace: <seconds since ready> <disk|memory> <chunk index>\n")
+	if err := order.Write(tmp, acc); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+func umountCmd(c *cli.Context) error {
+	if err := need(c, 1, "one MOUNTPOINT"); err != nil {
+		return err
+	}
+	abs, err := filepath.Abs(c.Args().First())
+	if err != nil {
+		return err
+	}
+	if mounted, err := isMountpoint(abs); err != nil {
+		return err
+	} else if !mounted {
+		return fmt.Errorf("%s is not mounted", abs)
+	}
+	if err := syscall.Unmount(abs, 0); err != nil {
+		if errors.Is(err, syscall.EBUSY) {
+			return fmt.Errorf("umount %s: busy: a process still has files open there (stop the VM first)", abs)
+		}
+		return fmt.Errorf("umount %s: %w", abs, err)
+	}
+	fmt.Fprintf(c.App.Writer, "unmounted %s\n", abs)
+	return nil
+}
+
+func statusCmd(c *cli.Context) error {
+	if err := need(c, 1, "one MOUNTPOINT"); err != nil {
+		return err
+	}
+	path := filepath.Join(c.Args().First(), "stats")
+	w := c.App.Writer
+	var lastBytes int64
+	lastT, first := time.Now(), true
+	tty := newProgress(c.App.Writer) != nil
+	for {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("status: %w (is a cloudletfs overlay mounted there?)", err)
+		}
+		var s fetch.Stats
+		if err := json.Unmarshal(b, &s); err != nil {
+			return fmt.Errorf("status: %s: %w", path, err)
+		}
+		now := time.Now()
+		rate := -1.0
+		if !first {
+			rate = float64(s.BytesFetched-lastBytes) / now.Sub(lastT).Seconds()
+		}
+		first = false
+		lastBytes, lastT = s.BytesFetched, now
+		share := 1.0
+		if s.Segments > 0 {
+			share = float64(s.SegmentsPresent) / float64(s.Segments)
+		}
+		const width = 30
+		bar := strings.Repeat("#", int(share*width)) + strings.Repeat("-", width-int(share*width))
+		line := fmt.Sprintf("[%s] %5.1f%%  %d/%d segments  %s fetched  %d demand fetches  stall %.0f ms (p99 %.0f ms)",
+			bar, 100*share, s.SegmentsPresent, s.Segments, humanize.IBytes(uint64(s.BytesFetched)),
+			s.DemandFetches, s.StallTotalMs, s.StallP99Ms)
+		if rate >= 0 {
+			line += fmt.Sprintf("  %s/s", humanize.IBytes(uint64(rate)))
+		}
+		if s.FetchErrors > 0 || s.Timeouts > 0 {
+			line += fmt.Sprintf("  errors %d, timeouts %d", s.FetchErrors, s.Timeouts)
+		}
+		if tty {
+			fmt.Fprintf(w, "\r\033[K%s", line)
+		} else {
+			fmt.Fprintln(w, line)
+		}
+		if s.Complete || c.Bool("once") {
+			if tty {
+				fmt.Fprintln(w)
+			}
+			return nil
+		}
+		time.Sleep(c.Duration("interval"))
+	}
+}

@@ -1,0 +1,712 @@
+package fetch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/cloudletfs/cloudletfs/overlay"
+)
+
+// Cache is where verified chunks and written chunks live; store.Cache is
+// the real one.
+type Cache interface {
+	PutSegment(seg int, ids []overlay.ChunkID, data [][]byte) error
+	Segments() ([]int, error)
+	Chunk(id overlay.ChunkID, dst []byte) (bool, error)
+	PutCow(id overlay.ChunkID, data []byte) error
+	Cow(id overlay.ChunkID, dst []byte) (bool, error)
+	CowChunks() ([]overlay.ChunkID, error)
+	Sync() error
+}
+
+// Options tune a Fetcher.
+type Options struct {
+	// Timeout bounds every wait for a segment; an expired wait fails the
+	// read. Default 30 s.
+	Timeout time.Duration
+	// MaxDemand bounds demand fetches running at once. Default 8.
+	MaxDemand int
+	Log       zerolog.Logger
+}
+
+// Observer is told of every segment fetched, verified and cached, with the
+// chunks it carried.
+type Observer func(seg int, chunks []overlay.ChunkID, demand bool)
+
+// Errors a read can fail with. The file system turns all of them into EIO.
+var (
+	ErrTimeout = errors.New("timed out waiting for the segment")
+	ErrClosed  = errors.New("the mount is shutting down")
+)
+
+// Fetcher supplies the chunks of one mounted overlay. A streamer pulls the
+// segments in overlay order; a read of a chunk whose segment has not
+// arrived posts a demand that runs before the stream, joins a fetch of that
+// segment already in flight, and waits no longer than the timeout.
+type Fetcher struct {
+	src   Source
+	o     *overlay.Overlay
+	base  *overlay.Base
+	cache Cache
+	opt   Options
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	demand chan struct{} // demand fetch slots
+	wake   chan struct{} // wakes the streamer when a flight ends
+
+	mu        sync.Mutex
+	present   []bool // per segment: verified and cached
+	nPresent  int
+	flights   map[int]*flight
+	demanding int // demand flights running or waited on
+	cow       map[overlay.ChunkID]bool
+	complete  chan struct{}
+
+	st       counters
+	observer atomic.Pointer[Observer]
+}
+
+// Observe sets the function told of every fetched segment.
+func (f *Fetcher) Observe(fn Observer) { f.observer.Store(&fn) }
+
+// flight is one fetch of one segment; everyone who needs the segment waits
+// on it.
+type flight struct {
+	done      chan struct{}
+	err       error
+	demand    bool // a reader waits on it: never preempt
+	preempted bool
+	cancel    context.CancelFunc
+}
+
+// New prepares a fetcher. Segments already in the cache count as present
+// and are never fetched again.
+func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Options) (*Fetcher, error) {
+	if opt.Timeout <= 0 {
+		opt.Timeout = 30 * time.Second
+	}
+	if opt.MaxDemand <= 0 {
+		opt.MaxDemand = 8
+	}
+	if err := o.CheckBase(base); err != nil {
+		return nil, err
+	}
+	f := &Fetcher{
+		src: src, o: o, base: base, cache: cache, opt: opt,
+		demand:   make(chan struct{}, opt.MaxDemand),
+		wake:     make(chan struct{}, 1),
+		present:  make([]bool, len(o.Manifest.Segments)),
+		flights:  map[int]*flight{},
+		cow:      map[overlay.ChunkID]bool{},
+		complete: make(chan struct{}),
+	}
+	f.ctx, f.cancel = context.WithCancel(context.Background())
+	segs, err := cache.Segments()
+	if err != nil {
+		return nil, fmt.Errorf("cache: %w", err)
+	}
+	for _, s := range segs {
+		if s < len(f.present) && !f.present[s] {
+			f.present[s] = true
+			f.nPresent++
+		}
+	}
+	cow, err := cache.CowChunks()
+	if err != nil {
+		return nil, fmt.Errorf("cache: %w", err)
+	}
+	for _, c := range cow {
+		f.cow[c] = true
+	}
+	f.st.init(o)
+	if f.nPresent == len(f.present) {
+		close(f.complete)
+	}
+	return f, nil
+}
+
+// Overlay returns the overlay being served.
+func (f *Fetcher) Overlay() *overlay.Overlay { return f.o }
+
+// Start launches the streamer.
+func (f *Fetcher) Start() {
+	f.wg.Add(1)
+	go f.stream()
+}
+
+// Close stops the streamer and every fetch, wakes every waiter with
+// ErrClosed, and waits for them to finish.
+func (f *Fetcher) Close() {
+	f.cancel()
+	f.wg.Wait()
+}
+
+// Complete is closed when every segment is present.
+func (f *Fetcher) Complete() <-chan struct{} { return f.complete }
+
+// stream walks the segments in order, skipping those present, and fetches
+// one at a time. It stands aside while any demand is outstanding, so the
+// stream's bytes in flight never exceed one segment and never compete with
+// a waiting reader.
+func (f *Fetcher) stream() {
+	defer f.wg.Done()
+	backoff := newBackoff()
+	next := 0
+	for {
+		f.mu.Lock()
+		for next < len(f.present) && f.present[next] {
+			next++
+		}
+		if next == len(f.present) {
+			// Everything before next is present, but a segment after a
+			// failed one may not be: start over until all are in.
+			if f.nPresent == len(f.present) {
+				f.mu.Unlock()
+				return
+			}
+			next = 0
+			f.mu.Unlock()
+			continue
+		}
+		if f.demanding > 0 || f.flights[next] != nil {
+			f.mu.Unlock()
+			select {
+			case <-f.wake:
+			case <-f.ctx.Done():
+				return
+			}
+			continue
+		}
+		fl := f.startLocked(next, false)
+		f.mu.Unlock()
+		select {
+		case <-fl.done:
+		case <-f.ctx.Done():
+			return
+		}
+		if fl.err != nil && !fl.preempted {
+			f.opt.Log.Warn().Err(fl.err).Int("segment", next).Msg("stream: fetch failed; retrying after backoff")
+			if !backoff.wait(f.ctx) {
+				return
+			}
+			continue
+		}
+		backoff.reset()
+	}
+}
+
+// startLocked starts a flight for segment seg. A demand flight preempts the
+// stream's flight, which will be fetched again later.
+func (f *Fetcher) startLocked(seg int, demand bool) *flight {
+	ctx, cancel := context.WithTimeout(f.ctx, f.opt.Timeout)
+	fl := &flight{done: make(chan struct{}), demand: demand, cancel: cancel}
+	f.flights[seg] = fl
+	if demand {
+		f.demanding++
+		f.preemptLocked(fl)
+	}
+	f.wg.Add(1)
+	go f.run(ctx, seg, fl, demand)
+	return fl
+}
+
+// preemptLocked cancels the stream's fetch, unless it is keep, the flight a
+// reader is about to wait on.
+func (f *Fetcher) preemptLocked(keep *flight) {
+	for _, fl := range f.flights {
+		if fl != keep && !fl.demand && !fl.preempted {
+			fl.preempted = true
+			fl.cancel()
+			f.st.preempted.Add(1)
+		}
+	}
+}
+
+// run performs a flight. A flight started by a demand takes one of the
+// demand slots; a stream flight never needs one.
+func (f *Fetcher) run(ctx context.Context, seg int, fl *flight, demand bool) {
+	defer f.wg.Done()
+	defer fl.cancel()
+	if demand {
+		select {
+		case f.demand <- struct{}{}:
+			defer func() { <-f.demand }()
+		case <-ctx.Done():
+		}
+	}
+	err := f.fetch(ctx, seg, fl)
+	if err == nil {
+		err = ctx.Err()
+	}
+	f.mu.Lock()
+	delete(f.flights, seg)
+	if err == nil && !f.present[seg] {
+		f.present[seg] = true
+		f.nPresent++
+		if f.nPresent == len(f.present) {
+			close(f.complete)
+		}
+	}
+	if fl.demand {
+		f.demanding--
+	}
+	fl.err = err
+	close(fl.done)
+	f.mu.Unlock()
+	select {
+	case f.wake <- struct{}{}:
+	default:
+	}
+}
+
+// fetch gets, verifies and caches one segment. Network errors are retried
+// with backoff until ctx ends; a segment that fails verification is fetched
+// once more and then given up.
+func (f *Fetcher) fetch(ctx context.Context, seg int, fl *flight) error {
+	s := f.o.Manifest.Segments[seg]
+	backoff := newBackoff()
+	corrupt := 0
+	for {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		stored, err := f.src.ReadRange(ctx, s.Offset, int64(s.Stored))
+		if err == nil {
+			f.st.bytesFetched.Add(int64(len(stored)))
+			var raw []byte
+			if raw, err = overlay.DecodeSegment(seg, s, stored); err == nil {
+				return f.keep(seg, s, raw, fl)
+			}
+			f.st.corrupt.Add(1)
+			f.opt.Log.Error().Err(err).Int("segment", seg).Msg("segment failed verification")
+			if corrupt++; corrupt > 1 {
+				f.st.failed.Add(1)
+				return err
+			}
+			continue
+		}
+		if ctx.Err() != nil {
+			f.mu.Lock()
+			preempted := fl.preempted
+			f.mu.Unlock()
+			if preempted {
+				return ctx.Err()
+			}
+			return fmt.Errorf("segment %d: %w (last error: %v)", seg, ErrTimeout, err)
+		}
+		f.st.errors.Add(1)
+		if errors.Is(err, ErrNoRange) {
+			f.st.failed.Add(1)
+			return err
+		}
+		f.opt.Log.Warn().Err(err).Int("segment", seg).Str("source", f.src.String()).Msg("fetch failed; retrying")
+		if !backoff.wait(ctx) {
+			return fmt.Errorf("segment %d: %w (last error: %v)", seg, ErrTimeout, err)
+		}
+	}
+}
+
+// keep caches a verified segment's chunks.
+func (f *Fetcher) keep(seg int, s overlay.Segment, raw []byte, fl *flight) error {
+	ids := f.o.Manifest.Order[s.First : s.First+s.Count]
+	data := make([][]byte, len(ids))
+	off := int64(0)
+	for i, id := range ids {
+		n := f.o.Header.ChunkLen(id)
+		data[i] = raw[off : off+n]
+		off += n
+	}
+	if err := f.cache.PutSegment(seg, ids, data); err != nil {
+		return fmt.Errorf("segment %d: cache: %w", seg, err)
+	}
+	f.mu.Lock()
+	demand := fl.demand
+	f.mu.Unlock()
+	for _, img := range overlay.Images {
+		f.st.fetched[img].Add(int64(f.st.perSeg[seg][img]))
+	}
+	if demand {
+		f.st.demandSegments.Add(1)
+	} else {
+		f.st.streamSegments.Add(1)
+	}
+	if fn := f.observer.Load(); fn != nil {
+		(*fn)(seg, ids, demand)
+	}
+	return nil
+}
+
+// ensure returns once segment seg is present, or with an error when its
+// fetch fails, the wait outlasts the timeout, or the fetcher closes.
+func (f *Fetcher) ensure(ctx context.Context, seg int) error {
+	deadline := time.NewTimer(f.opt.Timeout)
+	defer deadline.Stop()
+	start := time.Now()
+	stalled := false
+	defer func() {
+		if stalled {
+			f.st.stall(time.Since(start))
+		}
+	}()
+	for {
+		f.mu.Lock()
+		if f.present[seg] {
+			f.mu.Unlock()
+			return nil
+		}
+		stalled = true
+		fl := f.flights[seg]
+		switch {
+		case fl == nil:
+			fl = f.startLocked(seg, true)
+			f.st.demandFetches.Add(1)
+		case fl.preempted:
+			// The stream's fetch is being cancelled: wait for it to end,
+			// then start a demand fetch.
+		case !fl.demand:
+			fl.demand = true
+			f.demanding++
+			f.preemptLocked(fl)
+			f.st.demandJoins.Add(1)
+		default:
+			f.st.demandJoins.Add(1)
+		}
+		f.mu.Unlock()
+		select {
+		case <-fl.done:
+			if fl.err != nil && !fl.preempted {
+				return fl.err
+			}
+		case <-deadline.C:
+			f.st.timeouts.Add(1)
+			return fmt.Errorf("segment %d: %w after %s", seg, ErrTimeout, f.opt.Timeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-f.ctx.Done():
+			return ErrClosed
+		}
+	}
+}
+
+// Origin says where a chunk's bytes came from.
+type Origin int
+
+// Where chunks come from.
+const (
+	FromZero Origin = iota
+	FromBase
+	FromCache
+	FromCow
+)
+
+// ReadChunk fills dst, which must be the chunk's length, with chunk id's
+// current bytes: written data first, then the base or zero, then the cache,
+// fetching the chunk's segment if it has not arrived.
+func (f *Fetcher) ReadChunk(ctx context.Context, id overlay.ChunkID, dst []byte) (Origin, error) {
+	f.mu.Lock()
+	cow := f.cow[id]
+	f.mu.Unlock()
+	if cow {
+		if ok, err := f.cache.Cow(id, dst); err != nil || !ok {
+			return FromCow, fmt.Errorf("%s: written data missing from the store: %v", id, err)
+		}
+		return FromCow, nil
+	}
+	ref := f.o.Manifest.Refs[id.Image][id.Index]
+	switch ref.Kind {
+	case overlay.Zero:
+		clear(dst)
+		return FromZero, nil
+	case overlay.BaseDisk, overlay.BaseMemory:
+		if err := f.readBase(ref, 0, dst); err != nil {
+			return FromBase, fmt.Errorf("%s: %w", id, err)
+		}
+		return FromBase, nil
+	case overlay.Self:
+		target := overlay.ChunkID{Image: ref.Image, Index: ref.Index}
+		ref = f.o.Manifest.Refs[target.Image][target.Index]
+		if target == id || ref.Kind != overlay.Data {
+			return FromCache, fmt.Errorf("%s: bad self reference", id)
+		}
+		return f.readData(ctx, target, ref, dst)
+	default:
+		return f.readData(ctx, id, ref, dst)
+	}
+}
+
+func (f *Fetcher) readData(ctx context.Context, id overlay.ChunkID, ref overlay.Ref, dst []byte) (Origin, error) {
+	full := f.o.Header.ChunkLen(id)
+	buf := dst
+	if int64(len(dst)) != full {
+		// A self reference to a shorter last chunk: the rest is zero.
+		buf = make([]byte, full)
+	}
+	if err := f.ensure(ctx, f.o.Manifest.SegmentOf(int(ref.Index))); err != nil {
+		return FromCache, err
+	}
+	ok, err := f.cache.Chunk(id, buf)
+	if err != nil || !ok {
+		return FromCache, fmt.Errorf("%s: cached chunk missing: %v", id, err)
+	}
+	if len(buf) != len(dst) {
+		n := copy(dst, buf)
+		clear(dst[n:])
+	}
+	return FromCache, nil
+}
+
+// ReadAt fills dest with the bytes of image img at off, which must lie
+// within the image. Runs of chunks that come from consecutive base chunks
+// are read with one call, so reading unchanged parts of an image costs what
+// reading the base costs.
+func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, off int64) error {
+	h := f.o.Header
+	cs := int64(h.ChunkSize)
+	size := h.ImageSize(img)
+	end := off + int64(len(dest))
+	if off < 0 || end > size {
+		return fmt.Errorf("%s: bytes %d-%d are outside the image", img, off, end)
+	}
+	refs := f.o.Manifest.Refs[img]
+	var tmp []byte
+	for pos := off; pos < end; {
+		idx := pos / cs
+		start := idx * cs
+		id := overlay.ChunkID{Image: img, Index: uint32(idx)}
+		if r := refs[idx]; (r.Kind == overlay.BaseDisk || r.Kind == overlay.BaseMemory) && !f.Modified(id) {
+			// Extend over following chunks that continue the same base run.
+			n := int64(1)
+			for start+n*cs < end && refs[idx+n].Kind == r.Kind && refs[idx+n].Index == r.Index+uint32(n) &&
+				!f.Modified(overlay.ChunkID{Image: img, Index: uint32(idx + n)}) {
+				n++
+			}
+			runEnd := min(start+n*cs, end)
+			if err := f.readBase(r, pos-start, dest[pos-off:runEnd-off]); err != nil {
+				return fmt.Errorf("%s: %w", id, err)
+			}
+			pos = runEnd
+			continue
+		}
+		clen := min(cs, size-start)
+		buf := dest[pos-off : min(start+clen, end)-off]
+		whole := pos == start && end >= start+clen
+		if !whole {
+			if tmp == nil {
+				tmp = make([]byte, cs)
+			}
+			buf = tmp[:clen]
+		}
+		if _, err := f.ReadChunk(ctx, id, buf); err != nil {
+			return err
+		}
+		if !whole {
+			copy(dest[pos-off:min(start+clen, end)-off], buf[pos-start:])
+		}
+		pos = start + clen
+	}
+	return nil
+}
+
+// readBase reads dst from the base at the position of ref plus skip bytes;
+// past the end of the base image it reads zeros.
+func (f *Fetcher) readBase(r overlay.Ref, skip int64, dst []byte) error {
+	n, err := f.base.Images[r.Kind-overlay.BaseDisk].ReadAt(dst, int64(r.Index)*int64(f.o.Header.ChunkSize)+skip)
+	if n < len(dst) {
+		if err != nil && err != io.EOF {
+			return fmt.Errorf("base: %w", err)
+		}
+		clear(dst[n:])
+	}
+	return nil
+}
+
+// WriteChunk stores a whole new version of a chunk, durably.
+func (f *Fetcher) WriteChunk(id overlay.ChunkID, data []byte) error {
+	if err := f.cache.PutCow(id, data); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	f.cow[id] = true
+	f.mu.Unlock()
+	return nil
+}
+
+// Modified reports whether a chunk has been written.
+func (f *Fetcher) Modified(id overlay.ChunkID) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.cow[id]
+}
+
+// Sync makes every write durable.
+func (f *Fetcher) Sync() error { return f.cache.Sync() }
+
+// backoff doubles a wait from 50 ms up to 2 s.
+type backoff struct{ d time.Duration }
+
+func newBackoff() *backoff { return &backoff{d: 50 * time.Millisecond} }
+func (b *backoff) reset()  { b.d = 50 * time.Millisecond }
+
+// wait sleeps for the current delay and doubles it; false if ctx ended.
+func (b *backoff) wait(ctx context.Context) bool {
+	t := time.NewTimer(b.d)
+	defer t.Stop()
+	b.d = min(2*b.d, 2*time.Second)
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// counters are the fetcher's running totals.
+type counters struct {
+	bytesFetched, corrupt, errors, failed, timeouts atomic.Int64
+	demandFetches, demandJoins, preempted           atomic.Int64
+	demandSegments, streamSegments                  atomic.Int64
+	fetched                                         [2]atomic.Int64 // chunks, per image
+
+	mu     sync.Mutex
+	stalls []time.Duration
+	total  time.Duration
+
+	// per image: chunks that need no network, and per segment the chunks
+	// of each image that it supplies
+	static [2]int
+	perSeg [][2]int
+	base   [2]int
+}
+
+const maxStalls = 1 << 16
+
+func (c *counters) stall(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.total += d
+	if len(c.stalls) < maxStalls {
+		c.stalls = append(c.stalls, d)
+	} else {
+		c.stalls[int(c.total)%maxStalls] = d
+	}
+}
+
+func (c *counters) init(o *overlay.Overlay) {
+	m := o.Manifest
+	c.perSeg = make([][2]int, len(m.Segments))
+	for _, img := range overlay.Images {
+		for _, r := range m.Refs[img] {
+			switch r.Kind {
+			case overlay.Zero:
+				c.static[img]++
+			case overlay.BaseDisk, overlay.BaseMemory:
+				c.static[img]++
+				c.base[img]++
+			case overlay.Self:
+				t := m.Refs[r.Image][r.Index]
+				c.perSeg[m.SegmentOf(int(t.Index))][img]++
+			case overlay.Data:
+				c.perSeg[m.SegmentOf(int(r.Index))][img]++
+			}
+		}
+	}
+}
+
+// ImageStats counts one image's chunks.
+type ImageStats struct {
+	Total    int `json:"total"`
+	Present  int `json:"present"`
+	FromBase int `json:"from_base"`
+	Fetched  int `json:"fetched"`
+	Modified int `json:"modified"`
+}
+
+// Stats is a snapshot of a fetcher, as the mount's stats file shows it.
+type Stats struct {
+	Disk              ImageStats `json:"disk"`
+	Memory            ImageStats `json:"memory"`
+	Segments          int        `json:"segments"`
+	SegmentsPresent   int        `json:"segments_present"`
+	SegmentsStreamed  int64      `json:"segments_streamed"`
+	SegmentsDemanded  int64      `json:"segments_demanded"`
+	DemandFetches     int64      `json:"demand_fetches"`
+	DemandJoins       int64      `json:"demand_joins"`
+	StreamPreemptions int64      `json:"stream_preemptions"`
+	BytesFetched      int64      `json:"bytes_fetched"`
+	OverlayBytes      int64      `json:"overlay_bytes"`
+	Stalls            int        `json:"stalls"`
+	StallTotalMs      float64    `json:"stall_total_ms"`
+	StallP50Ms        float64    `json:"stall_p50_ms"`
+	StallP99Ms        float64    `json:"stall_p99_ms"`
+	FetchErrors       int64      `json:"fetch_errors"`
+	CorruptSegments   int64      `json:"corrupt_segments"`
+	FailedFetches     int64      `json:"failed_fetches"`
+	Timeouts          int64      `json:"timeouts"`
+	Complete          bool       `json:"complete"`
+}
+
+// Stats returns a snapshot.
+func (f *Fetcher) Stats() Stats {
+	c := &f.st
+	s := Stats{
+		Segments:          len(f.present),
+		SegmentsStreamed:  c.streamSegments.Load(),
+		SegmentsDemanded:  c.demandSegments.Load(),
+		DemandFetches:     c.demandFetches.Load(),
+		DemandJoins:       c.demandJoins.Load(),
+		StreamPreemptions: c.preempted.Load(),
+		BytesFetched:      c.bytesFetched.Load(),
+		OverlayBytes:      f.o.Header.TotalLen(),
+		FetchErrors:       c.errors.Load(),
+		CorruptSegments:   c.corrupt.Load(),
+		FailedFetches:     c.failed.Load(),
+		Timeouts:          c.timeouts.Load(),
+	}
+	imgs := [2]*ImageStats{&s.Disk, &s.Memory}
+	f.mu.Lock()
+	s.SegmentsPresent = f.nPresent
+	for _, img := range overlay.Images {
+		is := imgs[img]
+		is.Total = f.o.Header.Chunks(img)
+		is.FromBase = c.base[img]
+		is.Present = c.static[img]
+	}
+	for seg, p := range f.present {
+		if p {
+			for _, img := range overlay.Images {
+				imgs[img].Present += c.perSeg[seg][img]
+			}
+		}
+	}
+	for id := range f.cow {
+		imgs[id.Image].Modified++
+	}
+	f.mu.Unlock()
+	for _, img := range overlay.Images {
+		imgs[img].Fetched = int(c.fetched[img].Load())
+	}
+	c.mu.Lock()
+	stalls := append([]time.Duration(nil), c.stalls...)
+	s.StallTotalMs = ms(c.total)
+	c.mu.Unlock()
+	s.Stalls = len(stalls)
+	if len(stalls) > 0 {
+		sort.Slice(stalls, func(i, j int) bool { return stalls[i] < stalls[j] })
+		s.StallP50Ms = ms(stalls[len(stalls)/2])
+		s.StallP99Ms = ms(stalls[len(stalls)*99/100])
+	}
+	s.Complete = s.SegmentsPresent == s.Segments
+	return s
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -1,0 +1,125 @@
+package fs
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cloudletfs/cloudletfs/order"
+	"github.com/cloudletfs/cloudletfs/overlay"
+)
+
+// eventLog is a growing text file of events, one a line, that a reader can
+// follow like `tail -f`. It keeps the newest maxLog bytes; offsets keep
+// counting, so a follower never sees a line twice.
+type eventLog struct {
+	mu    sync.Mutex
+	buf   []byte
+	first int64 // offset of buf[0]
+}
+
+const maxLog = 8 << 20
+
+func (l *eventLog) add(line string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.buf = append(l.buf, line...)
+	if over := len(l.buf) - maxLog; over > 0 {
+		// Drop whole lines from the front.
+		for over < len(l.buf) && l.buf[over-1] != '\n' {
+			over++
+		}
+		l.first += int64(over)
+		l.buf = append(l.buf[:0], l.buf[over:]...)
+	}
+}
+
+func (l *eventLog) size() int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.first + int64(len(l.buf))
+}
+
+// readAt copies what it holds at off into p.
+func (l *eventLog) readAt(p []byte, off int64) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if off < l.first {
+		off = l.first
+	}
+	rel := off - l.first
+	if rel >= int64(len(l.buf)) {
+		return 0
+	}
+	return copy(p, l.buf[rel:])
+}
+
+// recorder notes every access: the first touch of each chunk goes into the
+// trace and streams/chunks_accessed, every read and write into streams/io.
+type recorder struct {
+	start atomic.Int64 // unix nanoseconds of the mount being ready
+
+	mu       sync.Mutex
+	seen     [2][]bool
+	modified [2][]bool
+	trace    []order.Access
+
+	accessed, fetched, modifiedLog, io eventLog
+}
+
+func newRecorder(h *overlay.Header) *recorder {
+	r := &recorder{}
+	r.ready()
+	for _, img := range overlay.Images {
+		r.seen[img] = make([]bool, h.Chunks(img))
+		r.modified[img] = make([]bool, h.Chunks(img))
+	}
+	return r
+}
+
+// ready sets the time that trace times count from.
+func (r *recorder) ready() { r.start.Store(time.Now().UnixNano()) }
+
+func (r *recorder) since() float64 {
+	return float64(time.Now().UnixNano()-r.start.Load()) / 1e9
+}
+
+// touch records accesses to chunks first..last of img by op ("read" or
+// "write").
+func (r *recorder) touch(img overlay.Image, op string, off int64, n int, first, last uint32) {
+	t := r.since()
+	r.io.add(fmt.Sprintf("%.6f %s %s %d %d\n", t, op, img, off, n))
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i := first; i <= last; i++ {
+		if !r.seen[img][i] {
+			r.seen[img][i] = true
+			r.trace = append(r.trace, order.Access{Time: t, Chunk: overlay.ChunkID{Image: img, Index: i}})
+			r.accessed.add(fmt.Sprintf("%.6f %s %d\n", t, img, i))
+		}
+		if op == "write" && !r.modified[img][i] {
+			r.modified[img][i] = true
+			r.modifiedLog.add(fmt.Sprintf("%.6f %s %d\n", t, img, i))
+		}
+	}
+}
+
+// arrived records the chunks of a fetched segment.
+func (r *recorder) arrived(seg int, ids []overlay.ChunkID, demand bool) {
+	t := r.since()
+	how := "stream"
+	if demand {
+		how = "demand"
+	}
+	for _, id := range ids {
+		r.fetched.add(fmt.Sprintf("%.6f %s %d segment=%d %s\n", t, id.Image, id.Index, seg, how))
+	}
+}
+
+// Trace returns the first access of every chunk touched so far.
+func (r *recorder) Trace() []order.Access {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]order.Access(nil), r.trace...)
+}

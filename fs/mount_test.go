@@ -1,0 +1,609 @@
+package fs_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/cloudletfs/cloudletfs/fetch"
+	"github.com/cloudletfs/cloudletfs/fs"
+	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/serve"
+	"github.com/cloudletfs/cloudletfs/store"
+)
+
+// vm is a base and a custom VM on disk, the custom one's overlay in a served
+// directory, and the files `overlay extract` makes of it.
+type vm struct {
+	dir      string
+	st       *store.Store
+	rec      *store.Base
+	overlay  string // path of the overlay file
+	want     [2][]byte
+	segments []overlay.Segment
+}
+
+func requireFUSE(t *testing.T) {
+	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and /dev/fuse")
+	}
+}
+
+// newVM builds a VM pair with a few hundred segments of changes.
+func newVM(t *testing.T, codec overlay.Codec, segSize int) *vm {
+	t.Helper()
+	requireFUSE(t)
+	v := &vm{dir: t.TempDir()}
+	rng := rand.New(rand.NewPCG(5, 6))
+	random := func(n int) []byte {
+		b := make([]byte, n)
+		for i := 0; i < n; i += 8 {
+			x := rng.Uint64()
+			for j := 0; j < 8 && i+j < n; j++ {
+				b[i+j] = byte(x >> (8 * j))
+			}
+		}
+		return b
+	}
+	const c = 4096
+	bd, bm := random(1536*c), random(768*c+100)
+	cd, cm := append([]byte(nil), bd...), append([]byte(nil), bm...)
+	for i := 0; i < len(cd)/c; i += 3 { // change every third disk chunk
+		copy(cd[i*c:], random(c))
+	}
+	for i := 0; i < len(cm)/c; i += 2 {
+		copy(cm[i*c:], random(c))
+	}
+	clear(cm[10*c : 20*c])
+	copy(cd[100*c:], bm[:8*c])
+	files := map[string][]byte{"base/disk": bd, "base/memory": bm, "base/state": []byte("s0"),
+		"app/disk": cd, "app/memory": cm, "app/state": []byte("app state")}
+	for name, b := range files {
+		p := filepath.Join(v.dir, name)
+		os.MkdirAll(filepath.Dir(p), 0o755)
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var err error
+	if v.st, err = store.Open(filepath.Join(v.dir, "state"), zerolog.Nop()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.st.Close() })
+	v.rec, err = v.st.Import("base", store.ImportFiles{Disk: filepath.Join(v.dir, "base/disk"),
+		Memory: filepath.Join(v.dir, "base/memory"), State: filepath.Join(v.dir, "base/state")}, c, 2, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base, closeBase, err := v.st.Open(v.rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(closeBase)
+	v.overlay = filepath.Join(v.dir, "srv", "app.overlay")
+	in := &overlay.Input{Images: [2]io.ReaderAt{bytes.NewReader(cd), bytes.NewReader(cm)},
+		Sizes: [2]int64{int64(len(cd)), int64(len(cm))}, State: []byte("app state")}
+	if _, err := overlay.Build(v.overlay, base, in, overlay.BuildOptions{Codec: codec, SegmentSize: segSize}); err != nil {
+		t.Fatal(err)
+	}
+	// The expected bytes are what `overlay extract` produces.
+	f, err := os.Open(v.overlay)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, _ := f.Stat()
+	o, err := overlay.Open(f, fi.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	v.segments = o.Manifest.Segments
+	out := filepath.Join(v.dir, "extracted")
+	if err := overlay.Extract(o, base, out, 2, nil); err != nil {
+		t.Fatal(err)
+	}
+	for img, name := range []string{overlay.DiskFile, overlay.MemoryFile} {
+		if v.want[img], err = os.ReadFile(filepath.Join(out, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(v.want[overlay.Disk], cd) || !bytes.Equal(v.want[overlay.Memory], cm) {
+		t.Fatal("extract differs from the custom VM")
+	}
+	return v
+}
+
+// server is a real `cloudletfs serve` handler on 127.0.0.1 with a request
+// log and a fault hook in front of it.
+type server struct {
+	*httptest.Server
+	mu    sync.Mutex
+	log   []serve.Request
+	fault atomic.Pointer[func(w http.ResponseWriter, r *http.Request) bool]
+}
+
+func newServer(t *testing.T, dir string, rate float64, rtt time.Duration) *server {
+	s := &server{}
+	h, err := serve.New(dir, serve.Options{Rate: rate, RTT: rtt, Log: zerolog.Nop(), OnRequest: func(r serve.Request) {
+		s.mu.Lock()
+		s.log = append(s.log, r)
+		s.mu.Unlock()
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if f := s.fault.Load(); f != nil && (*f)(w, r) {
+			return
+		}
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+// setFault installs a fault; it returns true when it handled the request.
+func (s *server) setFault(f func(w http.ResponseWriter, r *http.Request) bool) {
+	if f == nil {
+		s.fault.Store(nil)
+		return
+	}
+	s.fault.Store(&f)
+}
+
+// segmentRequests returns, in order, the segments requested (by offset).
+func (s *server) segmentRequests(segs []overlay.Segment) []int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	byOff := map[int64]int{}
+	for i, sg := range segs {
+		byOff[sg.Offset] = i
+	}
+	var out []int
+	for _, r := range s.log {
+		first, _, ok := strings.Cut(strings.TrimPrefix(r.Range, "bytes="), "-")
+		off, err := strconv.ParseInt(first, 10, 64)
+		if !ok || err != nil {
+			continue
+		}
+		if i, ok := byOff[off]; ok {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
+type mounted struct {
+	dir string
+	f   *fetch.Fetcher
+	m   *fs.Mount
+}
+
+// mount mounts the overlay at url through a fresh fetcher.
+func (v *vm) mount(t *testing.T, url string, timeout time.Duration) (*mounted, error) {
+	t.Helper()
+	src, err := fetch.OpenSource(url, nil)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	o, err := fetch.OpenOverlay(ctx, src)
+	if err != nil {
+		return nil, err
+	}
+	base, closeBase, err := v.st.Open(v.rec)
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(closeBase)
+	f, err := fetch.New(src, o, base, v.st.Cache(o.ID), fetch.Options{Timeout: timeout, Log: zerolog.Nop()})
+	if err != nil {
+		return nil, err
+	}
+	dir := t.TempDir()
+	m, err := fs.New(dir, f, fs.Options{Log: zerolog.Nop()})
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	f.Start()
+	mt := &mounted{dir: dir, f: f, m: m}
+	t.Cleanup(mt.unmount)
+	return mt, nil
+}
+
+func (m *mounted) unmount() {
+	m.f.Close()
+	if err := m.m.Unmount(); err == nil {
+		m.m.Wait()
+	}
+}
+
+func (m *mounted) path(img overlay.Image) string { return filepath.Join(m.dir, img.String(), "image") }
+
+// readAt reads through the mount.
+func (m *mounted) readAt(img overlay.Image, off int64, n int) ([]byte, error) {
+	f, err := os.Open(m.path(img))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b := make([]byte, n)
+	k, err := f.ReadAt(b, off)
+	return b[:k], err
+}
+
+func mbit(n float64) float64 { return n * 1e6 / 8 }
+
+func TestConcurrentReadersWhileStreaming(t *testing.T) {
+	v := newVM(t, overlay.CodecZstd, 64<<10)
+	srv := newServer(t, filepath.Dir(v.overlay), mbit(40), 2*time.Millisecond)
+	m, err := v.mount(t, srv.URL+"/app.overlay", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for r := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(r), 9))
+			for range 40 {
+				img := overlay.Image(rng.IntN(2))
+				size := len(v.want[img])
+				off := rng.IntN(size)
+				n := min(1+rng.IntN(200<<10), size-off)
+				got, err := m.readAt(img, int64(off), n)
+				if err != nil && !errors.Is(err, io.EOF) {
+					errs <- err
+					return
+				}
+				if !bytes.Equal(got, v.want[img][off:off+n]) {
+					errs <- fmt.Errorf("reader %d: %s bytes %d+%d differ from extract", r, img, off, n)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	st := m.f.Stats()
+	if st.DemandFetches == 0 || st.Stalls == 0 {
+		t.Fatalf("readers never waited on a fetch: %+v", st)
+	}
+	// Every segment arrives once, and the whole images then match.
+	select {
+	case <-m.f.Complete():
+	case <-time.After(60 * time.Second):
+		t.Fatalf("stream did not complete: %+v", m.f.Stats())
+	}
+	for _, img := range overlay.Images {
+		got, err := os.ReadFile(m.path(img))
+		if err != nil || !bytes.Equal(got, v.want[img]) {
+			t.Fatalf("%s: whole image differs from extract (%v)", img, err)
+		}
+	}
+	seen := map[int]int{}
+	for _, s := range srv.segmentRequests(v.segments) {
+		seen[s]++
+	}
+	for i := range v.segments {
+		if seen[i] == 0 {
+			t.Errorf("segment %d was never requested", i)
+		}
+	}
+}
+
+func TestDemandPreemptsStream(t *testing.T) {
+	v := newVM(t, overlay.CodecZstd, 64<<10)
+	// About 4 MB at 4 Mbit/s: the stream alone would take 8 seconds.
+	srv := newServer(t, filepath.Dir(v.overlay), mbit(4), 2*time.Millisecond)
+	m, err := v.mount(t, srv.URL+"/app.overlay", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last := len(v.segments) - 1
+	o := m.f.Overlay()
+	id := o.Manifest.Order[v.segments[last].First]
+	off := int64(id.Index) * int64(o.Header.ChunkSize)
+	got, err := m.readAt(id.Image, off, 4096)
+	if err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, v.want[id.Image][off:off+int64(len(got))]) {
+		t.Fatal("demand read returned the wrong bytes")
+	}
+	reqs := srv.segmentRequests(v.segments)
+	count, at := 0, -1
+	for i, s := range reqs {
+		if s == last {
+			count++
+			at = i
+		}
+	}
+	if count != 1 {
+		t.Fatalf("the last segment was requested %d times, want once (requests %v)", count, reqs)
+	}
+	// Before the demand, the stream had reached only the first few segments.
+	for _, s := range reqs[:at] {
+		if s > last/2 {
+			t.Fatalf("stream reached segment %d before the demand for segment %d was served: %v", s, last, reqs)
+		}
+	}
+	if st := m.f.Stats(); st.DemandFetches != 1 || st.SegmentsPresent == st.Segments {
+		t.Fatalf("stats after one demand: %+v", st)
+	}
+}
+
+func TestManyWaitersOneFetch(t *testing.T) {
+	v := newVM(t, overlay.CodecZstd, 64<<10)
+	srv := newServer(t, filepath.Dir(v.overlay), mbit(4), 2*time.Millisecond)
+	m, err := v.mount(t, srv.URL+"/app.overlay", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seg := len(v.segments) - 2
+	o := m.f.Overlay()
+	s := v.segments[seg]
+	var wg sync.WaitGroup
+	for i := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			id := o.Manifest.Order[s.First+i%s.Count]
+			off := int64(id.Index) * int64(o.Header.ChunkSize)
+			got, err := m.readAt(id.Image, off, 100)
+			if err != nil || !bytes.Equal(got, v.want[id.Image][off:off+100]) {
+				t.Errorf("reader %d: %v or wrong bytes", i, err)
+			}
+		}()
+	}
+	wg.Wait()
+	n := 0
+	for _, r := range srv.segmentRequests(v.segments) {
+		if r == seg {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Fatalf("16 readers of segment %d caused %d fetches, want 1", seg, n)
+	}
+}
+
+func TestSecondMountFetchesNothing(t *testing.T) {
+	v := newVM(t, overlay.CodecXZ, 256<<10)
+	srv := newServer(t, filepath.Dir(v.overlay), 0, 0)
+	m, err := v.mount(t, srv.URL+"/app.overlay", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-m.f.Complete():
+	case <-time.After(60 * time.Second):
+		t.Fatal("stream did not complete")
+	}
+	m.unmount()
+	before := len(srv.segmentRequests(v.segments))
+	m2, err := v.mount(t, srv.URL+"/app.overlay", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, img := range overlay.Images {
+		got, err := os.ReadFile(m2.path(img))
+		if err != nil || !bytes.Equal(got, v.want[img]) {
+			t.Fatalf("%s differs on the second mount (%v)", img, err)
+		}
+	}
+	if after := len(srv.segmentRequests(v.segments)); after != before {
+		t.Fatalf("the second mount made %d segment requests", after-before)
+	}
+	if st := m2.f.Stats(); st.BytesFetched != 0 || !st.Complete {
+		t.Fatalf("second mount stats: %+v", st)
+	}
+}
+
+func TestWritesAreCopyOnWrite(t *testing.T) {
+	v := newVM(t, overlay.CodecZstd, 64<<10)
+	srv := newServer(t, filepath.Dir(v.overlay), 0, 0)
+	m, err := v.mount(t, srv.URL+"/app.overlay", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(m.path(overlay.Disk), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	patch := []byte("written through the mount")
+	for _, off := range []int64{0, 4090, 123457} { // inside, across and past chunk boundaries
+		if _, err := f.WriteAt(patch, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(v.want[overlay.Disk][off:], patch)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := m.readAt(overlay.Disk, 0, 200000)
+	if err != nil || !bytes.Equal(got, v.want[overlay.Disk][:200000]) {
+		t.Fatalf("read after write differs (%v)", err)
+	}
+	base, _ := os.ReadFile(filepath.Join(v.dir, "base/disk"))
+	if bytes.Contains(base, patch) {
+		t.Fatal("a write reached the base image")
+	}
+	if st := m.f.Stats(); st.Disk.Modified != 3 { // chunks 0, 1 and 30
+		t.Fatalf("modified chunks: %d, want 3", st.Disk.Modified)
+	}
+	line, err := bufio.NewReader(mustOpen(t, filepath.Join(m.dir, "streams", "chunks_modified"))).ReadString('\n')
+	if err != nil || !strings.HasSuffix(line, " disk 0\n") {
+		t.Fatalf("chunks_modified starts with %q (%v)", line, err)
+	}
+}
+
+func mustOpen(t *testing.T, p string) *os.File {
+	f, err := os.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// The faults a server can throw at a mount, and what readers see.
+func TestFaults(t *testing.T) {
+	v := newVM(t, overlay.CodecZstd, 64<<10)
+	srv := newServer(t, filepath.Dir(v.overlay), 0, 0)
+	url := srv.URL + "/app.overlay"
+
+	t.Run("unreachable", func(t *testing.T) {
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		addr := ln.Addr().String()
+		ln.Close()
+		_, err := v.mount(t, "http://"+addr+"/app.overlay", 2*time.Second)
+		if err == nil || !strings.Contains(err.Error(), "connection refused") {
+			t.Fatalf("got %v", err)
+		}
+	})
+	t.Run("ignores range", func(t *testing.T) {
+		srv.setFault(func(w http.ResponseWriter, r *http.Request) bool {
+			r.Header.Del("Range")
+			return false
+		})
+		defer srv.setFault(nil)
+		_, err := v.mount(t, url, 2*time.Second)
+		if err == nil || !errors.Is(err, fetch.ErrNoRange) {
+			t.Fatalf("got %v", err)
+		}
+	})
+	t.Run("dies mid-segment and comes back", func(t *testing.T) {
+		var dead atomic.Bool
+		dead.Store(true)
+		var cut atomic.Int64
+		srv.setFault(func(w http.ResponseWriter, r *http.Request) bool {
+			if !dead.Load() || isMeta(r) {
+				return false
+			}
+			cut.Add(1)
+			// Send headers and half a segment, then drop the connection.
+			w.Header().Set("Content-Range", "bytes "+strings.TrimPrefix(r.Header.Get("Range"), "bytes=")+"/999999999")
+			w.Header().Set("Content-Length", "65536")
+			w.WriteHeader(http.StatusPartialContent)
+			w.Write(make([]byte, 1000))
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler)
+		})
+		defer srv.setFault(nil)
+		m, err := v.mount(t, url, 20*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() {
+			got, err := m.readAt(overlay.Memory, 0, 300000)
+			if err == nil && !bytes.Equal(got, v.want[overlay.Memory][:300000]) {
+				err = errors.New("wrong bytes after recovery")
+			}
+			done <- err
+		}()
+		// Let the failures happen, then bring the server back.
+		deadline := time.Now().Add(10 * time.Second)
+		for cut.Load() < 3 && time.Now().Before(deadline) {
+			time.Sleep(10 * time.Millisecond)
+		}
+		dead.Store(false)
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if st := m.f.Stats(); st.FetchErrors == 0 {
+			t.Fatalf("no fetch errors counted: %+v", st)
+		}
+	})
+	t.Run("stays dead", func(t *testing.T) {
+		m, err := v.mount(t, url, 1500*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv.setFault(func(w http.ResponseWriter, r *http.Request) bool {
+			http.Error(w, "down", http.StatusServiceUnavailable)
+			return true
+		})
+		defer srv.setFault(nil)
+		o := m.f.Overlay()
+		id := o.Manifest.Order[v.segments[len(v.segments)-1].First]
+		start := time.Now()
+		_, err = m.readAt(id.Image, int64(id.Index)*4096, 10)
+		took := time.Since(start)
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("read from a dead server: %v, want EIO", err)
+		}
+		if took > 1500*time.Millisecond+2*time.Second {
+			t.Fatalf("read failed after %s, timeout 1.5s", took)
+		}
+		if st := m.f.Stats(); st.FetchErrors == 0 || st.Timeouts+st.FailedFetches == 0 {
+			t.Fatalf("stats: %+v", st)
+		}
+		if err := m.m.Unmount(); err != nil {
+			t.Fatalf("umount with a dead server: %v", err)
+		}
+	})
+	t.Run("corrupt segment", func(t *testing.T) {
+		m, err := v.mount(t, url, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last := v.segments[len(v.segments)-1]
+		srv.setFault(func(w http.ResponseWriter, r *http.Request) bool {
+			if !strings.HasPrefix(r.Header.Get("Range"), fmt.Sprintf("bytes=%d-", last.Offset)) {
+				return false
+			}
+			b, _ := os.ReadFile(v.overlay)
+			b = b[last.Offset : last.Offset+int64(last.Stored)]
+			b[len(b)/2] ^= 4
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", last.Offset, last.Offset+int64(last.Stored)-1, m.f.Overlay().Header.TotalLen()))
+			w.WriteHeader(http.StatusPartialContent)
+			w.Write(b)
+			return true
+		})
+		defer srv.setFault(nil)
+		o := m.f.Overlay()
+		id := o.Manifest.Order[last.First]
+		if _, err := m.readAt(id.Image, int64(id.Index)*4096, 10); !errors.Is(err, syscall.EIO) {
+			t.Fatalf("read of a corrupt segment: %v, want EIO", err)
+		}
+		// The kernel may retry a failed read; every fetch that fails has
+		// been tried twice: once, and one refetch.
+		if st := m.f.Stats(); st.FailedFetches == 0 || st.CorruptSegments != 2*st.FailedFetches {
+			t.Fatalf("want two corrupt fetches per failed fetch: %+v", st)
+		}
+	})
+}
+
+// isMeta tells the metadata requests a mount makes before any segment.
+func isMeta(r *http.Request) bool {
+	rg := r.Header.Get("Range")
+	return strings.HasPrefix(rg, "bytes=0-") || strings.HasPrefix(rg, fmt.Sprintf("bytes=%d-", overlay.HeaderSize))
+}
