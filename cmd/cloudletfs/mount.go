@@ -125,23 +125,25 @@ func checkMountpoint(dir string) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	if mounted, err := isMountpoint(abs); err != nil {
+		return "", err
+	} else if mounted {
+		// A daemon that died leaves a mount whose every access fails with
+		// ENOTCONN; cached attributes can hide that from a plain stat.
+		if _, err := os.ReadDir(abs); errors.Is(err, syscall.ENOTCONN) {
+			return "", fmt.Errorf("mountpoint %s holds a dead mount: run `cloudletfs umount %s` first", dir, dir)
+		}
+		return "", fmt.Errorf("mountpoint %s is busy: something is already mounted there", dir)
+	}
 	st, err := os.Stat(abs)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
 			return "", fmt.Errorf("mountpoint %s does not exist: create the directory first", dir)
 		}
-		if errors.Is(err, syscall.ENOTCONN) {
-			return "", fmt.Errorf("mountpoint %s holds a dead mount: run `cloudletfs umount %s` first", dir, dir)
-		}
 		return "", fmt.Errorf("mountpoint %s: %w", dir, err)
 	}
 	if !st.IsDir() {
 		return "", fmt.Errorf("mountpoint %s is not a directory", dir)
-	}
-	if mounted, err := isMountpoint(abs); err != nil {
-		return "", err
-	} else if mounted {
-		return "", fmt.Errorf("mountpoint %s is busy: something is already mounted there", dir)
 	}
 	return abs, nil
 }

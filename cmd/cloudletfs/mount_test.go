@@ -1,0 +1,236 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cloudletfs/cloudletfs/order"
+)
+
+var (
+	binOnce sync.Once
+	binPath string
+	binErr  error
+)
+
+// binary builds the cloudletfs command once for tests that need it as a
+// separate process.
+func cloudletfsBinary(t *testing.T) string {
+	t.Helper()
+	binOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "cloudletfs-bin")
+		if err != nil {
+			binErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "cloudletfs")
+		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
+		if err != nil {
+			binErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if binErr != nil {
+		t.Fatal(binErr)
+	}
+	return binPath
+}
+
+// proc is a cloudletfs process whose first stdout line we wait for.
+type proc struct {
+	cmd    *exec.Cmd
+	lines  chan string
+	stderr *bytes.Buffer
+	done   chan error
+}
+
+func (e *env) start(args ...string) *proc {
+	e.t.Helper()
+	cmd := exec.Command(cloudletfsBinary(e.t), append([]string{"--state-dir", e.state}, args...)...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	p := &proc{cmd: cmd, lines: make(chan string, 100), stderr: &bytes.Buffer{}, done: make(chan error, 1)}
+	cmd.Stderr = &lockedWriter{w: p.stderr}
+	if err := cmd.Start(); err != nil {
+		e.t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			p.lines <- sc.Text()
+		}
+		close(p.lines)
+		p.done <- cmd.Wait()
+	}()
+	e.t.Cleanup(func() { cmd.Process.Kill() })
+	return p
+}
+
+// line waits for the next line of stdout.
+func (p *proc) line(t *testing.T) string {
+	t.Helper()
+	select {
+	case l, ok := <-p.lines:
+		if !ok {
+			t.Fatalf("process ended without output; stderr:\n%s", p.stderr)
+		}
+		return l
+	case <-time.After(30 * time.Second):
+		t.Fatalf("no output within 30s; stderr:\n%s", p.stderr)
+	}
+	return ""
+}
+
+// wait waits for the process to exit.
+func (p *proc) wait(t *testing.T) error {
+	t.Helper()
+	for range p.lines {
+	}
+	select {
+	case err := <-p.done:
+		return err
+	case <-time.After(30 * time.Second):
+		t.Fatalf("process did not exit within 30s; stderr:\n%s", p.stderr)
+	}
+	return nil
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+func sha(t *testing.T, path string) [32]byte {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(b)
+}
+
+func TestMountCommand(t *testing.T) {
+	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and /dev/fuse")
+	}
+	e := newEnv(t)
+	e.importBase("base", "base")
+	e.create("srv/app.overlay")
+	baseSums := map[string][32]byte{}
+	for _, f := range []string{"base/disk.img", "base/memory.img", "base/state"} {
+		baseSums[f] = sha(t, e.path(f))
+	}
+
+	srv := e.start("serve", "--addr", "127.0.0.1:0", "--rate", "50mbit", "--rtt", "1ms", e.path("srv"))
+	url := strings.Fields(srv.line(t))[3] + "/app.overlay" // "serving DIR on http://ADDR (...)"
+	if !strings.HasPrefix(url, "http://127.0.0.1:") {
+		t.Fatalf("serve printed %q", url)
+	}
+	mnt := e.path("mnt")
+	os.MkdirAll(mnt, 0o755)
+	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
+
+	t.Run("missing mountpoint", func(t *testing.T) {
+		e := e.in(t)
+		e.fails([]string{"does not exist"}, "mount", url, e.path("nowhere"))
+	})
+
+	trace := e.path("run.trace")
+	m := e.start("mount", "--trace-out", trace, url, mnt)
+	if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
+		t.Fatalf("mount printed %q", l)
+	}
+	t.Run("busy mountpoint", func(t *testing.T) {
+		e := e.in(t)
+		// The running mount holds the state dir, so check with another.
+		e.state = e.path("other-state")
+		e.fails([]string{"busy"}, "mount", url, mnt)
+	})
+	if out := e.ok("status", "--once", mnt); !strings.Contains(out, "segments") {
+		t.Fatalf("status: %q", out)
+	}
+	want := e.read("app/disk.img")
+	got, err := os.ReadFile(filepath.Join(mnt, "disk", "image"))
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("disk through the mount differs (%v)", err)
+	}
+
+	// Write and fsync, then kill the daemon without warning.
+	f, err := os.OpenFile(filepath.Join(mnt, "disk", "image"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	patch := []byte("durable once fsynced")
+	if _, err := f.WriteAt(patch, 5000); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	copy(want[5000:], patch)
+	m.cmd.Process.Signal(syscall.SIGKILL)
+	m.wait(t)
+
+	// The dead mount is named, cleaned by umount, and the remount has the write.
+	e.fails([]string{"dead mount"}, "mount", url, mnt)
+	e.ok("umount", mnt)
+	m = e.start("mount", "--trace-out", trace, url, mnt)
+	if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
+		t.Fatalf("remount printed %q", l)
+	}
+	got, err = os.ReadFile(filepath.Join(mnt, "disk", "image"))
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("after kill -9 and remount the disk differs (%v)", err)
+	}
+	e.ok("umount", mnt)
+	if err := m.wait(t); err != nil {
+		t.Fatalf("mount exited with %v after umount; stderr:\n%s", err, m.stderr)
+	}
+	acc, err := order.ParseFile(trace)
+	if err != nil || len(acc) == 0 {
+		t.Fatalf("--trace-out: %v", err)
+	}
+
+	for f, sum := range baseSums {
+		if sha(t, e.path(f)) != sum {
+			t.Fatalf("%s changed", f)
+		}
+	}
+
+	t.Run("base changed or missing", func(t *testing.T) {
+		e := e.in(t)
+		now := time.Now()
+		os.Chtimes(e.path("base/state"), now, now)
+		e.fails([]string{"state", "changed since import"}, "mount", url, mnt)
+		e.ok("base", "rm", "base")
+		e.fails([]string{"not in the registry"}, "mount", url, mnt)
+		if mounted, _ := isMountpoint(mnt); mounted {
+			t.Fatal("a refused mount left a mount behind")
+		}
+	})
+	srv.cmd.Process.Signal(syscall.SIGTERM)
+	if err := srv.wait(t); err != nil {
+		t.Fatalf("serve exited with %v", err)
+	}
+	if !strings.Contains(srv.stderr.String(), "range=") {
+		t.Fatalf("serve logged no requests:\n%s", srv.stderr)
+	}
+}
