@@ -1,0 +1,66 @@
+package fetch
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestParseContentRange(t *testing.T) {
+	for in, want := range map[string][3]int64{
+		"bytes 0-255/1000":   {0, 255, 1000},
+		"bytes 10-10/11":     {10, 10, 11},
+		"bytes 100-199/*":    {100, 199, -1},
+		"bytes 0-0/1":        {0, 0, 1},
+		"bytes 5-9/10":       {5, 9, 10},
+		"bytes 0-9999/10000": {0, 9999, 10000},
+	} {
+		a, b, c, err := parseContentRange(in)
+		if err != nil || [3]int64{a, b, c} != want {
+			t.Errorf("%q: %d %d %d %v, want %v", in, a, b, c, err, want)
+		}
+	}
+	for _, in := range []string{"", "bytes", "bytes 5-4/10", "bytes 0-9/9", "bytes -1-3/10", "items 0-1/2", "bytes 0-1", "bytes a-b/c"} {
+		if _, _, _, err := parseContentRange(in); err == nil {
+			t.Errorf("%q parsed", in)
+		}
+	}
+}
+
+func TestOpenSource(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "x.overlay")
+	os.WriteFile(p, []byte("0123456789"), 0o644)
+	for _, ref := range []string{p, "file://" + p} {
+		s, err := OpenSource(ref, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := s.ReadRange(context.Background(), 3, 4)
+		if err != nil || string(b) != "3456" || s.Size() != 10 {
+			t.Fatalf("%s: %q %v size %d", ref, b, err, s.Size())
+		}
+		if _, err := s.ReadRange(context.Background(), 8, 4); err == nil || !strings.Contains(err.Error(), "truncated") {
+			t.Fatalf("read past the end: %v", err)
+		}
+	}
+	if _, err := OpenSource("ftp://host/x", nil); err == nil || !strings.Contains(err.Error(), "unsupported scheme") {
+		t.Fatalf("ftp: %v", err)
+	}
+	if _, err := OpenSource(filepath.Join(dir, "missing"), nil); err == nil || !strings.Contains(err.Error(), "no such file") {
+		t.Fatalf("missing file: %v", err)
+	}
+	if _, err := OpenOverlay(context.Background(), mustOpen(t, p)); err == nil || !strings.Contains(err.Error(), "header") {
+		t.Fatalf("a file that is not an overlay: %v", err)
+	}
+}
+
+func mustOpen(t *testing.T, p string) Source {
+	s, err := OpenSource(p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
