@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -13,14 +12,15 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/store"
 )
 
 // Cache is where verified chunks and written chunks live; store.Cache is
-// the real one.
+// the real one. Cached chunks are read at their image offsets.
 type Cache interface {
-	PutSegment(seg int, ids []overlay.ChunkID, data [][]byte) error
+	WriteSegment(seg int, chunks []store.ChunkData) error
 	Segments() ([]int, error)
-	Chunk(id overlay.ChunkID, dst []byte) (bool, error)
+	ReadAt(img overlay.Image, p []byte, off int64) error
 	PutCow(id overlay.ChunkID, data []byte) error
 	Cow(id overlay.ChunkID, dst []byte) (bool, error)
 	CowChunks() ([]overlay.ChunkID, error)
@@ -69,8 +69,17 @@ type Fetcher struct {
 	nPresent  int
 	flights   map[int]*flight
 	demanding int // demand flights running or waited on
-	cow       map[overlay.ChunkID]bool
 	complete  chan struct{}
+
+	// segOf maps each data or self chunk to the segment that carries its
+	// bytes (-1 for zero and base chunks); selfOf lists, per data chunk,
+	// the chunks that repeat it, so they are cached with it.
+	segOf  [2][]int32
+	selfOf map[overlay.ChunkID][]overlay.ChunkID
+
+	cowMu  sync.RWMutex
+	cow    [2][]bool
+	anyCow atomic.Bool
 
 	st       counters
 	observer atomic.Pointer[Observer]
@@ -107,8 +116,25 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 		wake:     make(chan struct{}, 1),
 		present:  make([]bool, len(o.Manifest.Segments)),
 		flights:  map[int]*flight{},
-		cow:      map[overlay.ChunkID]bool{},
+		selfOf:   map[overlay.ChunkID][]overlay.ChunkID{},
 		complete: make(chan struct{}),
+	}
+	m := o.Manifest
+	for _, img := range overlay.Images {
+		f.cow[img] = make([]bool, len(m.Refs[img]))
+		f.segOf[img] = make([]int32, len(m.Refs[img]))
+		for i, r := range m.Refs[img] {
+			seg := int32(-1)
+			switch r.Kind {
+			case overlay.Data:
+				seg = int32(m.SegmentOf(int(r.Index)))
+			case overlay.Self:
+				t := overlay.ChunkID{Image: r.Image, Index: r.Index}
+				seg = int32(m.SegmentOf(int(m.Refs[t.Image][t.Index].Index)))
+				f.selfOf[t] = append(f.selfOf[t], overlay.ChunkID{Image: img, Index: uint32(i)})
+			}
+			f.segOf[img][i] = seg
+		}
 	}
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 	segs, err := cache.Segments()
@@ -126,7 +152,10 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 		return nil, fmt.Errorf("cache: %w", err)
 	}
 	for _, c := range cow {
-		f.cow[c] = true
+		if int(c.Index) < len(f.cow[c.Image]) {
+			f.cow[c.Image][c.Index] = true
+			f.anyCow.Store(true)
+		}
 	}
 	f.st.init(o)
 	if f.nPresent == len(f.present) {
@@ -316,17 +345,26 @@ func (f *Fetcher) fetch(ctx context.Context, seg int, fl *flight) error {
 	}
 }
 
-// keep caches a verified segment's chunks.
+// keep caches a verified segment's chunks, and the chunks that repeat
+// them, at their offsets.
 func (f *Fetcher) keep(seg int, s overlay.Segment, raw []byte, fl *flight) error {
 	ids := f.o.Manifest.Order[s.First : s.First+s.Count]
-	data := make([][]byte, len(ids))
+	chunks := make([]store.ChunkData, 0, len(ids))
 	off := int64(0)
-	for i, id := range ids {
+	for _, id := range ids {
 		n := f.o.Header.ChunkLen(id)
-		data[i] = raw[off : off+n]
+		data := raw[off : off+n]
 		off += n
+		chunks = append(chunks, store.ChunkData{ID: id, Data: data})
+		for _, rep := range f.selfOf[id] {
+			// A repeat may be longer than a short last chunk it repeats:
+			// the rest is zero.
+			b := make([]byte, f.o.Header.ChunkLen(rep))
+			copy(b, data)
+			chunks = append(chunks, store.ChunkData{ID: rep, Data: b})
+		}
 	}
-	if err := f.cache.PutSegment(seg, ids, data); err != nil {
+	if err := f.cache.WriteSegment(seg, chunks); err != nil {
 		return fmt.Errorf("segment %d: cache: %w", seg, err)
 	}
 	f.mu.Lock()
@@ -397,159 +435,6 @@ func (f *Fetcher) ensure(ctx context.Context, seg int) error {
 		}
 	}
 }
-
-// Origin says where a chunk's bytes came from.
-type Origin int
-
-// Where chunks come from.
-const (
-	FromZero Origin = iota
-	FromBase
-	FromCache
-	FromCow
-)
-
-// ReadChunk fills dst, which must be the chunk's length, with chunk id's
-// current bytes: written data first, then the base or zero, then the cache,
-// fetching the chunk's segment if it has not arrived.
-func (f *Fetcher) ReadChunk(ctx context.Context, id overlay.ChunkID, dst []byte) (Origin, error) {
-	f.mu.Lock()
-	cow := f.cow[id]
-	f.mu.Unlock()
-	if cow {
-		if ok, err := f.cache.Cow(id, dst); err != nil || !ok {
-			return FromCow, fmt.Errorf("%s: written data missing from the store: %v", id, err)
-		}
-		return FromCow, nil
-	}
-	ref := f.o.Manifest.Refs[id.Image][id.Index]
-	switch ref.Kind {
-	case overlay.Zero:
-		clear(dst)
-		return FromZero, nil
-	case overlay.BaseDisk, overlay.BaseMemory:
-		if err := f.readBase(ref, 0, dst); err != nil {
-			return FromBase, fmt.Errorf("%s: %w", id, err)
-		}
-		return FromBase, nil
-	case overlay.Self:
-		target := overlay.ChunkID{Image: ref.Image, Index: ref.Index}
-		ref = f.o.Manifest.Refs[target.Image][target.Index]
-		if target == id || ref.Kind != overlay.Data {
-			return FromCache, fmt.Errorf("%s: bad self reference", id)
-		}
-		return f.readData(ctx, target, ref, dst)
-	default:
-		return f.readData(ctx, id, ref, dst)
-	}
-}
-
-func (f *Fetcher) readData(ctx context.Context, id overlay.ChunkID, ref overlay.Ref, dst []byte) (Origin, error) {
-	full := f.o.Header.ChunkLen(id)
-	buf := dst
-	if int64(len(dst)) != full {
-		// A self reference to a shorter last chunk: the rest is zero.
-		buf = make([]byte, full)
-	}
-	if err := f.ensure(ctx, f.o.Manifest.SegmentOf(int(ref.Index))); err != nil {
-		return FromCache, err
-	}
-	ok, err := f.cache.Chunk(id, buf)
-	if err != nil || !ok {
-		return FromCache, fmt.Errorf("%s: cached chunk missing: %v", id, err)
-	}
-	if len(buf) != len(dst) {
-		n := copy(dst, buf)
-		clear(dst[n:])
-	}
-	return FromCache, nil
-}
-
-// ReadAt fills dest with the bytes of image img at off, which must lie
-// within the image. Runs of chunks that come from consecutive base chunks
-// are read with one call, so reading unchanged parts of an image costs what
-// reading the base costs.
-func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, off int64) error {
-	h := f.o.Header
-	cs := int64(h.ChunkSize)
-	size := h.ImageSize(img)
-	end := off + int64(len(dest))
-	if off < 0 || end > size {
-		return fmt.Errorf("%s: bytes %d-%d are outside the image", img, off, end)
-	}
-	refs := f.o.Manifest.Refs[img]
-	var tmp []byte
-	for pos := off; pos < end; {
-		idx := pos / cs
-		start := idx * cs
-		id := overlay.ChunkID{Image: img, Index: uint32(idx)}
-		if r := refs[idx]; (r.Kind == overlay.BaseDisk || r.Kind == overlay.BaseMemory) && !f.Modified(id) {
-			// Extend over following chunks that continue the same base run.
-			n := int64(1)
-			for start+n*cs < end && refs[idx+n].Kind == r.Kind && refs[idx+n].Index == r.Index+uint32(n) &&
-				!f.Modified(overlay.ChunkID{Image: img, Index: uint32(idx + n)}) {
-				n++
-			}
-			runEnd := min(start+n*cs, end)
-			if err := f.readBase(r, pos-start, dest[pos-off:runEnd-off]); err != nil {
-				return fmt.Errorf("%s: %w", id, err)
-			}
-			pos = runEnd
-			continue
-		}
-		clen := min(cs, size-start)
-		buf := dest[pos-off : min(start+clen, end)-off]
-		whole := pos == start && end >= start+clen
-		if !whole {
-			if tmp == nil {
-				tmp = make([]byte, cs)
-			}
-			buf = tmp[:clen]
-		}
-		if _, err := f.ReadChunk(ctx, id, buf); err != nil {
-			return err
-		}
-		if !whole {
-			copy(dest[pos-off:min(start+clen, end)-off], buf[pos-start:])
-		}
-		pos = start + clen
-	}
-	return nil
-}
-
-// readBase reads dst from the base at the position of ref plus skip bytes;
-// past the end of the base image it reads zeros.
-func (f *Fetcher) readBase(r overlay.Ref, skip int64, dst []byte) error {
-	n, err := f.base.Images[r.Kind-overlay.BaseDisk].ReadAt(dst, int64(r.Index)*int64(f.o.Header.ChunkSize)+skip)
-	if n < len(dst) {
-		if err != nil && err != io.EOF {
-			return fmt.Errorf("base: %w", err)
-		}
-		clear(dst[n:])
-	}
-	return nil
-}
-
-// WriteChunk stores a whole new version of a chunk, durably.
-func (f *Fetcher) WriteChunk(id overlay.ChunkID, data []byte) error {
-	if err := f.cache.PutCow(id, data); err != nil {
-		return err
-	}
-	f.mu.Lock()
-	f.cow[id] = true
-	f.mu.Unlock()
-	return nil
-}
-
-// Modified reports whether a chunk has been written.
-func (f *Fetcher) Modified(id overlay.ChunkID) bool {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return f.cow[id]
-}
-
-// Sync makes every write durable.
-func (f *Fetcher) Sync() error { return f.cache.Sync() }
 
 // backoff doubles a wait from 50 ms up to 2 s.
 type backoff struct{ d time.Duration }
@@ -688,10 +573,16 @@ func (f *Fetcher) Stats() Stats {
 			}
 		}
 	}
-	for id := range f.cow {
-		imgs[id.Image].Modified++
-	}
 	f.mu.Unlock()
+	f.cowMu.RLock()
+	for _, img := range overlay.Images {
+		for _, w := range f.cow[img] {
+			if w {
+				imgs[img].Modified++
+			}
+		}
+	}
+	f.cowMu.RUnlock()
 	for _, img := range overlay.Images {
 		imgs[img].Fetched = int(c.fetched[img].Load())
 	}

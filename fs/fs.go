@@ -186,7 +186,7 @@ func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte
 		mu := &n.locks[idx%int64(len(n.locks))]
 		mu.Lock()
 		if pos != start || end < start+clen {
-			if _, err := n.m.f.ReadChunk(ctx, n.chunk(uint32(idx)), chunk); err != nil {
+			if err := n.m.f.ReadAt(ctx, n.img, chunk, start); err != nil {
 				mu.Unlock()
 				n.m.log.Error().Err(err).Str("image", n.img.String()).Int64("offset", off).Msg("write: reading the chunk to merge into failed: EIO")
 				return 0, syscall.EIO

@@ -41,14 +41,19 @@ type vm struct {
 	segments []overlay.Segment
 }
 
-func requireFUSE(t *testing.T) {
+func requireFUSE(t testing.TB) {
 	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
 		t.Skip("needs root and /dev/fuse")
 	}
 }
 
-// newVM builds a VM pair with a few hundred segments of changes.
-func newVM(t *testing.T, codec overlay.Codec, segSize int) *vm {
+// newVM builds a small VM pair with a few dozen segments of changes.
+func newVM(t testing.TB, codec overlay.Codec, segSize int) *vm {
+	return newScaledVM(t, codec, segSize, 1)
+}
+
+// newScaledVM builds a VM pair scale times the size of newVM's.
+func newScaledVM(t testing.TB, codec overlay.Codec, segSize, scale int) *vm {
 	t.Helper()
 	requireFUSE(t)
 	v := &vm{dir: t.TempDir()}
@@ -64,7 +69,7 @@ func newVM(t *testing.T, codec overlay.Codec, segSize int) *vm {
 		return b
 	}
 	const c = 4096
-	bd, bm := random(1536*c), random(768*c+100)
+	bd, bm := random(scale*1536*c), random(scale*768*c+100)
 	cd, cm := append([]byte(nil), bd...), append([]byte(nil), bm...)
 	for i := 0; i < len(cd)/c; i += 3 { // change every third disk chunk
 		copy(cd[i*c:], random(c))
@@ -140,7 +145,7 @@ type server struct {
 	fault atomic.Pointer[func(w http.ResponseWriter, r *http.Request) bool]
 }
 
-func newServer(t *testing.T, dir string, rate float64, rtt time.Duration) *server {
+func newServer(t testing.TB, dir string, rate float64, rtt time.Duration) *server {
 	s := &server{}
 	h, err := serve.New(dir, serve.Options{Rate: rate, RTT: rtt, Log: zerolog.Nop(), OnRequest: func(r serve.Request) {
 		s.mu.Lock()
@@ -198,7 +203,12 @@ type mounted struct {
 }
 
 // mount mounts the overlay at url through a fresh fetcher.
-func (v *vm) mount(t *testing.T, url string, timeout time.Duration) (*mounted, error) {
+func (v *vm) mount(t testing.TB, url string, timeout time.Duration) (*mounted, error) {
+	return v.mountWith(t, url, timeout, true)
+}
+
+// mountWith mounts, starting the streamer only if stream is set.
+func (v *vm) mountWith(t testing.TB, url string, timeout time.Duration, stream bool) (*mounted, error) {
 	t.Helper()
 	src, err := fetch.OpenSource(url, nil)
 	if err != nil {
@@ -215,7 +225,12 @@ func (v *vm) mount(t *testing.T, url string, timeout time.Duration) (*mounted, e
 		return nil, err
 	}
 	t.Cleanup(closeBase)
-	f, err := fetch.New(src, o, base, v.st.Cache(o.ID), fetch.Options{Timeout: timeout, Log: zerolog.Nop()})
+	cache, err := v.st.OpenCache(o.ID, int(o.Header.ChunkSize), [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)})
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { cache.Close() })
+	f, err := fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: zerolog.Nop()})
 	if err != nil {
 		return nil, err
 	}
@@ -225,10 +240,20 @@ func (v *vm) mount(t *testing.T, url string, timeout time.Duration) (*mounted, e
 		f.Close()
 		return nil, err
 	}
-	f.Start()
+	if stream {
+		f.Start()
+	}
 	mt := &mounted{dir: dir, f: f, m: m}
 	t.Cleanup(mt.unmount)
 	return mt, nil
+}
+
+// resetCache drops every cached chunk, so the next mount starts cold.
+func (v *vm) resetCache(t testing.TB) {
+	t.Helper()
+	if err := v.st.DropCaches(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func (m *mounted) unmount() {

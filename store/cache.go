@@ -3,29 +3,75 @@ package store
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/dgraph-io/badger/v4"
 
 	"github.com/cloudletfs/cloudletfs/overlay"
 )
 
-// Key layout of the chunk cache and copy-on-write data, per overlay ID:
+// The chunk cache of an overlay is a pair of sparse files under the state
+// dir, cache/<id>/disk and cache/<id>/memory, laid out like the images: a
+// cached chunk sits at its own offset, so a run of cached chunks is one
+// read. Badger records which segments are complete in them, and keeps the
+// copy-on-write data. Keys, per overlay ID:
 //
-//	chunk/<id><image><index>  -> decoded chunk bytes, from a verified segment
-//	seg/<id><segment>         -> empty; every chunk of the segment is cached
+//	seg/<id><segment>         -> empty; the segment's chunks are in the files
 //	cow/<id><image><index>    -> a whole chunk as written through the mount
 //
 // <id> is 32 raw bytes, <image> one byte, <index> and <segment> 4 bytes
-// big-endian.
+// big-endian. A segment's marker is written only after its chunks are
+// synced to the files, so a crash never leaves a marker over missing data.
 
 // Cache holds what one overlay's mounts have fetched and written.
 type Cache struct {
-	db *badger.DB
-	id overlay.Digest
+	db        *badger.DB
+	id        overlay.Digest
+	chunkSize int64
+	files     [2]*os.File
 }
 
-// Cache returns the cache of the overlay with the given ID.
-func (s *Store) Cache(id overlay.Digest) *Cache { return &Cache{db: s.db, id: id} }
+// ChunkData is one chunk's bytes, to be cached at the chunk's offset.
+type ChunkData struct {
+	ID   overlay.ChunkID
+	Data []byte
+}
+
+// OpenCache opens the cache of the overlay with the given ID, creating its
+// files for images of the given sizes. Close it when done.
+func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (*Cache, error) {
+	dir := filepath.Join(s.dir, "cache", id.String())
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("cache: %w", err)
+	}
+	c := &Cache{db: s.db, id: id, chunkSize: int64(chunkSize)}
+	for _, img := range overlay.Images {
+		f, err := os.OpenFile(filepath.Join(dir, img.String()), os.O_RDWR|os.O_CREATE, 0o600)
+		if err == nil {
+			err = f.Truncate(sizes[img])
+		}
+		if err != nil {
+			c.Close()
+			return nil, fmt.Errorf("cache: %w", err)
+		}
+		c.files[img] = f
+	}
+	return c, nil
+}
+
+// Close closes the cache files.
+func (c *Cache) Close() error {
+	for _, f := range c.files {
+		if f != nil {
+			f.Close()
+		}
+	}
+	return nil
+}
 
 func (c *Cache) key(prefix string, img overlay.Image, idx uint32) []byte {
 	k := make([]byte, 0, len(prefix)+32+5)
@@ -40,20 +86,24 @@ func (c *Cache) segKey(seg int) []byte {
 	return binary.BigEndian.AppendUint32(k, uint32(seg))
 }
 
-// PutSegment stores the chunks of one verified segment and marks it cached,
-// all in one batch: a segment is either wholly cached or not at all.
-func (c *Cache) PutSegment(seg int, ids []overlay.ChunkID, data [][]byte) error {
-	wb := c.db.NewWriteBatch()
-	defer wb.Cancel()
-	for i, id := range ids {
-		if err := wb.Set(c.key("chunk/", id.Image, id.Index), data[i]); err != nil {
+// WriteSegment stores the chunks of one verified segment, syncs them, and
+// only then marks the segment cached.
+func (c *Cache) WriteSegment(seg int, chunks []ChunkData) error {
+	var touched [2]bool
+	for _, ch := range chunks {
+		if _, err := c.files[ch.ID.Image].WriteAt(ch.Data, int64(ch.ID.Index)*c.chunkSize); err != nil {
 			return err
 		}
+		touched[ch.ID.Image] = true
 	}
-	if err := wb.Set(c.segKey(seg), nil); err != nil {
-		return err
+	for img, t := range touched {
+		if t {
+			if err := unix.Fdatasync(int(c.files[img].Fd())); err != nil {
+				return err
+			}
+		}
 	}
-	return wb.Flush()
+	return c.db.Update(func(txn *badger.Txn) error { return txn.Set(c.segKey(seg), nil) })
 }
 
 // Segments returns the segments whose chunks are all cached.
@@ -72,27 +122,26 @@ func (c *Cache) Segments() ([]int, error) {
 	return out, err
 }
 
-// Chunk copies a cached chunk into dst and reports whether it was there.
-func (c *Cache) Chunk(id overlay.ChunkID, dst []byte) (bool, error) {
-	return c.get(c.key("chunk/", id.Image, id.Index), dst)
+// ReadAt reads cached bytes of an image.
+func (c *Cache) ReadAt(img overlay.Image, p []byte, off int64) error {
+	if _, err := c.files[img].ReadAt(p, off); err != nil {
+		return fmt.Errorf("cache: %w", err)
+	}
+	return nil
 }
 
 // Cow copies a written chunk into dst and reports whether there was one.
 func (c *Cache) Cow(id overlay.ChunkID, dst []byte) (bool, error) {
-	return c.get(c.key("cow/", id.Image, id.Index), dst)
-}
-
-func (c *Cache) get(key, dst []byte) (bool, error) {
 	found := false
 	err := c.db.View(func(txn *badger.Txn) error {
-		it, err := txn.Get(key)
+		it, err := txn.Get(c.key("cow/", id.Image, id.Index))
 		if err != nil {
 			return err
 		}
 		found = true
 		return it.Value(func(v []byte) error {
 			if len(v) != len(dst) {
-				return errors.New("cached chunk has the wrong length")
+				return errors.New("written chunk has the wrong length")
 			}
 			copy(dst, v)
 			return nil
@@ -130,3 +179,12 @@ func (c *Cache) CowChunks() ([]overlay.ChunkID, error) {
 
 // Sync makes every write so far durable.
 func (c *Cache) Sync() error { return c.db.Sync() }
+
+// DropCaches forgets every cached chunk of every overlay; written data
+// stays.
+func (s *Store) DropCaches() error {
+	if err := s.db.DropPrefix([]byte("seg/")); err != nil {
+		return err
+	}
+	return os.RemoveAll(filepath.Join(s.dir, "cache"))
+}

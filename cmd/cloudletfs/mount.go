@@ -213,7 +213,12 @@ func mountCmd(c *cli.Context) error {
 		return err
 	}
 	defer closeBase()
-	f, err := fetch.New(src, o, base, st.Cache(o.ID), fetch.Options{Timeout: timeout, Log: log})
+	cache, err := st.OpenCache(o.ID, int(o.Header.ChunkSize), [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)})
+	if err != nil {
+		return err
+	}
+	defer cache.Close()
+	f, err := fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: log})
 	if err != nil {
 		return fmt.Errorf("overlay %s: %w", ref, err)
 	}

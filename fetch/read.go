@@ -1,0 +1,149 @@
+package fetch
+
+import (
+	"context"
+	"fmt"
+	"io"
+
+	"github.com/cloudletfs/cloudletfs/overlay"
+)
+
+// source is where a run of chunks is read from.
+type source int
+
+const (
+	srcZero  source = iota
+	srcBase         // the base image, at the ref's chunk
+	srcCache        // the cache file, at the chunk's own offset
+	srcCow          // a written chunk, one at a time
+)
+
+// ReadAt fills dest with the bytes of image img at off, which must lie
+// within the image: written data first, then zero, the base or the cache,
+// fetching the segments of chunks that have not arrived. Runs of chunks
+// with the same kind of source are read with one call, so reading
+// unchanged or cached parts of an image costs about what a pread does.
+func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, off int64) error {
+	h := f.o.Header
+	cs := int64(h.ChunkSize)
+	size := h.ImageSize(img)
+	end := off + int64(len(dest))
+	if off < 0 || end > size {
+		return fmt.Errorf("%s: bytes %d-%d are outside the image", img, off, end)
+	}
+	if len(dest) == 0 {
+		return nil
+	}
+	if err := f.await(ctx, img, off/cs, (end-1)/cs); err != nil {
+		return err
+	}
+	refs := f.o.Manifest.Refs[img]
+	for pos := off; pos < end; {
+		idx := pos / cs
+		src, r := f.sourceOf(img, idx)
+		// Extend the run over chunks that continue it.
+		n := int64(1)
+		for idx+n <= (end-1)/cs {
+			s2, r2 := f.sourceOf(img, idx+n)
+			if s2 != src || src == srcCow || src == srcBase && (r2.Kind != r.Kind || r2.Index != r.Index+uint32(n)) {
+				break
+			}
+			n++
+		}
+		runEnd := min((idx+n)*cs, end)
+		part := dest[pos-off : runEnd-off]
+		skip := pos - idx*cs
+		var err error
+		switch src {
+		case srcZero:
+			clear(part)
+		case srcBase:
+			err = f.readBase(refs[idx], skip, part)
+		case srcCache:
+			err = f.cache.ReadAt(img, part, pos)
+		case srcCow:
+			buf := make([]byte, h.ChunkLen(overlay.ChunkID{Image: img, Index: uint32(idx)}))
+			var ok bool
+			if ok, err = f.cache.Cow(overlay.ChunkID{Image: img, Index: uint32(idx)}, buf); err == nil && !ok {
+				err = fmt.Errorf("written data missing from the store")
+			}
+			copy(part, buf[skip:])
+		}
+		if err != nil {
+			return fmt.Errorf("%s chunk %d: %w", img, idx, err)
+		}
+		pos = runEnd
+	}
+	return nil
+}
+
+// sourceOf says where chunk idx of img is read from now. Data and self
+// chunks are read from the cache, which await has made sure of.
+func (f *Fetcher) sourceOf(img overlay.Image, idx int64) (source, overlay.Ref) {
+	if f.Modified(overlay.ChunkID{Image: img, Index: uint32(idx)}) {
+		return srcCow, overlay.Ref{}
+	}
+	r := f.o.Manifest.Refs[img][idx]
+	switch r.Kind {
+	case overlay.Zero:
+		return srcZero, r
+	case overlay.BaseDisk, overlay.BaseMemory:
+		return srcBase, r
+	}
+	return srcCache, r
+}
+
+// await makes sure every segment that chunks first..last of img need has
+// arrived, fetching those that have not.
+func (f *Fetcher) await(ctx context.Context, img overlay.Image, first, last int64) error {
+	prev := int32(-1)
+	for i := first; i <= last; i++ {
+		seg := f.segOf[img][i]
+		if seg < 0 || seg == prev || f.Modified(overlay.ChunkID{Image: img, Index: uint32(i)}) {
+			continue
+		}
+		prev = seg
+		if err := f.ensure(ctx, int(seg)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// readBase reads dst from the base at the position of ref plus skip bytes;
+// past the end of the base image it reads zeros.
+func (f *Fetcher) readBase(r overlay.Ref, skip int64, dst []byte) error {
+	n, err := f.base.Images[r.Kind-overlay.BaseDisk].ReadAt(dst, int64(r.Index)*int64(f.o.Header.ChunkSize)+skip)
+	if n < len(dst) {
+		if err != nil && err != io.EOF {
+			return fmt.Errorf("base: %w", err)
+		}
+		clear(dst[n:])
+	}
+	return nil
+}
+
+// WriteChunk stores a whole new version of a chunk, durably.
+func (f *Fetcher) WriteChunk(id overlay.ChunkID, data []byte) error {
+	if err := f.cache.PutCow(id, data); err != nil {
+		return err
+	}
+	f.cowMu.Lock()
+	f.cow[id.Image][id.Index] = true
+	f.cowMu.Unlock()
+	f.anyCow.Store(true)
+	return nil
+}
+
+// Modified reports whether a chunk has been written.
+func (f *Fetcher) Modified(id overlay.ChunkID) bool {
+	if !f.anyCow.Load() {
+		return false
+	}
+	f.cowMu.RLock()
+	defer f.cowMu.RUnlock()
+	return f.cow[id.Image][id.Index]
+}
+
+// Sync makes every write durable.
+func (f *Fetcher) Sync() error { return f.cache.Sync() }

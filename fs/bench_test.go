@@ -1,0 +1,189 @@
+package fs_test
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sort"
+	"syscall"
+	"testing"
+	"time"
+
+	fusefs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/cloudletfs/cloudletfs/overlay"
+)
+
+// readAll reads a file front to back in 128 KiB reads, the size the kernel
+// sends FUSE, after dropping its cached pages so every read reaches the
+// file system.
+func readAll(b *testing.B, path string, buf []byte) int64 {
+	f, err := os.Open(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+	var off int64
+	for {
+		n, err := f.ReadAt(buf, off)
+		off += int64(n)
+		if err != nil {
+			return off
+		}
+	}
+}
+
+// plainLoopback presents one file through go-fuse without passthrough: each
+// read is a pread spliced to the kernel, the way go-fuse's own loopback
+// serves reads when passthrough is off.
+type plainLoopback struct {
+	fusefs.Inode
+	f    *os.File
+	size int64
+}
+
+func (n *plainLoopback) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = 0o444
+	out.Size = uint64(n.size)
+	return 0
+}
+
+func (n *plainLoopback) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, uint32, syscall.Errno) {
+	return nil, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (n *plainLoopback) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	return fuse.ReadResultFd(n.f.Fd(), off, len(dest)), 0
+}
+
+func mountOne(b *testing.B, name string, node fusefs.InodeEmbedder) string {
+	dir := b.TempDir()
+	root := &fusefs.Inode{}
+	srv, err := fusefs.Mount(dir, root, &fusefs.Options{
+		MountOptions: fuse.MountOptions{DirectMount: true, MaxReadAhead: 128 << 10},
+		OnAdd: func(ctx context.Context) {
+			root.AddChild(name, root.NewPersistentInode(ctx, node, fusefs.StableAttr{Mode: syscall.S_IFREG}), false)
+		},
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { srv.Unmount() })
+	return filepath.Join(dir, name)
+}
+
+// BenchmarkReadPresent reads a 64 MiB memory image whose chunks are all
+// present (base, cache and zero) through the mount, next to the same bytes
+// read with pread, through go-fuse's loopback (which negotiates passthrough
+// here), and through a go-fuse loopback without passthrough.
+func BenchmarkReadPresent(b *testing.B) {
+	v := newScaledVM(b, overlay.CodecZstd, 1<<20, 22)
+	m, err := v.mount(b, "file://"+v.overlay, 30*time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	select {
+	case <-m.f.Complete():
+	case <-time.After(2 * time.Minute):
+		b.Fatal("overlay did not complete")
+	}
+	plain := filepath.Join(v.dir, "extracted", overlay.MemoryFile)
+	pf, err := os.Open(plain)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pf.Close()
+	size := int64(len(v.want[overlay.Memory]))
+
+	loopRoot, err := fusefs.NewLoopbackRoot(filepath.Dir(plain))
+	if err != nil {
+		b.Fatal(err)
+	}
+	loopDir := b.TempDir()
+	loopSrv, err := fusefs.Mount(loopDir, loopRoot, &fusefs.Options{MountOptions: fuse.MountOptions{DirectMount: true, MaxReadAhead: 128 << 10}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer loopSrv.Unmount()
+
+	paths := []struct{ name, path string }{
+		{"pread", plain},
+		{"loopback-passthrough", filepath.Join(loopDir, overlay.MemoryFile)},
+		{"loopback", mountOne(b, "image", &plainLoopback{f: pf, size: size})},
+		{"cloudletfs", m.path(overlay.Memory)},
+	}
+	buf := make([]byte, 128<<10)
+	for _, p := range paths {
+		b.Run(p.name, func(b *testing.B) {
+			b.SetBytes(size)
+			for b.Loop() {
+				if n := readAll(b, p.path, buf); n != size {
+					b.Fatalf("read %d of %d bytes", n, size)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkDemandLatency measures how long a read of a chunk whose segment
+// has not arrived waits, on a 38 Mbit/s link with a 20 ms RTT, with the
+// stream idle and with it running. Each run makes one demand read per
+// segment in the back half of the overlay and reports p50, p99 and the
+// bound: RTT + segment ÷ rate + decode time.
+func BenchmarkDemandLatency(b *testing.B) {
+	v := newScaledVM(b, overlay.CodecXZ, 1<<20, 8)
+	const rate, rtt = 38e6 / 8, 20 * time.Millisecond
+	f, err := os.Open(v.overlay)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	fi, _ := f.Stat()
+	o, err := overlay.Open(f, fi.Size())
+	if err != nil {
+		b.Fatal(err)
+	}
+	segs := o.Manifest.Segments
+	var bound time.Duration
+	for i := len(segs) / 2; i < len(segs); i++ {
+		start := time.Now()
+		if _, err := o.ReadSegment(i); err != nil {
+			b.Fatal(err)
+		}
+		bound = max(bound, rtt+time.Duration(float64(segs[i].Stored)/rate*1e9)+time.Since(start))
+	}
+	for _, stream := range []bool{false, true} {
+		name := "idle"
+		if stream {
+			name = "streaming"
+		}
+		b.Run(name, func(b *testing.B) {
+			var lat []time.Duration
+			for b.Loop() {
+				srv := newServer(b, filepath.Dir(v.overlay), rate, rtt)
+				// A fresh cache each run, so every segment must travel.
+				v.resetCache(b)
+				m, err := v.mountWith(b, srv.URL+"/app.overlay", time.Minute, stream)
+				if err != nil {
+					b.Fatal(err)
+				}
+				for i := len(segs) - 1; i >= len(segs)/2; i-- {
+					id := o.Manifest.Order[segs[i].First]
+					start := time.Now()
+					if _, err := m.readAt(id.Image, int64(id.Index)*int64(o.Header.ChunkSize), 4096); err != nil {
+						b.Fatal(err)
+					}
+					lat = append(lat, time.Since(start))
+				}
+				m.unmount()
+			}
+			sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+			b.ReportMetric(float64(bound.Microseconds())/1000, "bound-ms")
+		})
+	}
+}
