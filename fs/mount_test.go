@@ -49,11 +49,12 @@ func requireFUSE(t testing.TB) {
 
 // newVM builds a small VM pair with a few dozen segments of changes.
 func newVM(t testing.TB, codec overlay.Codec, segSize int) *vm {
-	return newScaledVM(t, codec, segSize, 1)
+	return newScaledVM(t, codec, segSize, 1, 1)
 }
 
-// newScaledVM builds a VM pair scale times the size of newVM's.
-func newScaledVM(t testing.TB, codec overlay.Codec, segSize, scale int) *vm {
+// newScaledVM builds a VM pair scale times the size of newVM's, whose
+// changes come in runs of run chunks.
+func newScaledVM(t testing.TB, codec overlay.Codec, segSize, scale, run int) *vm {
 	t.Helper()
 	requireFUSE(t)
 	v := &vm{dir: t.TempDir()}
@@ -71,11 +72,12 @@ func newScaledVM(t testing.TB, codec overlay.Codec, segSize, scale int) *vm {
 	const c = 4096
 	bd, bm := random(scale*1536*c), random(scale*768*c+100)
 	cd, cm := append([]byte(nil), bd...), append([]byte(nil), bm...)
-	for i := 0; i < len(cd)/c; i += 3 { // change every third disk chunk
-		copy(cd[i*c:], random(c))
+	// Change a third of the disk and half of the memory.
+	for i := 0; i+run <= len(cd)/c; i += 3 * run {
+		copy(cd[i*c:], random(run*c))
 	}
-	for i := 0; i < len(cm)/c; i += 2 {
-		copy(cm[i*c:], random(c))
+	for i := 0; i+run <= len(cm)/c; i += 2 * run {
+		copy(cm[i*c:], random(run*c))
 	}
 	clear(cm[10*c : 20*c])
 	copy(cd[100*c:], bm[:8*c])
