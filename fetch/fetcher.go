@@ -274,9 +274,6 @@ func (f *Fetcher) run(ctx context.Context, seg int, fl *flight, demand bool) {
 		}
 	}
 	err := f.fetch(ctx, seg, fl)
-	if err == nil {
-		err = ctx.Err()
-	}
 	f.mu.Lock()
 	delete(f.flights, seg)
 	if err == nil && !f.present[seg] {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -633,4 +634,53 @@ func TestFaults(t *testing.T) {
 func isMeta(r *http.Request) bool {
 	rg := r.Header.Get("Range")
 	return strings.HasPrefix(rg, "bytes=0-") || strings.HasPrefix(rg, fmt.Sprintf("bytes=%d-", overlay.HeaderSize))
+}
+
+// memory/image serves QEMU's file-backed RAM: it must map shared and
+// private, and a private mapping's writes must stay private.
+func TestMmapAndStreams(t *testing.T) {
+	v := newVM(t, overlay.CodecZstd, 64<<10)
+	srv := newServer(t, filepath.Dir(v.overlay), mbit(40), 0)
+	m, err := v.mount(t, srv.URL+"/app.overlay", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(m.path(overlay.Memory), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	want := v.want[overlay.Memory]
+	size := len(want) / 4096 * 4096
+	for _, flags := range []int{syscall.MAP_PRIVATE, syscall.MAP_SHARED} {
+		b, err := syscall.Mmap(int(f.Fd()), 0, size, syscall.PROT_READ|syscall.PROT_WRITE, flags)
+		if err != nil {
+			t.Fatalf("mmap flags %#x: %v", flags, err)
+		}
+		if !bytes.Equal(b, want[:size]) {
+			t.Fatalf("mmap flags %#x: mapped bytes differ from extract", flags)
+		}
+		if flags == syscall.MAP_PRIVATE {
+			b[0] ^= 0xff // copy-on-write in this process only
+		}
+		syscall.Munmap(b)
+	}
+	if got, err := m.readAt(overlay.Memory, 0, 1); err != nil || got[0] != want[0] {
+		t.Fatalf("a private mapping's write reached the file (%v)", err)
+	}
+	// streams/ show what happened, one event a line.
+	for name, wantSub := range map[string]string{"chunks_accessed": " memory ", "chunks_fetched": "segment=", "io": " read memory "} {
+		b, err := os.ReadFile(filepath.Join(m.dir, "streams", name))
+		if err != nil || !strings.Contains(string(b), wantSub) {
+			t.Fatalf("streams/%s: %v, %.200q", name, err, b)
+		}
+	}
+	var st fetch.Stats
+	b, err := os.ReadFile(filepath.Join(m.dir, "stats"))
+	if err == nil {
+		err = json.Unmarshal(b, &st)
+	}
+	if err != nil || st.Memory.Total != len(v.want[overlay.Memory])/4096+1 || st.BytesFetched == 0 {
+		t.Fatalf("stats: %v %+v", err, st)
+	}
 }
