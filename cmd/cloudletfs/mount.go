@@ -173,90 +173,130 @@ func unescapeMount(s string) string {
 	return r.Replace(s)
 }
 
-func mountCmd(c *cli.Context) error {
-	if err := need(c, 2, "OVERLAY and MOUNTPOINT"); err != nil {
-		return err
-	}
-	start := time.Now()
+// session is a live mount: its fetcher, file system and the store behind
+// them.
+type session struct {
+	dir   string
+	start time.Time
+	f     *fetch.Fetcher
+	m     *cfs.Mount
+	o     *overlay.Overlay
+	base  *store.Base
+	close []func()
+}
+
+// openSession fetches an overlay's metadata, checks its base, and mounts it
+// at dir. Everything it opens is released by finish.
+func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*session, error) {
+	s := &session{start: time.Now()}
+	ok := false
+	defer func() {
+		if !ok {
+			s.finish()
+		}
+	}()
 	log := logger(c)
-	ref, dir := c.Args().Get(0), c.Args().Get(1)
-	timeout := c.Duration("fetch-timeout")
 	if timeout <= 0 {
-		return fmt.Errorf("--fetch-timeout %s: want a positive duration", timeout)
+		return nil, fmt.Errorf("--fetch-timeout %s: want a positive duration", timeout)
 	}
 	abs, err := checkMountpoint(dir)
 	if err != nil {
-		return err
+		return nil, err
 	}
+	s.dir = abs
 	src, err := fetch.OpenSource(ref, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	o, err := fetch.OpenOverlay(ctx, src)
 	cancel()
 	if err != nil {
-		return err
+		return nil, err
 	}
-
+	s.o = o
 	st, err := openStore(c)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer st.Close()
-	rec, err := resolveBase(st, c.String("base"), o, ref)
+	s.close = append(s.close, func() { st.Close() })
+	if s.base, err = resolveBase(st, c.String("base"), o, ref); err != nil {
+		return nil, err
+	}
+	base, closeBase, err := st.Open(s.base)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	base, closeBase, err := st.Open(rec)
-	if err != nil {
-		return err
-	}
-	defer closeBase()
+	s.close = append(s.close, closeBase)
 	cache, err := st.OpenCache(o.ID, int(o.Header.ChunkSize), [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)})
 	if err != nil {
+		return nil, err
+	}
+	s.close = append(s.close, func() { cache.Close() })
+	if s.f, err = fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: log}); err != nil {
+		return nil, fmt.Errorf("overlay %s: %w", ref, err)
+	}
+	s.close = append(s.close, s.f.Close)
+	if s.m, err = cfs.New(abs, s.f, cfs.Options{Log: log, AllowOther: c.Bool("allow-other"), Debug: c.Bool("debug-fuse")}); err != nil {
+		return nil, fmt.Errorf("mount %s: %w", dir, err)
+	}
+	s.f.Start()
+	ok = true
+	return s, nil
+}
+
+// unmount wakes every waiting reader, so the kernel can let go, and
+// unmounts, lazily if something still holds the mount.
+func (s *session) unmount() {
+	s.f.Close()
+	if err := s.m.Unmount(); err != nil {
+		syscall.Unmount(s.dir, syscall.MNT_DETACH)
+	}
+}
+
+// finish releases what the session opened, newest first.
+func (s *session) finish() {
+	for i := len(s.close) - 1; i >= 0; i-- {
+		s.close[i]()
+	}
+	s.close = nil
+}
+
+func mountCmd(c *cli.Context) error {
+	if err := need(c, 2, "OVERLAY and MOUNTPOINT"); err != nil {
 		return err
 	}
-	defer cache.Close()
-	f, err := fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: log})
+	log := logger(c)
+	ref := c.Args().Get(0)
+	s, err := openSession(c, ref, c.Args().Get(1), c.Duration("fetch-timeout"))
 	if err != nil {
-		return fmt.Errorf("overlay %s: %w", ref, err)
+		return err
 	}
-	m, err := cfs.New(abs, f, cfs.Options{Log: log, AllowOther: c.Bool("allow-other"), Debug: c.Bool("debug-fuse")})
-	if err != nil {
-		f.Close()
-		return fmt.Errorf("mount %s: %w", dir, err)
-	}
-	f.Start()
-	s := f.Stats()
+	defer s.finish()
+	st := s.f.Stats()
 	fmt.Fprintf(c.App.Writer, "ready in %s: %s mounted on %s (%d of %d segments present)\n",
-		time.Since(start).Round(time.Millisecond), ref, abs, s.SegmentsPresent, s.Segments)
+		time.Since(s.start).Round(time.Millisecond), ref, s.dir, st.SegmentsPresent, st.Segments)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
 	go func() {
-		<-f.Complete()
-		log.Info().Str("since_start", time.Since(start).Round(time.Millisecond).String()).Msg("overlay complete: every segment is present")
+		<-s.f.Complete()
+		log.Info().Str("since_start", time.Since(s.start).Round(time.Millisecond).String()).Msg("overlay complete: every segment is present")
 	}()
 	go func() {
 		sig := <-sigs
 		log.Info().Str("signal", sig.String()).Msg("unmounting")
-		// Wake every waiting reader first, so the kernel can let go.
-		f.Close()
-		if err := m.Unmount(); err != nil {
-			log.Warn().Err(err).Msg("unmount failed; detaching lazily")
-			syscall.Unmount(abs, syscall.MNT_DETACH)
-		}
+		s.unmount()
 	}()
-	m.Wait()
-	f.Close()
+	s.m.Wait()
+	s.f.Close()
 	if out := c.Path("trace-out"); out != "" {
-		if err := writeTrace(out, m.Trace()); err != nil {
+		if err := writeTrace(out, s.m.Trace()); err != nil {
 			return fmt.Errorf("--trace-out: %w", err)
 		}
 	}
-	fmt.Fprintf(c.App.Writer, "unmounted %s\n", abs)
+	fmt.Fprintf(c.App.Writer, "unmounted %s\n", s.dir)
 	return nil
 }
 
