@@ -22,6 +22,7 @@ vm.json). Overlays are built against a base and can only be used where the same 
 is registered. Its ID is a sha256 over its contents. The files stay where they are:
 the registry remembers their paths and notices if they change.`,
 		Subcommands: []*cli.Command{
+			baseCreateCommand(),
 			{
 				Name:      "import",
 				Usage:     "register a base VM and build its chunk-hash index",

@@ -23,6 +23,7 @@ func overlayCommand() *cli.Command {
 		Name:  "overlay",
 		Usage: "create, inspect, verify and extract VM overlays",
 		Subcommands: []*cli.Command{
+			overlayCaptureCommand(),
 			{
 				Name:      "create",
 				Usage:     "build an overlay of a custom VM against a registered base",

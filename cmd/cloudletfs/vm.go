@@ -1,0 +1,528 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/urfave/cli/v2"
+	"golang.org/x/term"
+
+	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/qemu"
+	"github.com/cloudletfs/cloudletfs/store"
+)
+
+var (
+	accelFlag = &cli.StringFlag{Name: "accel", Value: "auto", Usage: "auto (KVM when /dev/kvm works, else TCG), kvm or tcg"}
+	qemuFlag  = &cli.StringFlag{Name: "qemu", Value: "qemu-system-x86_64", Usage: "QEMU binary"}
+)
+
+func vmCommands() []*cli.Command {
+	return []*cli.Command{
+		{
+			Name:      "launch",
+			Usage:     "mount an overlay and resume its VM in stock QEMU straight from the mount",
+			UsageText: "cloudletfs launch [--base ID|NAME] [--accel auto|kvm|tcg] [--trace-out FILE] [--probe COMMAND] OVERLAY [-- EXTRA QEMU ARGS]",
+			Description: `Mounts OVERLAY, starts QEMU on the mounted disk/image, memory/image (private
+mapping) and state, and resumes the VM as soon as the metadata has arrived. Prints a
+timeline: metadata arrived, QEMU running, first response (--probe succeeded; it is run
+again until it does, with CLOUDLETFS_PORT set to the host port forwarded to the guest),
+overlay complete. Runs until the VM exits or Ctrl-C, then stops QEMU and unmounts.`,
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "base", Usage: "base VM, by ID or NAME (default: the overlay's own base ID)"},
+				accelFlag, qemuFlag,
+				&cli.PathFlag{Name: "trace-out", Usage: "write the accesses seen, timed from ready, to FILE"},
+				&cli.StringFlag{Name: "probe", Usage: "shell command that succeeds once the guest answers"},
+				&cli.DurationFlag{Name: "probe-timeout", Value: 5 * time.Minute, Usage: "give up on the probe after this long"},
+				&cli.DurationFlag{Name: "fetch-timeout", Value: 30 * time.Second, Usage: "longest a read waits for its segment before failing with EIO"},
+				&cli.BoolFlag{Name: "exit-after-probe", Usage: "stop the VM once the probe succeeded and the overlay is complete"},
+				&cli.BoolFlag{Name: "allow-other", Hidden: true},
+				&cli.BoolFlag{Name: "debug-fuse", Hidden: true},
+			},
+			Action: launchCmd,
+		},
+	}
+}
+
+func baseCreateCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "create",
+		Usage:     "boot a VM with its RAM in a file, capture it when ready, and register it as a base",
+		UsageText: "cloudletfs base create --name NAME --disk FILE --memory-size SIZE [--kernel K --initrd I --append A] [--ready REGEX | --ready-after DURATION] [-- EXTRA QEMU ARGS]",
+		Description: `Copies FILE (which is never modified) into the state dir, boots it, and waits until
+the serial console matches --ready (or for --ready-after, or for Enter on a terminal).
+Then it saves the VM: RAM, device state and vm.json, with the kernel and initrd, and
+imports the result as a base. The base ID is the last line printed.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "name", Required: true, Usage: "name to register the base under"},
+			&cli.PathFlag{Name: "disk", Required: true, Usage: "raw disk image to boot (copied, never modified)"},
+			&cli.StringFlag{Name: "memory-size", Required: true, Usage: "guest RAM, e.g. 256MiB"},
+			&cli.PathFlag{Name: "kernel", Usage: "kernel to boot"},
+			&cli.PathFlag{Name: "initrd", Usage: "initrd to boot with the kernel"},
+			&cli.StringFlag{Name: "append", Value: "console=ttyS0", Usage: "kernel command line"},
+			&cli.StringFlag{Name: "ready", Usage: "capture once a console line matches this regular expression"},
+			&cli.DurationFlag{Name: "ready-after", Usage: "capture this long after start"},
+			&cli.DurationFlag{Name: "ready-timeout", Value: 5 * time.Minute, Usage: "give up waiting for --ready after this long"},
+			&cli.StringFlag{Name: "machine", Value: "pc", Usage: "QEMU machine type"},
+			&cli.StringFlag{Name: "cpu", Value: "qemu64", Usage: "QEMU CPU model"},
+			&cli.IntFlag{Name: "smp", Value: 1, Usage: "virtual CPUs"},
+			&cli.StringFlag{Name: "disk-interface", Value: "virtio", Usage: "QEMU -drive if= value"},
+			&cli.StringFlag{Name: "nic", Value: "e1000", Usage: "network card on user-mode networking (empty: none)"},
+			&cli.IntFlag{Name: "guest-port", Value: 8080, Usage: "guest TCP port forwarded from the host on launch (0: none)"},
+			accelFlag, qemuFlag,
+		},
+		Action: baseCreateCmd,
+	}
+}
+
+func overlayCaptureCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "capture",
+		Usage:     "resume a base VM, customize it, and write the overlay of the result",
+		UsageText: "cloudletfs overlay capture --base ID|NAME [--script FILE] [--ready REGEX] [--trace-out FILE] -o OUT",
+		Description: `Resumes the base copy-on-write (the base's files are not touched). Without --script
+the serial console is attached to the terminal; end with Ctrl-D. With --script, its
+lines are typed into the console and the capture waits for --ready. Then it saves the
+VM and writes the overlay with the engine of 'overlay create'.`,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "base", Required: true, Usage: "base VM, by ID or NAME"},
+			&cli.PathFlag{Name: "script", Usage: "lines to type into the serial console"},
+			&cli.StringFlag{Name: "ready", Usage: "capture once a console line matches this regular expression"},
+			&cli.DurationFlag{Name: "ready-timeout", Value: 5 * time.Minute, Usage: "give up waiting for --ready after this long"},
+			&cli.PathFlag{Name: "trace-out", Usage: "also write the customized VM's files' order trace (reserved; the default order is memory then disk)", Hidden: true},
+			&cli.PathFlag{Name: "output", Aliases: []string{"o"}, Required: true, Usage: "overlay file to write"},
+			&cli.StringFlag{Name: "codec", Value: "xz", Usage: "segment codec: xz or zstd"},
+			accelFlag, qemuFlag, jobsFlag,
+		},
+		Action: overlayCaptureCmd,
+	}
+}
+
+// copyFile copies src to dst (a reflink where the file system can).
+func copyFile(src, dst string) error {
+	out, err := exec.Command("cp", "--reflink=auto", "--sparse=always", src, dst).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("copy %s: %v: %s", src, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+func readyWait(c *cli.Context, vm *qemu.VM) error {
+	ctx := c.Context
+	switch {
+	case c.String("ready") != "":
+		re, err := regexp.Compile(c.String("ready"))
+		if err != nil {
+			return fmt.Errorf("--ready: %w", err)
+		}
+		return vm.WaitConsole(ctx, re, c.Duration("ready-timeout"))
+	case c.Duration("ready-after") > 0:
+		select {
+		case <-time.After(c.Duration("ready-after")):
+			return nil
+		case <-vm.Exited():
+			return fmt.Errorf("QEMU exited; last console lines:\n%s", vm.Tail(15))
+		}
+	case term.IsTerminal(int(os.Stdin.Fd())):
+		fmt.Fprintln(c.App.ErrWriter, "press Enter to capture the VM")
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		return nil
+	}
+	return errors.New("say when the VM is ready: --ready REGEX or --ready-after DURATION")
+}
+
+func baseCreateCmd(c *cli.Context) error {
+	bin, err := qemu.CheckBinary(c.String("qemu"))
+	if err != nil {
+		return err
+	}
+	accel, err := qemu.ResolveAccel(c.String("accel"))
+	if err != nil {
+		return err
+	}
+	memSize, err := humanize.ParseBytes(c.String("memory-size"))
+	if err != nil || memSize < 16<<20 || memSize%(1<<20) != 0 {
+		return fmt.Errorf("--memory-size %q: want whole MiB, at least 16MiB, e.g. 256MiB", c.String("memory-size"))
+	}
+	for _, f := range []string{"disk", "kernel", "initrd"} {
+		if p := c.Path(f); p != "" {
+			if _, err := os.Stat(p); err != nil {
+				return fmt.Errorf("--%s: %w", f, err)
+			}
+		}
+	}
+	st, err := openStore(c)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	name := c.String("name")
+	if _, err := st.Resolve(name); err == nil {
+		return fmt.Errorf("a base named %q is already registered", name)
+	}
+	dir, err := os.MkdirTemp(filepath.Join(st.Dir()), "base-"+name+"-*")
+	if err != nil {
+		return err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			os.RemoveAll(dir)
+		}
+	}()
+	cfg := &qemu.Config{Machine: c.String("machine"), CPU: c.String("cpu"), SMP: c.Int("smp"), MemoryMiB: int(memSize >> 20),
+		DiskIf: c.String("disk-interface"), NIC: c.String("nic"), GuestPort: c.Int("guest-port"), Append: c.String("append"),
+		Extra: c.Args().Slice()}
+	if p := c.Path("kernel"); p != "" {
+		cfg.Kernel = "vmlinuz"
+		if err := copyFile(p, filepath.Join(dir, cfg.Kernel)); err != nil {
+			return err
+		}
+	}
+	if p := c.Path("initrd"); p != "" {
+		cfg.Initrd = "initrd.img"
+		if err := copyFile(p, filepath.Join(dir, cfg.Initrd)); err != nil {
+			return err
+		}
+	}
+	files := store.ImportFiles{Disk: filepath.Join(dir, "disk.img"), Memory: filepath.Join(dir, "memory.img"),
+		State: filepath.Join(dir, "state"), VMConfig: filepath.Join(dir, "vm.json")}
+	if err := copyFile(c.Path("disk"), files.Disk); err != nil {
+		return err
+	}
+	cj, _ := json.MarshalIndent(cfg, "", "  ")
+	if err := os.WriteFile(files.VMConfig, append(cj, '\n'), 0o644); err != nil {
+		return err
+	}
+	args := cfg.Args(qemu.Run{Accel: accel, Memory: files.Memory, Share: true, Disk: files.Disk,
+		QMP: filepath.Join(dir, "qmp.sock"), Dir: dir, Boot: true})
+	log := logger(c)
+	log.Info().Str("accel", accel).Msg("booting the base VM")
+	vm, err := qemu.Start(c.Context, bin, args, filepath.Join(dir, "qmp.sock"), consoleOut(c))
+	if err != nil {
+		return err
+	}
+	defer vm.Quit(context.Background())
+	if err := readyWait(c, vm); err != nil {
+		return err
+	}
+	if err := vm.Save(c.Context, files.State); err != nil {
+		return err
+	}
+	vm.Quit(c.Context)
+	os.Remove(filepath.Join(dir, "qmp.sock"))
+	b, err := st.Import(name, files, overlay.DefaultChunkSize, 0, nil)
+	if err != nil {
+		return err
+	}
+	ok = true
+	fmt.Fprintf(c.App.Writer, "created base %q in %s: memory %s, disk %s, state %s\n", name, dir,
+		humanize.IBytes(uint64(b.Memory.Size)), humanize.IBytes(uint64(b.Disk.Size)), humanize.IBytes(uint64(b.State.Size)))
+	fmt.Fprintln(c.App.Writer, b.ID)
+	return nil
+}
+
+// consoleOut is where the guest's console goes: the terminal when there is
+// one, the debug log otherwise.
+func consoleOut(c *cli.Context) io.Writer {
+	if c.String("log-level") == "debug" || term.IsTerminal(int(os.Stdout.Fd())) {
+		return c.App.ErrWriter
+	}
+	return nil
+}
+
+// baseConfig loads a base's vm.json.
+func baseConfig(b *store.Base) (*qemu.Config, string, error) {
+	if b.VMConfig == nil {
+		return nil, "", fmt.Errorf("base %s has no vm.json: it was imported, not created with `base create`, so cloudletfs cannot run it", b.Name)
+	}
+	raw, err := os.ReadFile(b.VMConfig.Path)
+	if err != nil {
+		return nil, "", err
+	}
+	cfg, err := qemu.LoadConfig(raw)
+	return cfg, filepath.Dir(b.VMConfig.Path), err
+}
+
+func overlayCaptureCmd(c *cli.Context) error {
+	bin, err := qemu.CheckBinary(c.String("qemu"))
+	if err != nil {
+		return err
+	}
+	accel, err := qemu.ResolveAccel(c.String("accel"))
+	if err != nil {
+		return err
+	}
+	codec, err := overlay.ParseCodec(c.String("codec"))
+	if err != nil || codec == overlay.CodecNone {
+		return fmt.Errorf("--codec %q: want xz or zstd", c.String("codec"))
+	}
+	var script []byte
+	if p := c.Path("script"); p != "" {
+		if script, err = os.ReadFile(p); err != nil {
+			return fmt.Errorf("--script: %w", err)
+		}
+		if c.String("ready") == "" {
+			return errors.New("--script needs --ready: the console line that says the customization is done")
+		}
+	}
+	st, err := openStore(c)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	rec, err := st.Resolve(c.String("base"))
+	if err != nil {
+		return err
+	}
+	if err := rec.CheckFiles(); err != nil {
+		return err
+	}
+	cfg, _, err := baseConfig(rec)
+	if err != nil {
+		return err
+	}
+	work, err := os.MkdirTemp(st.Dir(), "capture-*")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	disk, mem, state := filepath.Join(work, "disk.img"), filepath.Join(work, "memory.img"), filepath.Join(work, "state")
+	for src, dst := range map[string]string{rec.Disk.Path: disk, rec.Memory.Path: mem} {
+		if err := copyFile(src, dst); err != nil {
+			return err
+		}
+	}
+	qmp := filepath.Join(work, "qmp.sock")
+	args := cfg.Args(qemu.Run{Accel: accel, Memory: mem, Share: true, Disk: disk, QMP: qmp, Incoming: true})
+	vm, err := qemu.Start(c.Context, bin, args, qmp, consoleOut(c))
+	if err != nil {
+		return err
+	}
+	defer vm.Quit(context.Background())
+	if err := vm.Resume(c.Context, rec.State.Path); err != nil {
+		return err
+	}
+	if script != nil {
+		vm.ClearConsole()
+		for _, line := range strings.SplitAfter(string(script), "\n") {
+			if err := vm.Type(line); err != nil {
+				return err
+			}
+		}
+		if err := readyWait(c, vm); err != nil {
+			return err
+		}
+	} else {
+		fmt.Fprintln(c.App.ErrWriter, "the VM's console is attached; customize it, then press Ctrl-D to capture")
+		go io.Copy(c.App.ErrWriter, strings.NewReader(vm.Tail(20)))
+		if _, err := io.Copy(vmWriter{vm}, os.Stdin); err != nil {
+			return err
+		}
+	}
+	if err := vm.Save(c.Context, state); err != nil {
+		return err
+	}
+	vm.Quit(c.Context)
+
+	base, closeBase, err := st.Open(rec)
+	if err != nil {
+		return err
+	}
+	defer closeBase()
+	in := &overlay.Input{}
+	for img, p := range [2]string{disk, mem} {
+		f, size, err := openImage(overlay.Image(img).String(), p)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		in.Images[img], in.Sizes[img] = f, size
+	}
+	if in.State, err = os.ReadFile(state); err != nil {
+		return err
+	}
+	if in.VMConfig, err = os.ReadFile(rec.VMConfig.Path); err != nil {
+		return err
+	}
+	out := c.Path("output")
+	start := time.Now()
+	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{Codec: codec, Workers: c.Int("jobs")})
+	if err != nil {
+		return fmt.Errorf("overlay %s: %w", out, err)
+	}
+	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
+	return nil
+}
+
+type vmWriter struct{ vm *qemu.VM }
+
+func (w vmWriter) Write(p []byte) (int, error) { return len(p), w.vm.Type(string(p)) }
+
+// freePort asks the kernel for a free TCP port on 127.0.0.1.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func launchCmd(c *cli.Context) error {
+	if c.NArg() < 1 {
+		return errors.New("launch: want OVERLAY (see --help)")
+	}
+	bin, err := qemu.CheckBinary(c.String("qemu"))
+	if err != nil {
+		return err
+	}
+	accel, err := qemu.ResolveAccel(c.String("accel"))
+	if err != nil {
+		return err
+	}
+	ref := c.Args().First()
+	w := c.App.Writer
+	mnt, err := os.MkdirTemp("", "cloudletfs-launch-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(mnt)
+	start := time.Now()
+	mark := func(what string) {
+		fmt.Fprintf(w, "%8.3f s  %s\n", time.Since(start).Seconds(), what)
+	}
+	s, err := openSession(c, ref, mnt, c.Duration("fetch-timeout"))
+	if err != nil {
+		return err
+	}
+	defer s.finish()
+	defer s.unmount()
+	mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.o.Header.TotalLen())), len(s.o.Manifest.Segments)))
+
+	if s.o.VMConfig == nil {
+		return fmt.Errorf("overlay %s carries no vm.json: build it with `overlay capture`, or pass --vm-config to `overlay create`", ref)
+	}
+	cfg, err := qemu.LoadConfig(s.o.VMConfig)
+	if err != nil {
+		return err
+	}
+	baseCfg, baseDir, err := baseConfig(s.base)
+	if err != nil {
+		return err
+	}
+	if a, b := mustJSON(cfg), mustJSON(baseCfg); a != b {
+		return fmt.Errorf("the overlay's vm.json does not match base %s's QEMU configuration:\n overlay: %s\n base:    %s", s.base.Name, a, b)
+	}
+	cfg.Extra = append(cfg.Extra, c.Args().Tail()...)
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	qmp := filepath.Join(os.TempDir(), fmt.Sprintf("cloudletfs-qmp-%d.sock", os.Getpid()))
+	defer os.Remove(qmp)
+	args := cfg.Args(qemu.Run{Accel: accel, Memory: filepath.Join(mnt, "memory", "image"), Share: false,
+		Disk: filepath.Join(mnt, "disk", "image"), QMP: qmp, Incoming: true, HostPort: port, Dir: baseDir})
+	vm, err := qemu.Start(c.Context, bin, args, qmp, consoleOut(c))
+	if err != nil {
+		return err
+	}
+	defer vm.Quit(context.Background())
+	if err := vm.Resume(c.Context, filepath.Join(mnt, "state")); err != nil {
+		return err
+	}
+	mark(fmt.Sprintf("QEMU running (%s; guest port %d on 127.0.0.1:%d)", accel, cfg.GuestPort, port))
+
+	probed := make(chan error, 1)
+	if p := c.String("probe"); p != "" {
+		go func() { probed <- probe(c, p, port, vm, mark) }()
+	} else {
+		close(probed)
+	}
+	complete := s.f.Complete()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sigs)
+	probeDone := c.String("probe") == ""
+	for {
+		select {
+		case err, more := <-probed:
+			if !more {
+				probed = nil
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			probeDone, probed = true, nil
+		case <-complete:
+			st := s.f.Stats()
+			mark(fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, %.0f ms stalled)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallTotalMs))
+			complete = nil
+		case <-vm.Exited():
+			mark("the VM exited")
+			return writeLaunchTrace(c, s)
+		case sig := <-sigs:
+			mark("stopping on " + sig.String())
+			vm.Quit(context.Background())
+			return writeLaunchTrace(c, s)
+		}
+		if c.Bool("exit-after-probe") && probeDone && complete == nil {
+			vm.Quit(context.Background())
+			mark("stopped the VM")
+			return writeLaunchTrace(c, s)
+		}
+	}
+}
+
+func writeLaunchTrace(c *cli.Context, s *session) error {
+	if out := c.Path("trace-out"); out != "" {
+		if err := writeTrace(out, s.m.Trace()); err != nil {
+			return fmt.Errorf("--trace-out: %w", err)
+		}
+	}
+	return nil
+}
+
+// probe runs the probe command until it succeeds, and marks the first
+// response on the timeline.
+func probe(c *cli.Context, command string, port int, vm *qemu.VM, mark func(string)) error {
+	deadline := time.Now().Add(c.Duration("probe-timeout"))
+	for {
+		cmd := exec.Command("sh", "-c", command)
+		cmd.Env = append(os.Environ(), "CLOUDLETFS_PORT="+strconv.Itoa(port))
+		out, err := cmd.Output()
+		if err == nil {
+			mark("first response: " + strings.TrimSpace(string(out)))
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("--probe never succeeded within %s (last: %v); last console lines:\n%s", c.Duration("probe-timeout"), err, vm.Tail(10))
+		}
+		select {
+		case <-vm.Exited():
+			return fmt.Errorf("the VM exited before the probe succeeded; last console lines:\n%s", vm.Tail(10))
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func mustJSON(v any) string {
+	b, _ := json.Marshal(v)
+	return string(b)
+}
