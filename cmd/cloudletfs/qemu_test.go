@@ -1,0 +1,141 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// guest builds (or reuses) the test guest from Debian packages.
+func guest(t *testing.T) string {
+	t.Helper()
+	root, err := filepath.Abs("../..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(root, "build", "guest")
+	out, err := exec.Command(filepath.Join(root, "tools", "guest", "build.sh"), dir).CombinedOutput()
+	if err != nil {
+		t.Fatalf("building the guest: %v\n%s", err, out)
+	}
+	return dir
+}
+
+// The whole journey under TCG: build the guest, base create, overlay
+// capture with a script, serve over an emulated slow link, launch --probe.
+func TestQEMUEndToEnd(t *testing.T) {
+	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and /dev/fuse")
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("needs qemu-system-x86_64 (make deps)")
+	}
+	g := guest(t)
+	e := newEnv(t)
+	bin := cloudletfsBinary(t)
+	run := func(args ...string) (string, error) {
+		cmd := exec.Command(bin, append([]string{"--state-dir", e.state}, args...)...)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	mustRun := func(args ...string) string {
+		t.Helper()
+		out, err := run(args...)
+		if err != nil {
+			t.Fatalf("cloudletfs %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	disk := filepath.Join(g, "disk.img")
+	before := sha(t, disk)
+	mustRun("base", "create", "--name", "guest", "--disk", disk, "--memory-size", "256MiB",
+		"--kernel", filepath.Join(g, "vmlinuz"), "--initrd", filepath.Join(g, "initrd.img"),
+		"--append", "console=ttyS0 quiet", "--ready", "^guest-ready", "--accel", "tcg")
+	if sha(t, disk) != before {
+		t.Fatal("base create modified the disk it was given")
+	}
+
+	t.Run("ready never matches", func(t *testing.T) {
+		out, err := run("base", "create", "--name", "never", "--disk", disk, "--memory-size", "256MiB",
+			"--kernel", filepath.Join(g, "vmlinuz"), "--initrd", filepath.Join(g, "initrd.img"),
+			"--append", "console=ttyS0", "--ready", "^no such line", "--ready-timeout", "3s", "--accel", "tcg")
+		if err == nil || !strings.Contains(out, "did not match") || !strings.Contains(out, "last console lines") {
+			t.Fatalf("got %v:\n%s", err, out)
+		}
+	})
+
+	srvDir := filepath.Join(e.dir, "srv")
+	os.MkdirAll(srvDir, 0o755)
+	ovl := filepath.Join(srvDir, "app.overlay")
+	mustRun("overlay", "capture", "--base", "guest", "--script", filepath.Join(g, "app.script"),
+		"--ready", "^app-ready", "--accel", "tcg", "-o", ovl)
+
+	srv := e.start("serve", "--addr", "127.0.0.1:0", "--rate", "38mbit", "--rtt", "20ms", srvDir)
+	url := strings.Fields(srv.line(t))[3] + "/app.overlay"
+	trace := filepath.Join(e.dir, "launch.trace")
+	probe := "curl -sf -m 5 http://127.0.0.1:$CLOUDLETFS_PORT/cgi-bin/app"
+	out := mustRun("launch", "--accel", "tcg", "--probe", probe, "--exit-after-probe", "--trace-out", trace, url)
+	// The answer depends on memory (a counter and a checksum kept in the
+	// guest's RAM since customization) and on the custom disk.
+	re := regexp.MustCompile(`first response: count=1 sum=[0-9a-f]{32} disk=hello from the custom disk`)
+	for _, want := range []string{"metadata arrived", "QEMU running", "overlay complete"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("timeline lacks %q:\n%s", want, out)
+		}
+	}
+	if !re.MatchString(out) {
+		t.Fatalf("no first response from the guest:\n%s", out)
+	}
+	if b, err := os.ReadFile(trace); err != nil || !strings.Contains(string(b), " memory ") {
+		t.Fatalf("launch trace: %v", err)
+	}
+
+	t.Run("bad input stops before QEMU", func(t *testing.T) {
+		for _, tc := range []struct {
+			args []string
+			want string
+		}{
+			{[]string{"launch", "--qemu", "/nonexistent/qemu-system-x86_64", url}, "not found"},
+			{[]string{"launch", "--accel", "kvm", url}, "KVM is not usable"},
+		} {
+			if tc.want == "KVM is not usable" {
+				if _, err := os.Stat("/dev/kvm"); err == nil {
+					continue
+				}
+			}
+			out, err := run(tc.args...)
+			if err == nil || !strings.Contains(out, tc.want) {
+				t.Errorf("%v: %v\n%s", tc.args, err, out)
+			}
+		}
+		// A vm.json that does not match the base's QEMU configuration.
+		var bases []struct {
+			Disk, Memory, State struct{ Path string }
+		}
+		if err := json.Unmarshal([]byte(mustRun("base", "list", "--json")), &bases); err != nil || len(bases) == 0 {
+			t.Fatalf("base list: %v", err)
+		}
+		b := bases[0]
+		e.write("odd/vm.json", []byte(`{"machine":"pc","cpu":"qemu64","smp":1,"memory_mib":128,"disk_interface":"virtio"}`))
+		mustRun("overlay", "create", "--base", "guest", "--disk", b.Disk.Path, "--memory", b.Memory.Path, "--state", b.State.Path,
+			"--vm-config", e.path("odd/vm.json"), "--codec", "zstd", "-o", filepath.Join(srvDir, "odd.overlay"))
+		out, err := run("launch", "--accel", "tcg", strings.TrimSuffix(url, "app.overlay")+"odd.overlay")
+		if err == nil || !strings.Contains(out, "does not match base guest") {
+			t.Errorf("mismatched vm.json: %v\n%s", err, out)
+		}
+		// An overlay for another base: a base of other files, named.
+		e.write("other/disk.img", []byte("d"))
+		e.write("other/memory.img", []byte("m"))
+		e.write("other/state", []byte("s"))
+		mustRun("base", "import", "--name", "other", "--disk", e.path("other/disk.img"),
+			"--memory", e.path("other/memory.img"), "--state", e.path("other/state"))
+		out, err = run("launch", "--base", "other", "--accel", "tcg", url)
+		if err == nil || !strings.Contains(out, "built against base") {
+			t.Errorf("overlay for another base: %v\n%s", err, out)
+		}
+	})
+}

@@ -1,0 +1,153 @@
+package qemu
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+func needQEMU(t *testing.T) string {
+	bin, err := CheckBinary("")
+	if err != nil {
+		t.Skip(err)
+	}
+	return bin
+}
+
+// A QEMU with no guest at all is enough to exercise QMP.
+func startBare(t *testing.T) *VM {
+	bin := needQEMU(t)
+	qmp := filepath.Join(t.TempDir(), "qmp.sock")
+	vm, err := Start(context.Background(), bin, []string{"-machine", "none", "-display", "none", "-nodefaults",
+		"-serial", "stdio", "-monitor", "none", "-qmp", "unix:" + qmp + ",server=on,wait=off"}, qmp, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { vm.Quit(context.Background()) })
+	return vm
+}
+
+func TestQMPAgainstQEMU(t *testing.T) {
+	vm := startBare(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	st, err := vm.QMP.Status(ctx)
+	if err != nil || st != "running" {
+		t.Fatalf("status %q, %v", st, err)
+	}
+	var qe *Error
+	if _, err := vm.QMP.Execute(ctx, "no-such-command", nil); !errors.As(err, &qe) || qe.Class != "CommandNotFound" {
+		t.Fatalf("unknown command: %v", err)
+	}
+	if _, err := vm.QMP.Execute(ctx, "stop", nil); err != nil {
+		t.Fatal(err)
+	}
+	if e, err := vm.QMP.WaitEvent(ctx, "STOP"); err != nil || e.Name != "STOP" {
+		t.Fatalf("STOP event: %v", err)
+	}
+	if st, _ := vm.QMP.Status(ctx); st != "paused" {
+		t.Fatalf("status after stop: %q", st)
+	}
+	vm.Quit(ctx)
+	select {
+	case <-vm.Exited():
+	default:
+		t.Fatal("QEMU still running after quit")
+	}
+}
+
+func TestQMPSocketThatNeverAnswers(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "silent.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // accept, then say nothing
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, err := Dial(ctx, path); err == nil || !strings.Contains(err.Error(), "greeting") {
+		t.Fatalf("silent socket: %v", err)
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Fatal("Dial ignored its deadline")
+	}
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel2()
+	if _, err := Dial(ctx2, filepath.Join(t.TempDir(), "absent.sock")); err == nil || !strings.Contains(err.Error(), "never answered") {
+		t.Fatalf("absent socket: %v", err)
+	}
+}
+
+func TestConsoleTimeoutShowsLastLines(t *testing.T) {
+	bin := needQEMU(t)
+	qmp := filepath.Join(t.TempDir(), "qmp.sock")
+	// QEMU with no guest prints nothing on its console, so nothing matches.
+	vm, err := Start(context.Background(), bin, []string{"-machine", "none", "-display", "none", "-nodefaults",
+		"-serial", "stdio", "-monitor", "none", "-qmp", "unix:" + qmp + ",server=on,wait=off"}, qmp, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vm.Quit(context.Background())
+	err = vm.WaitConsole(context.Background(), regexp.MustCompile("never"), 200*time.Millisecond)
+	if err == nil || !strings.Contains(err.Error(), "did not match") || !strings.Contains(err.Error(), "last console lines") {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestArgs(t *testing.T) {
+	c := &Config{Machine: "pc", CPU: "qemu64", SMP: 1, MemoryMiB: 256, DiskIf: "virtio", NIC: "e1000", GuestPort: 8080,
+		Kernel: "vmlinuz", Append: "console=ttyS0"}
+	boot := strings.Join(c.Args(Run{Accel: "tcg", Memory: "/m,x", Share: true, Disk: "/d", QMP: "/q", Dir: "/b", Boot: true}), " ")
+	for _, want := range []string{"mem-path=/m,,x,share=on", "-kernel /b/vmlinuz", "-append console=ttyS0", "-accel tcg", "memory-backend=ram"} {
+		if !strings.Contains(boot, want) {
+			t.Errorf("boot args lack %q: %s", want, boot)
+		}
+	}
+	resume := strings.Join(c.Args(Run{Accel: "tcg", Memory: "/mnt/memory/image", Disk: "/mnt/disk/image", QMP: "/q", Incoming: true, HostPort: 5555}), " ")
+	for _, want := range []string{"share=off", "-incoming defer", "hostfwd=tcp:127.0.0.1:5555-:8080"} {
+		if !strings.Contains(resume, want) {
+			t.Errorf("resume args lack %q: %s", want, resume)
+		}
+	}
+	if strings.Contains(resume, "-kernel") {
+		t.Errorf("resume boots a kernel: %s", resume)
+	}
+}
+
+func TestAccelAndBinary(t *testing.T) {
+	if _, err := os.Stat("/dev/kvm"); err != nil {
+		if _, err := ResolveAccel("kvm"); err == nil || !strings.Contains(err.Error(), "KVM is not usable") {
+			t.Fatalf("kvm without /dev/kvm: %v", err)
+		}
+		if a, err := ResolveAccel("auto"); err != nil || a != "tcg" {
+			t.Fatalf("auto without /dev/kvm: %q %v", a, err)
+		}
+	}
+	if _, err := ResolveAccel("hvf"); err == nil {
+		t.Fatal("unknown accelerator accepted")
+	}
+	if _, err := CheckBinary("/nonexistent/qemu"); err == nil || !strings.Contains(err.Error(), "not found") {
+		t.Fatalf("missing binary: %v", err)
+	}
+	broken := filepath.Join(t.TempDir(), "qemu-broken")
+	os.WriteFile(broken, []byte("#!/bin/sh\nexit 3\n"), 0o755)
+	if _, err := CheckBinary(broken); err == nil || !strings.Contains(err.Error(), "does not run") {
+		t.Fatalf("broken binary: %v", err)
+	}
+}
