@@ -3,7 +3,9 @@
 # VM (256 MiB memory, 512 MiB disk), register the base, build the overlay,
 # extract it again (full synthesis) and check every byte; then serve the
 # overlay over an emulated 38 Mbit/s link, mount it (early start) and check
-# every byte read through the mount.
+# every byte read through the mount. Then a real VM on stock QEMU: build the
+# test guest, base create, overlay capture, launch --probe over the link,
+# next to the baseline (download, extract, resume) measured in the same run.
 #
 # usage: tools/demo.sh BIN WORKDIR
 set -euo pipefail
@@ -71,6 +73,37 @@ echo "disk and memory read through the mount are identical ($(since "$t") to rea
 "$bin" status --once "$work/mnt"
 "$bin" umount "$work/mnt"
 wait "$mount_pid"
+
+# A real VM on stock QEMU: build the small guest, make it a base, customize
+# it into an overlay, and launch it over the same link; then the baseline.
+step "build or reuse the test guest (Debian kernel, busybox, ext4 disk)"
+guest="$(dirname "$work")/guest"
+tools/guest/build.sh "$guest"
+
+step "cloudletfs base create (boot under QEMU, capture RAM, devices and vm.json)"
+"$bin" base create --name demo-vm --disk "$guest/disk.img" --memory-size 256MiB \
+  --kernel "$guest/vmlinuz" --initrd "$guest/initrd.img" --append "console=ttyS0 quiet" --ready '^guest-ready'
+
+step "cloudletfs overlay capture (install the app and its data, start it)"
+"$bin" overlay capture --base demo-vm --script "$guest/app.script" --ready '^app-ready' -o "$work/srv/vm.overlay"
+
+vmurl="${url%/app.overlay}/vm.overlay"
+probe='curl -sf -m 1 http://127.0.0.1:$CLOUDLETFS_PORT/cgi-bin/app'
+step "cloudletfs launch --probe over 38 Mbit/s, 20 ms RTT (early start)"
+"$bin" launch --probe "$probe" --exit-after-probe --trace-out "$work/vm.trace" "$vmurl" | tee "$work/launch.out"
+early=$(awk '/first response/ { print $1; exit }' "$work/launch.out")
+
+step "baseline: download the whole overlay, overlay extract, resume from local files"
+t=$(now)
+curl -sf -o "$work/vm-download.overlay" "$vmurl"
+dl=$(since "$t" | cut -d' ' -f1)
+rm -rf "$work/vm-extracted"
+t=$(now)
+"$bin" overlay extract "$work/vm-download.overlay" -o "$work/vm-extracted" >/dev/null
+ex=$(since "$t" | cut -d' ' -f1)
+"$bin" launch --probe "$probe" --exit-after-probe "$work/vm-extracted" | tee "$work/baseline.out"
+resume=$(awk '/first response/ { print $1; exit }' "$work/baseline.out")
+baseline=$(awk -v a="$dl" -v b="$ex" -v c="$resume" 'BEGIN { printf "%.2f", a + b + c }')
 kill "$serve_pid"
 echo "recorded $(grep -vc '^#' "$work/app.trace") first accesses in $work/app.trace"
 
@@ -81,3 +114,8 @@ awk -v c="$custom" -v o="$ovl" 'BEGIN {
   printf "custom VM: %.0f MiB of disk and memory; overlay: %.1f MiB (%.2f%% of the VM)\n", c/1048576, o/1048576, 100*o/c
   printf "extracted VM is byte-identical to the customized one\n" }'
 echo "mount ready in $ready on 38 Mbit/s; the whole overlay takes $(awk -v o="$ovl" 'BEGIN { printf "%.1f s", o * 8 / 38e6 }') on that link"
+echo
+echo "VM on stock QEMU, 38 Mbit/s, 20 ms RTT, first response from the guest:"
+printf '  early start (launch from the mount)          %6.2f s\n' "$early"
+printf '  baseline (download %s s + extract %s s + resume %s s) %6.2f s\n' "$dl" "$ex" "$resume" "$baseline"
+awk -v e="$early" -v b="$baseline" 'BEGIN { printf "  early start takes %.2f of the baseline time\n", e / b }'

@@ -77,7 +77,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 	srv := e.start("serve", "--addr", "127.0.0.1:0", "--rate", "38mbit", "--rtt", "20ms", srvDir)
 	url := strings.Fields(srv.line(t))[3] + "/app.overlay"
 	trace := filepath.Join(e.dir, "launch.trace")
-	probe := "curl -sf -m 5 http://127.0.0.1:$CLOUDLETFS_PORT/cgi-bin/app"
+	probe := "curl -sf -m 1 http://127.0.0.1:$CLOUDLETFS_PORT/cgi-bin/app"
 	out := mustRun("launch", "--accel", "tcg", "--probe", probe, "--exit-after-probe", "--trace-out", trace, url)
 	// The answer depends on memory (a counter and a checksum kept in the
 	// guest's RAM since customization) and on the custom disk.

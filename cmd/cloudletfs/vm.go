@@ -37,12 +37,14 @@ func vmCommands() []*cli.Command {
 		{
 			Name:      "launch",
 			Usage:     "mount an overlay and resume its VM in stock QEMU straight from the mount",
-			UsageText: "cloudletfs launch [--base ID|NAME] [--accel auto|kvm|tcg] [--trace-out FILE] [--probe COMMAND] OVERLAY [-- EXTRA QEMU ARGS]",
+			UsageText: "cloudletfs launch [--base ID|NAME] [--accel auto|kvm|tcg] [--trace-out FILE] [--probe COMMAND] OVERLAY|DIR [-- EXTRA QEMU ARGS]",
 			Description: `Mounts OVERLAY, starts QEMU on the mounted disk/image, memory/image (private
 mapping) and state, and resumes the VM as soon as the metadata has arrived. Prints a
 timeline: metadata arrived, QEMU running, first response (--probe succeeded; it is run
 again until it does, with CLOUDLETFS_PORT set to the host port forwarded to the guest),
-overlay complete. Runs until the VM exits or Ctrl-C, then stops QEMU and unmounts.`,
+overlay complete. Runs until the VM exits or Ctrl-C, then stops QEMU and unmounts.
+Given a DIR written by 'overlay extract' instead, it resumes from those local files:
+the full-synthesis baseline.`,
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "base", Usage: "base VM, by ID or NAME (default: the overlay's own base ID)"},
 				accelFlag, qemuFlag,
@@ -398,36 +400,52 @@ func launchCmd(c *cli.Context) error {
 	}
 	ref := c.Args().First()
 	w := c.App.Writer
-	mnt, err := os.MkdirTemp("", "cloudletfs-launch-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(mnt)
 	start := time.Now()
 	mark := func(what string) {
 		fmt.Fprintf(w, "%8.3f s  %s\n", time.Since(start).Seconds(), what)
 	}
-	s, err := openSession(c, ref, mnt, c.Duration("fetch-timeout"))
-	if err != nil {
-		return err
-	}
-	defer s.finish()
-	defer s.unmount()
-	mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.o.Header.TotalLen())), len(s.o.Manifest.Segments)))
-
-	if s.o.VMConfig == nil {
-		return fmt.Errorf("overlay %s carries no vm.json: build it with `overlay capture`, or pass --vm-config to `overlay create`", ref)
-	}
-	cfg, err := qemu.LoadConfig(s.o.VMConfig)
-	if err != nil {
-		return err
-	}
-	baseCfg, baseDir, err := baseConfig(s.base)
-	if err != nil {
-		return err
-	}
-	if a, b := mustJSON(cfg), mustJSON(baseCfg); a != b {
-		return fmt.Errorf("the overlay's vm.json does not match base %s's QEMU configuration:\n overlay: %s\n base:    %s", s.base.Name, a, b)
+	// The VM's files: from a mount of the overlay, or, for the full
+	// synthesis baseline, from a directory `overlay extract` wrote.
+	var memory, disk, state, baseDir string
+	var cfg *qemu.Config
+	var s *session
+	if st, err := os.Stat(ref); err == nil && st.IsDir() {
+		memory, disk, state = filepath.Join(ref, overlay.MemoryFile), filepath.Join(ref, overlay.DiskFile), filepath.Join(ref, overlay.StateFile)
+		raw, err := os.ReadFile(filepath.Join(ref, overlay.VMConfigFile))
+		if err != nil {
+			return fmt.Errorf("%s: not an extracted VM: %w", ref, err)
+		}
+		if cfg, err = qemu.LoadConfig(raw); err != nil {
+			return err
+		}
+		mark("local files of an extracted VM")
+	} else {
+		mnt, err := os.MkdirTemp("", "cloudletfs-launch-")
+		if err != nil {
+			return err
+		}
+		defer os.Remove(mnt)
+		if s, err = openSession(c, ref, mnt, c.Duration("fetch-timeout")); err != nil {
+			return err
+		}
+		defer s.finish()
+		defer s.unmount()
+		mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.o.Header.TotalLen())), len(s.o.Manifest.Segments)))
+		if s.o.VMConfig == nil {
+			return fmt.Errorf("overlay %s carries no vm.json: build it with `overlay capture`, or pass --vm-config to `overlay create`", ref)
+		}
+		if cfg, err = qemu.LoadConfig(s.o.VMConfig); err != nil {
+			return err
+		}
+		baseCfg, dir, err := baseConfig(s.base)
+		if err != nil {
+			return err
+		}
+		if a, b := mustJSON(cfg), mustJSON(baseCfg); a != b {
+			return fmt.Errorf("the overlay's vm.json does not match base %s's QEMU configuration:\n overlay: %s\n base:    %s", s.base.Name, a, b)
+		}
+		baseDir = dir
+		memory, disk, state = filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image"), filepath.Join(mnt, "state")
 	}
 	cfg.Extra = append(cfg.Extra, c.Args().Tail()...)
 	port, err := freePort()
@@ -436,14 +454,14 @@ func launchCmd(c *cli.Context) error {
 	}
 	qmp := filepath.Join(os.TempDir(), fmt.Sprintf("cloudletfs-qmp-%d.sock", os.Getpid()))
 	defer os.Remove(qmp)
-	args := cfg.Args(qemu.Run{Accel: accel, Memory: filepath.Join(mnt, "memory", "image"), Share: false,
-		Disk: filepath.Join(mnt, "disk", "image"), QMP: qmp, Incoming: true, HostPort: port, Dir: baseDir})
+	args := cfg.Args(qemu.Run{Accel: accel, Memory: memory, Share: false,
+		Disk: disk, QMP: qmp, Incoming: true, HostPort: port, Dir: baseDir})
 	vm, err := qemu.Start(c.Context, bin, args, qmp, consoleOut(c))
 	if err != nil {
 		return err
 	}
 	defer vm.Quit(context.Background())
-	if err := vm.Resume(c.Context, filepath.Join(mnt, "state")); err != nil {
+	if err := vm.Resume(c.Context, state); err != nil {
 		return err
 	}
 	mark(fmt.Sprintf("QEMU running (%s; guest port %d on 127.0.0.1:%d)", accel, cfg.GuestPort, port))
@@ -454,7 +472,10 @@ func launchCmd(c *cli.Context) error {
 	} else {
 		close(probed)
 	}
-	complete := s.f.Complete()
+	var complete <-chan struct{} // nil, never ready, without a mount
+	if s != nil {
+		complete = s.f.Complete()
+	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sigs)
@@ -482,7 +503,7 @@ func launchCmd(c *cli.Context) error {
 			vm.Quit(context.Background())
 			return writeLaunchTrace(c, s)
 		}
-		if c.Bool("exit-after-probe") && probeDone && complete == nil {
+		if c.Bool("exit-after-probe") && probeDone && (s == nil || complete == nil) {
 			vm.Quit(context.Background())
 			mark("stopped the VM")
 			return writeLaunchTrace(c, s)
@@ -491,7 +512,7 @@ func launchCmd(c *cli.Context) error {
 }
 
 func writeLaunchTrace(c *cli.Context, s *session) error {
-	if out := c.Path("trace-out"); out != "" {
+	if out := c.Path("trace-out"); out != "" && s != nil {
 		if err := writeTrace(out, s.m.Trace()); err != nil {
 			return fmt.Errorf("--trace-out: %w", err)
 		}
