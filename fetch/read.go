@@ -123,7 +123,7 @@ func (f *Fetcher) readBase(r overlay.Ref, skip int64, dst []byte) error {
 	return nil
 }
 
-// WriteChunk stores a whole new version of a chunk, durably.
+// WriteChunk stores a whole new version of a chunk; Sync makes it durable.
 func (f *Fetcher) WriteChunk(id overlay.ChunkID, data []byte) error {
 	if err := f.cache.PutCow(id, data); err != nil {
 		return err

@@ -176,12 +176,15 @@ func (s *Store) put(b *Base, idx *overlay.Index) error {
 	if err := wb.Flush(); err != nil {
 		return err
 	}
-	return s.db.Update(func(txn *badger.Txn) error {
+	if err := s.db.Update(func(txn *badger.Txn) error {
 		if err := txn.Set([]byte("basename/"+b.Name), []byte(id)); err != nil {
 			return err
 		}
 		return txn.Set([]byte("base/"+id), rec)
-	})
+	}); err != nil {
+		return err
+	}
+	return s.db.Sync()
 }
 
 func idxKey(id string, img overlay.Image, blk int) []byte {
@@ -284,7 +287,10 @@ func (s *Store) Remove(b *Base) error {
 	}); err != nil {
 		return err
 	}
-	return s.db.DropPrefix([]byte("baseidx/" + id + "/"))
+	if err := s.db.DropPrefix([]byte("baseidx/" + id + "/")); err != nil {
+		return err
+	}
+	return s.db.Sync()
 }
 
 // Index loads a base's chunk index.

@@ -103,6 +103,8 @@ func (c *Cache) WriteSegment(seg int, chunks []ChunkData) error {
 			}
 		}
 	}
+	// The marker is not synced: if a crash loses it, the segment is fetched
+	// again.
 	return c.db.Update(func(txn *badger.Txn) error { return txn.Set(c.segKey(seg), nil) })
 }
 
@@ -154,11 +156,19 @@ func (c *Cache) Cow(id overlay.ChunkID, dst []byte) (bool, error) {
 }
 
 // PutCow stores a whole chunk written through the mount. It is durable
-// when PutCow returns.
+// after the next Sync.
 func (c *Cache) PutCow(id overlay.ChunkID, data []byte) error {
 	return c.db.Update(func(txn *badger.Txn) error {
 		return txn.Set(c.key("cow/", id.Image, id.Index), data)
 	})
+}
+
+// DropWritten forgets every chunk written through mounts of this overlay.
+func (c *Cache) DropWritten() error {
+	if err := c.db.DropPrefix(append([]byte("cow/"), c.id[:]...)); err != nil {
+		return err
+	}
+	return c.db.Sync()
 }
 
 // CowChunks lists the chunks that have been written.

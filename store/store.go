@@ -38,11 +38,12 @@ func Open(dir string, log zerolog.Logger) (*Store, error) {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	// Sized for a registry and its indexes, not for a database server:
-	// small memtables and caches, and every write synced so that a crash
-	// loses nothing that was reported done.
+	// small memtables and caches. Writes are not synced one by one; every
+	// operation that reports something done calls Sync first (an import, a
+	// removal, an fsync through the mount).
 	opts := badger.DefaultOptions(filepath.Join(dir, "db")).
 		WithLogger(badgerLog{log}).
-		WithSyncWrites(true).
+		WithSyncWrites(false).
 		WithMemTableSize(16 << 20).
 		WithNumMemtables(2).
 		WithBlockCacheSize(16 << 20).

@@ -182,12 +182,13 @@ type session struct {
 	m     *cfs.Mount
 	o     *overlay.Overlay
 	base  *store.Base
+	cache *store.Cache
 	close []func()
 }
 
-// openSession fetches an overlay's metadata, checks its base, and mounts it
-// at dir. Everything it opens is released by finish.
-func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*session, error) {
+// openSession fetches an overlay's metadata, checks its base in st, and
+// mounts it at dir. Everything it opens is released by finish.
+func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.Duration) (*session, error) {
 	s := &session{start: time.Now()}
 	ok := false
 	defer func() {
@@ -215,11 +216,6 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 		return nil, err
 	}
 	s.o = o
-	st, err := openStore(c)
-	if err != nil {
-		return nil, err
-	}
-	s.close = append(s.close, func() { st.Close() })
 	if s.base, err = resolveBase(st, c.String("base"), o, ref); err != nil {
 		return nil, err
 	}
@@ -232,6 +228,7 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 	if err != nil {
 		return nil, err
 	}
+	s.cache = cache
 	s.close = append(s.close, func() { cache.Close() })
 	if s.f, err = fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: log}); err != nil {
 		return nil, fmt.Errorf("overlay %s: %w", ref, err)
@@ -268,14 +265,19 @@ func mountCmd(c *cli.Context) error {
 	}
 	log := logger(c)
 	ref := c.Args().Get(0)
-	s, err := openSession(c, ref, c.Args().Get(1), c.Duration("fetch-timeout"))
+	st, err := openStore(c)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	s, err := openSession(c, st, ref, c.Args().Get(1), c.Duration("fetch-timeout"))
 	if err != nil {
 		return err
 	}
 	defer s.finish()
-	st := s.f.Stats()
+	stats := s.f.Stats()
 	fmt.Fprintf(c.App.Writer, "ready in %s: %s mounted on %s (%d of %d segments present)\n",
-		time.Since(s.start).Round(time.Millisecond), ref, s.dir, st.SegmentsPresent, st.Segments)
+		time.Since(s.start).Round(time.Millisecond), ref, s.dir, stats.SegmentsPresent, stats.Segments)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)

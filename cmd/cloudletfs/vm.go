@@ -22,6 +22,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 
+	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
 	"github.com/cloudletfs/cloudletfs/store"
@@ -100,13 +101,14 @@ func overlayCaptureCommand() *cli.Command {
 		Description: `Resumes the base copy-on-write (the base's files are not touched). Without --script
 the serial console is attached to the terminal; end with Ctrl-D. With --script, its
 lines are typed into the console and the capture waits for --ready. Then it saves the
-VM and writes the overlay with the engine of 'overlay create'.`,
+VM and writes the overlay with the engine of 'overlay create'. The chunks the VM
+touched while it ran stream first, in order of first access.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "base", Required: true, Usage: "base VM, by ID or NAME"},
 			&cli.PathFlag{Name: "script", Usage: "lines to type into the serial console"},
 			&cli.StringFlag{Name: "ready", Usage: "capture once a console line matches this regular expression"},
 			&cli.DurationFlag{Name: "ready-timeout", Value: 5 * time.Minute, Usage: "give up waiting for --ready after this long"},
-			&cli.PathFlag{Name: "trace-out", Usage: "also write the customized VM's files' order trace (reserved; the default order is memory then disk)", Hidden: true},
+			&cli.PathFlag{Name: "trace-out", Usage: "write the accesses seen while the VM ran, the overlay's stream order, to FILE"},
 			&cli.PathFlag{Name: "output", Aliases: []string{"o"}, Required: true, Usage: "overlay file to write"},
 			&cli.StringFlag{Name: "codec", Value: "xz", Usage: "segment codec: xz or zstd"},
 			accelFlag, qemuFlag, jobsFlag,
@@ -295,8 +297,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err := rec.CheckFiles(); err != nil {
 		return err
 	}
-	cfg, _, err := baseConfig(rec)
-	if err != nil {
+	if _, _, err := baseConfig(rec); err != nil {
 		return err
 	}
 	work, err := os.MkdirTemp(st.Dir(), "capture-*")
@@ -304,14 +305,53 @@ func overlayCaptureCmd(c *cli.Context) error {
 		return err
 	}
 	defer os.RemoveAll(work)
-	disk, mem, state := filepath.Join(work, "disk.img"), filepath.Join(work, "memory.img"), filepath.Join(work, "state")
-	for src, dst := range map[string]string{rec.Disk.Path: disk, rec.Memory.Path: mem} {
-		if err := copyFile(src, dst); err != nil {
-			return err
-		}
+
+	// Run the base from a mount of an overlay that changes nothing: reads
+	// come from the base and are recorded, writes land copy-on-write in the
+	// store, and the base's files are never touched.
+	base, closeBase, err := st.Open(rec)
+	if err != nil {
+		return err
 	}
+	defer closeBase()
+	ident := filepath.Join(work, "base.overlay")
+	identSum, err := buildFromFiles(ident, base, rec.Disk.Path, rec.Memory.Path, rec.State.Path, rec.VMConfig.Path,
+		overlay.BuildOptions{Codec: overlay.CodecZstd, Workers: c.Int("jobs")})
+	if err != nil {
+		return err
+	}
+	// Start from the base as it is, whatever an earlier capture wrote.
+	sizes := [2]int64{rec.Disk.Size, rec.Memory.Size}
+	cache, err := st.OpenCache(identSum.ID, rec.ChunkSize, sizes)
+	if err != nil {
+		return err
+	}
+	err = cache.DropWritten()
+	cache.Close()
+	if err != nil {
+		return err
+	}
+	mnt := filepath.Join(work, "mnt")
+	if err := os.Mkdir(mnt, 0o700); err != nil {
+		return err
+	}
+	s, err := openSession(c, st, ident, mnt, time.Minute)
+	if err != nil {
+		return err
+	}
+	defer s.finish()
+	defer func() {
+		s.unmount()
+		s.cache.DropWritten()
+	}()
+	cfg, err := qemu.LoadConfig(s.o.VMConfig)
+	if err != nil {
+		return err
+	}
+
+	memPath, diskPath := filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image")
 	qmp := filepath.Join(work, "qmp.sock")
-	args := cfg.Args(qemu.Run{Accel: accel, Memory: mem, Share: true, Disk: disk, QMP: qmp, Incoming: true})
+	args := cfg.Args(qemu.Run{Accel: accel, Memory: memPath, Share: true, Disk: diskPath, QMP: qmp, Incoming: true})
 	vm, err := qemu.Start(c.Context, bin, args, qmp, consoleOut(c))
 	if err != nil {
 		return err
@@ -332,44 +372,100 @@ func overlayCaptureCmd(c *cli.Context) error {
 		}
 	} else {
 		fmt.Fprintln(c.App.ErrWriter, "the VM's console is attached; customize it, then press Ctrl-D to capture")
-		go io.Copy(c.App.ErrWriter, strings.NewReader(vm.Tail(20)))
 		if _, err := io.Copy(vmWriter{vm}, os.Stdin); err != nil {
 			return err
 		}
 	}
+	state := filepath.Join(work, "state")
 	if err := vm.Save(c.Context, state); err != nil {
 		return err
 	}
 	vm.Quit(c.Context)
-
-	base, closeBase, err := st.Open(rec)
-	if err != nil {
-		return err
-	}
-	defer closeBase()
-	in := &overlay.Input{}
-	for img, p := range [2]string{disk, mem} {
-		f, size, err := openImage(overlay.Image(img).String(), p)
-		if err != nil {
-			return err
+	// The guest's RAM was a shared mapping of memory/image: push its dirty
+	// pages through the mount before reading the image back.
+	for _, p := range []string{memPath, diskPath} {
+		if err := syncFile(p); err != nil {
+			return fmt.Errorf("capture: %w", err)
 		}
-		defer f.Close()
-		in.Images[img], in.Sizes[img] = f, size
+	}
+
+	trace := s.m.Trace()
+	if p := c.Path("trace-out"); p != "" {
+		if err := writeTrace(p, trace); err != nil {
+			return fmt.Errorf("--trace-out: %w", err)
+		}
+	}
+	in := &overlay.Input{
+		Images: [2]io.ReaderAt{mountReader{s, overlay.Disk}, mountReader{s, overlay.Memory}},
+		Sizes:  [2]int64{s.o.Header.ImageSize(overlay.Disk), s.o.Header.ImageSize(overlay.Memory)},
 	}
 	if in.State, err = os.ReadFile(state); err != nil {
 		return err
 	}
-	if in.VMConfig, err = os.ReadFile(rec.VMConfig.Path); err != nil {
-		return err
-	}
+	in.VMConfig = s.o.VMConfig
 	out := c.Path("output")
 	start := time.Now()
-	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{Codec: codec, Workers: c.Int("jobs")})
+	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{Codec: codec, Workers: c.Int("jobs"), Order: order.FirstAccess(trace)})
 	if err != nil {
 		return fmt.Errorf("overlay %s: %w", out, err)
 	}
 	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
+	fmt.Fprintf(c.App.Writer, "stream order: the %d chunks the VM touched while it ran come first\n", len(trace))
 	return nil
+}
+
+// mountReader reads one image of a mounted overlay in-process.
+type mountReader struct {
+	s   *session
+	img overlay.Image
+}
+
+func (r mountReader) ReadAt(p []byte, off int64) (int, error) {
+	size := r.s.o.Header.ImageSize(r.img)
+	if off >= size {
+		return 0, io.EOF
+	}
+	n := min(int64(len(p)), size-off)
+	if err := r.s.f.ReadAt(context.Background(), r.img, p[:n], off); err != nil {
+		return 0, err
+	}
+	if n < int64(len(p)) {
+		return int(n), io.EOF
+	}
+	return int(n), nil
+}
+
+// syncFile fsyncs a file.
+func syncFile(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+// buildFromFiles builds an overlay of the VM in the given files.
+func buildFromFiles(out string, base *overlay.Base, disk, memory, state, vmConfig string, opt overlay.BuildOptions) (*overlay.Summary, error) {
+	in := &overlay.Input{}
+	for img, p := range [2]string{disk, memory} {
+		f, size, err := openImage(overlay.Image(img).String(), p)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		in.Images[img], in.Sizes[img] = f, size
+	}
+	var err error
+	if in.State, err = readSmall("state", state, overlay.MaxStateSize); err != nil {
+		return nil, err
+	}
+	if vmConfig != "" {
+		if in.VMConfig, err = readSmall("vm-config", vmConfig, overlay.MaxVMConfigSize); err != nil {
+			return nil, err
+		}
+	}
+	return overlay.Build(out, base, in, opt)
 }
 
 type vmWriter struct{ vm *qemu.VM }
@@ -425,7 +521,12 @@ func launchCmd(c *cli.Context) error {
 			return err
 		}
 		defer os.Remove(mnt)
-		if s, err = openSession(c, ref, mnt, c.Duration("fetch-timeout")); err != nil {
+		st, err := openStore(c)
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		if s, err = openSession(c, st, ref, mnt, c.Duration("fetch-timeout")); err != nil {
 			return err
 		}
 		defer s.finish()
