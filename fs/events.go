@@ -64,6 +64,7 @@ type recorder struct {
 	seen     [2][]bool
 	modified [2][]bool
 	trace    []order.Access
+	marks    []order.Mark
 
 	accessed, fetched, modifiedLog, io eventLog
 }
@@ -86,16 +87,15 @@ func (r *recorder) since() float64 {
 }
 
 // touch records accesses to chunks first..last of img by op ("read" or
-// "write").
-func (r *recorder) touch(img overlay.Image, op string, off int64, n int, first, last uint32) {
-	t := r.since()
+// "write"), which started at t (seconds since ready) and took wait seconds.
+func (r *recorder) touch(img overlay.Image, op string, off int64, n int, first, last uint32, t, wait float64) {
 	r.io.add(fmt.Sprintf("%.6f %s %s %d %d\n", t, op, img, off, n))
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for i := first; i <= last; i++ {
 		if !r.seen[img][i] {
 			r.seen[img][i] = true
-			r.trace = append(r.trace, order.Access{Time: t, Chunk: overlay.ChunkID{Image: img, Index: i}})
+			r.trace = append(r.trace, order.Access{Time: t, Chunk: overlay.ChunkID{Image: img, Index: i}, Bytes: n, Wait: wait})
 			r.accessed.add(fmt.Sprintf("%.6f %s %d\n", t, img, i))
 		}
 		if op == "write" && !r.modified[img][i] {
@@ -117,9 +117,18 @@ func (r *recorder) arrived(seg int, ids []overlay.ChunkID, demand bool) {
 	}
 }
 
-// Trace returns the first access of every chunk touched so far.
-func (r *recorder) Trace() []order.Access {
+// mark records a named moment.
+func (r *recorder) mark(name string) {
+	t := r.since()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]order.Access(nil), r.trace...)
+	r.marks = append(r.marks, order.Mark{Time: t, Name: name})
+}
+
+// Trace returns the first access of every chunk touched so far, and the
+// marks.
+func (r *recorder) Trace() *order.Trace {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return &order.Trace{Accesses: append([]order.Access(nil), r.trace...), Marks: append([]order.Mark(nil), r.marks...)}
 }

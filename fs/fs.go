@@ -75,8 +75,12 @@ func (m *Mount) Unmount() error { return m.server.Unmount() }
 // outside (`cloudletfs umount`, fusermount -u).
 func (m *Mount) Wait() { m.server.Wait() }
 
-// Trace returns the first access of every chunk so far, timed from ready.
-func (m *Mount) Trace() []order.Access { return m.rec.Trace() }
+// Trace returns the first access of every chunk so far, timed from ready,
+// and the marks.
+func (m *Mount) Trace() *order.Trace { return m.rec.Trace() }
+
+// Mark records a named moment, such as a probe's first success, in the trace.
+func (m *Mount) Mark(name string) { m.rec.mark(name) }
 
 // Stats returns what the stats file shows.
 func (m *Mount) Stats() fetch.Stats { return m.f.Stats() }
@@ -160,12 +164,14 @@ func (n *imageNode) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte,
 		return fuse.ReadResultData(nil), 0
 	}
 	end := min(off+int64(len(dest)), n.size)
+	t := n.m.rec.since()
+	start := time.Now()
 	if err := n.m.f.ReadAt(ctx, n.img, dest[:end-off], off); err != nil {
 		n.m.log.Error().Err(err).Str("image", n.img.String()).Int64("offset", off).Int("length", len(dest)).Msg("read failed: EIO")
 		return nil, syscall.EIO
 	}
 	cs := int64(n.m.f.Overlay().Header.ChunkSize)
-	n.m.rec.touch(n.img, "read", off, int(end-off), uint32(off/cs), uint32((end-1)/cs))
+	n.m.rec.touch(n.img, "read", off, int(end-off), uint32(off/cs), uint32((end-1)/cs), t, time.Since(start).Seconds())
 	return fuse.ReadResultData(dest[:end-off]), 0
 }
 
@@ -201,7 +207,7 @@ func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte
 		}
 		pos += int64(m)
 	}
-	n.m.rec.touch(n.img, "write", off, int(end-off), uint32(off/cs), uint32((end-1)/cs))
+	n.m.rec.touch(n.img, "write", off, int(end-off), uint32(off/cs), uint32((end-1)/cs), n.m.rec.since(), 0)
 	return uint32(end - off), 0
 }
 

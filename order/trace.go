@@ -19,10 +19,38 @@ import (
 )
 
 // Access is one line of a trace: a chunk touched at a time measured in
-// seconds since the VM resumed.
+// seconds since the mount was ready, with the size of the read that touched
+// it and how long that read took (both zero when the trace does not say).
 type Access struct {
 	Time  float64
 	Chunk overlay.ChunkID
+	Bytes int
+	Wait  float64
+}
+
+// Mark is a named moment of a run, such as the probe's first success.
+type Mark struct {
+	Time float64
+	Name string
+}
+
+// Trace is a parsed trace file.
+type Trace struct {
+	Accesses []Access
+	Marks    []Mark
+}
+
+// FirstResponse is the mark that `launch --probe` records.
+const FirstResponse = "first-response"
+
+// Mark returns the time of the first mark named name.
+func (t *Trace) Mark(name string) (float64, bool) {
+	for _, m := range t.Marks {
+		if m.Name == name {
+			return m.Time, true
+		}
+	}
+	return 0, false
 }
 
 // ErrEmpty is returned for a trace with no accesses.
@@ -32,10 +60,11 @@ var ErrEmpty = errors.New("trace has no accesses")
 const maxLine = 4096
 
 // Parse reads a trace: one access a line, "<seconds> <disk|memory> <chunk
-// index>", with blank lines and lines starting with '#' ignored. Errors name
-// the line.
-func Parse(r io.Reader) ([]Access, error) {
-	var out []Access
+// index>", optionally followed by "<bytes read> <seconds the read took>";
+// or a mark, "<seconds> mark <name>". Blank lines and lines starting with '#'
+// are ignored. Errors name the line.
+func Parse(r io.Reader) (*Trace, error) {
+	t := &Trace{}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 256), maxLine)
 	line := 0
@@ -46,12 +75,16 @@ func Parse(r io.Reader) ([]Access, error) {
 			continue
 		}
 		f := strings.Fields(text)
-		if len(f) != 3 {
-			return nil, fmt.Errorf("line %d: want \"<seconds> <disk|memory> <chunk index>\", got %q", line, text)
+		if len(f) != 3 && len(f) != 5 {
+			return nil, fmt.Errorf("line %d: want \"<seconds> <disk|memory> <chunk index> [<bytes> <wait>]\" or \"<seconds> mark <name>\", got %q", line, text)
 		}
-		t, err := strconv.ParseFloat(f[0], 64)
-		if err != nil || t < 0 || math.IsInf(t, 0) || math.IsNaN(t) {
+		tm, err := strconv.ParseFloat(f[0], 64)
+		if err != nil || tm < 0 || math.IsInf(tm, 0) || math.IsNaN(tm) {
 			return nil, fmt.Errorf("line %d: time %q is not a number of seconds >= 0", line, f[0])
+		}
+		if f[1] == "mark" && len(f) == 3 {
+			t.Marks = append(t.Marks, Mark{Time: tm, Name: f[2]})
+			continue
 		}
 		img, err := overlay.ParseImage(f[1])
 		if err != nil {
@@ -61,7 +94,16 @@ func Parse(r io.Reader) ([]Access, error) {
 		if err != nil {
 			return nil, fmt.Errorf("line %d: chunk index %q is not a whole number below 2^32", line, f[2])
 		}
-		out = append(out, Access{Time: t, Chunk: overlay.ChunkID{Image: img, Index: uint32(idx)}})
+		a := Access{Time: tm, Chunk: overlay.ChunkID{Image: img, Index: uint32(idx)}}
+		if len(f) == 5 {
+			n, err1 := strconv.ParseUint(f[3], 10, 31)
+			w, err2 := strconv.ParseFloat(f[4], 64)
+			if err1 != nil || err2 != nil || w < 0 || math.IsInf(w, 0) || math.IsNaN(w) {
+				return nil, fmt.Errorf("line %d: read size %q and wait %q must be numbers >= 0", line, f[3], f[4])
+			}
+			a.Bytes, a.Wait = int(n), w
+		}
+		t.Accesses = append(t.Accesses, a)
 	}
 	if err := sc.Err(); err != nil {
 		if errors.Is(err, bufio.ErrTooLong) {
@@ -69,24 +111,24 @@ func Parse(r io.Reader) ([]Access, error) {
 		}
 		return nil, err
 	}
-	if len(out) == 0 {
+	if len(t.Accesses) == 0 {
 		return nil, ErrEmpty
 	}
-	return out, nil
+	return t, nil
 }
 
 // ParseFile reads the trace in path; errors name the file.
-func ParseFile(path string) ([]Access, error) {
+func ParseFile(path string) (*Trace, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("trace %s: %w", path, err)
 	}
 	defer f.Close()
-	acc, err := Parse(f)
+	t, err := Parse(f)
 	if err != nil {
 		return nil, fmt.Errorf("trace %s: %w", path, err)
 	}
-	return acc, nil
+	return t, nil
 }
 
 // Check reports the first access that names a chunk beyond its image, given
@@ -116,11 +158,18 @@ func FirstAccess(acc []Access) []overlay.ChunkID {
 	return out
 }
 
-// Write writes accesses in the trace format.
-func Write(w io.Writer, acc []Access) error {
+// Write writes a trace in the trace format, marks first.
+func Write(w io.Writer, t *Trace) error {
 	bw := bufio.NewWriter(w)
-	for _, a := range acc {
-		fmt.Fprintf(bw, "%.6f %s %d\n", a.Time, a.Chunk.Image, a.Chunk.Index)
+	for _, m := range t.Marks {
+		fmt.Fprintf(bw, "%.6f mark %s\n", m.Time, m.Name)
+	}
+	for _, a := range t.Accesses {
+		if a.Bytes > 0 || a.Wait > 0 {
+			fmt.Fprintf(bw, "%.6f %s %d %d %.6f\n", a.Time, a.Chunk.Image, a.Chunk.Index, a.Bytes, a.Wait)
+		} else {
+			fmt.Fprintf(bw, "%.6f %s %d\n", a.Time, a.Chunk.Image, a.Chunk.Index)
+		}
 	}
 	return bw.Flush()
 }

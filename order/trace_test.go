@@ -10,10 +10,17 @@ import (
 )
 
 func TestParse(t *testing.T) {
-	in := "# resumed\n0.000 memory 5\n0.010 disk 2\n\n0.005 memory 7\n0.020 memory 5\n"
-	acc, err := Parse(strings.NewReader(in))
+	in := "# resumed\n0.000 memory 5\n0.010 disk 2 131072 0.002\n\n0.005 memory 7\n0.020 memory 5\n0.5 mark first-response\n"
+	tr, err := Parse(strings.NewReader(in))
 	if err != nil {
 		t.Fatal(err)
+	}
+	acc := tr.Accesses
+	if m, ok := tr.Mark(FirstResponse); !ok || m != 0.5 {
+		t.Fatalf("mark: %v %v", m, ok)
+	}
+	if acc[1].Bytes != 131072 || acc[1].Wait != 0.002 {
+		t.Fatalf("read size and wait: %+v", acc[1])
 	}
 	if len(acc) != 4 {
 		t.Fatalf("got %d accesses, want 4", len(acc))
@@ -35,12 +42,12 @@ func TestParse(t *testing.T) {
 		t.Fatalf("chunk beyond the image: got %v", err)
 	}
 	var buf bytes.Buffer
-	if err := Write(&buf, acc); err != nil {
+	if err := Write(&buf, tr); err != nil {
 		t.Fatal(err)
 	}
 	back, err := Parse(&buf)
-	if err != nil || len(back) != len(acc) {
-		t.Fatalf("round trip: %v, %d accesses", err, len(back))
+	if err != nil || len(back.Accesses) != len(acc) || len(back.Marks) != 1 || back.Accesses[1] != acc[1] {
+		t.Fatalf("round trip: %v, %+v", err, back)
 	}
 }
 
@@ -55,6 +62,9 @@ func TestParseErrors(t *testing.T) {
 		"0 disk -1\n":          "chunk index",
 		"0 disk 99999999999\n": "chunk index",
 		"0 disk 1\n0 disk\n":   "line 2",
+		"0 disk 1 5\n":         "line 1",
+		"0 disk 1 x 0.1\n":     "read size",
+		"0 mark\n":             "line 1",
 	} {
 		_, err := Parse(strings.NewReader(in))
 		if err == nil || !strings.Contains(err.Error(), want) {
@@ -71,22 +81,23 @@ func FuzzParse(f *testing.F) {
 	f.Add("# c\n\n1e3 disk 4294967295\n")
 	f.Add("0 disk 1\n0 disk\n")
 	f.Fuzz(func(t *testing.T, in string) {
-		acc, err := Parse(strings.NewReader(in))
+		tr, err := Parse(strings.NewReader(in))
 		if err != nil {
 			return
 		}
+		acc := tr.Accesses
 		// What parses must survive a round trip through Write.
 		var buf bytes.Buffer
-		if err := Write(&buf, acc); err != nil {
+		if err := Write(&buf, tr); err != nil {
 			t.Fatal(err)
 		}
 		back, err := Parse(&buf)
-		if err != nil || len(back) != len(acc) {
+		if err != nil || len(back.Accesses) != len(acc) {
 			t.Fatalf("round trip of %q: %v", in, err)
 		}
 		for i := range acc {
-			if back[i].Chunk != acc[i].Chunk {
-				t.Fatalf("round trip changed %v to %v", acc[i], back[i])
+			if back.Accesses[i].Chunk != acc[i].Chunk {
+				t.Fatalf("round trip changed %v to %v", acc[i], back.Accesses[i])
 			}
 		}
 		FirstAccess(acc)

@@ -315,14 +315,14 @@ func resolveBase(st *store.Store, ref string, o *overlay.Overlay, src string) (*
 }
 
 // writeTrace writes a trace atomically.
-func writeTrace(path string, acc []order.Access) error {
+func writeTrace(path string, t *order.Trace) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return err
 	}
 	defer os.Remove(tmp.Name())
-	fmt.Fprintf(tmp, "# cloudletfs trace: <seconds since ready> <disk|memory> <chunk index>\n")
-	if err := order.Write(tmp, acc); err != nil {
+	fmt.Fprintf(tmp, "# cloudletfs trace: <seconds since ready> <disk|memory> <chunk index> <bytes read> <seconds the read took>\n")
+	if err := order.Write(tmp, t); err != nil {
 		tmp.Close()
 		return err
 	}

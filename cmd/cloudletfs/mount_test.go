@@ -205,7 +205,7 @@ func TestMountCommand(t *testing.T) {
 		t.Fatalf("mount exited with %v after umount; stderr:\n%s", err, m.stderr)
 	}
 	acc, err := order.ParseFile(trace)
-	if err != nil || len(acc) == 0 {
+	if err != nil || len(acc.Accesses) == 0 {
 		t.Fatalf("--trace-out: %v", err)
 	}
 

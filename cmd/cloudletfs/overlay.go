@@ -165,14 +165,14 @@ func overlayCreate(c *cli.Context) error {
 	}
 	var seq []overlay.ChunkID
 	for _, path := range c.StringSlice("order") {
-		acc, err := order.ParseFile(path)
+		tr, err := order.ParseFile(path)
 		if err != nil {
 			return err
 		}
-		if err := order.Check(acc, chunks); err != nil {
+		if err := order.Check(tr.Accesses, chunks); err != nil {
 			return fmt.Errorf("trace %s: %w", path, err)
 		}
-		seq = append(seq, order.FirstAccess(acc)...)
+		seq = append(seq, order.FirstAccess(tr.Accesses)...)
 	}
 
 	p := newProgress(c.App.ErrWriter)

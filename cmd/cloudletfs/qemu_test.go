@@ -90,8 +90,8 @@ func TestQEMUEndToEnd(t *testing.T) {
 	if !re.MatchString(out) {
 		t.Fatalf("no first response from the guest:\n%s", out)
 	}
-	if b, err := os.ReadFile(trace); err != nil || !strings.Contains(string(b), " memory ") {
-		t.Fatalf("launch trace: %v", err)
+	if b, err := os.ReadFile(trace); err != nil || !strings.Contains(string(b), " memory ") || !strings.Contains(string(b), " mark first-response") {
+		t.Fatalf("launch trace: %v\n%.300s", err, b)
 	}
 
 	t.Run("bad input stops before QEMU", func(t *testing.T) {

@@ -405,12 +405,12 @@ func overlayCaptureCmd(c *cli.Context) error {
 	in.VMConfig = s.o.VMConfig
 	out := c.Path("output")
 	start := time.Now()
-	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{Codec: codec, Workers: c.Int("jobs"), Order: order.FirstAccess(trace)})
+	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{Codec: codec, Workers: c.Int("jobs"), Order: order.FirstAccess(trace.Accesses)})
 	if err != nil {
 		return fmt.Errorf("overlay %s: %w", out, err)
 	}
 	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
-	fmt.Fprintf(c.App.Writer, "stream order: the %d chunks the VM touched while it ran come first\n", len(trace))
+	fmt.Fprintf(c.App.Writer, "stream order: the %d chunks the VM touched while it ran come first\n", len(trace.Accesses))
 	return nil
 }
 
@@ -569,7 +569,7 @@ func launchCmd(c *cli.Context) error {
 
 	probed := make(chan error, 1)
 	if p := c.String("probe"); p != "" {
-		go func() { probed <- probe(c, p, port, vm, mark) }()
+		go func() { probed <- probe(c, s, p, port, vm, mark) }()
 	} else {
 		close(probed)
 	}
@@ -623,7 +623,7 @@ func writeLaunchTrace(c *cli.Context, s *session) error {
 
 // probe runs the probe command until it succeeds, and marks the first
 // response on the timeline.
-func probe(c *cli.Context, command string, port int, vm *qemu.VM, mark func(string)) error {
+func probe(c *cli.Context, s *session, command string, port int, vm *qemu.VM, mark func(string)) error {
 	deadline := time.Now().Add(c.Duration("probe-timeout"))
 	for {
 		cmd := exec.Command("sh", "-c", command)
@@ -631,6 +631,9 @@ func probe(c *cli.Context, command string, port int, vm *qemu.VM, mark func(stri
 		out, err := cmd.Output()
 		if err == nil {
 			mark("first response: " + strings.TrimSpace(string(out)))
+			if s != nil {
+				s.m.Mark(order.FirstResponse)
+			}
 			return nil
 		}
 		if time.Now().After(deadline) {
