@@ -1,0 +1,284 @@
+package order
+
+import (
+	"fmt"
+	"math"
+	"sort"
+
+	"github.com/cloudletfs/cloudletfs/overlay"
+)
+
+// Layout is what the simulator needs of an overlay: the metadata size, the
+// segments, and which segment carries each chunk's bytes.
+type Layout struct {
+	MetadataBytes int64
+	Segments      []SegmentInfo
+	segOf         [2][]int32 // -1: zero or base, no fetch needed
+}
+
+// SegmentInfo is one segment's size on the wire and decoded.
+type SegmentInfo struct {
+	Stored, Raw int64
+	Codec       overlay.Codec
+}
+
+// LayoutOf describes an overlay as it is.
+func LayoutOf(o *overlay.Overlay) *Layout {
+	l := &Layout{MetadataBytes: o.Header.MetadataLen()}
+	for _, s := range o.Manifest.Segments {
+		l.Segments = append(l.Segments, SegmentInfo{Stored: int64(s.Stored), Raw: int64(s.Raw), Codec: s.Codec})
+	}
+	m := o.Manifest
+	for _, img := range overlay.Images {
+		l.segOf[img] = make([]int32, len(m.Refs[img]))
+		for i, r := range m.Refs[img] {
+			l.segOf[img][i] = -1
+			switch r.Kind {
+			case overlay.Data:
+				l.segOf[img][i] = int32(m.SegmentOf(int(r.Index)))
+			case overlay.Self:
+				l.segOf[img][i] = int32(m.SegmentOf(int(m.Refs[r.Image][r.Index].Index)))
+			}
+		}
+	}
+	return l
+}
+
+// Resegment predicts the layout of o reordered with first coming first and
+// cut into segments of segSize raw bytes, without compressing anything:
+// each segment's stored size is its raw size times o's compression ratio.
+func Resegment(o *overlay.Overlay, first []overlay.ChunkID, segSize int64) *Layout {
+	m, h := o.Manifest, o.Header
+	var stored, raw int64
+	for _, s := range m.Segments {
+		stored += int64(s.Stored)
+		raw += int64(s.Raw)
+	}
+	ratio := 1.0
+	if raw > 0 {
+		ratio = float64(stored) / float64(raw)
+	}
+	codec := overlay.CodecXZ
+	if len(m.Segments) > 0 {
+		codec = m.Segments[0].Codec
+	}
+	// The data chunk behind each chunk the order names, then the rest in
+	// o's order, each once.
+	target := func(c overlay.ChunkID) (overlay.ChunkID, bool) {
+		r := m.Refs[c.Image][c.Index]
+		switch r.Kind {
+		case overlay.Data:
+			return c, true
+		case overlay.Self:
+			return overlay.ChunkID{Image: r.Image, Index: r.Index}, true
+		}
+		return c, false
+	}
+	placed := map[overlay.ChunkID]int32{}
+	var seq []overlay.ChunkID
+	for _, c := range append(append([]overlay.ChunkID(nil), first...), m.Order...) {
+		if int(c.Index) >= len(m.Refs[c.Image]) {
+			continue
+		}
+		if t, ok := target(c); ok {
+			if _, done := placed[t]; !done {
+				placed[t] = -1
+				seq = append(seq, t)
+			}
+		}
+	}
+	l := &Layout{MetadataBytes: h.MetadataLen()}
+	var cur int64
+	for _, c := range seq {
+		n := h.ChunkLen(c)
+		if len(l.Segments) == 0 || cur+n > segSize && cur > 0 {
+			l.Segments = append(l.Segments, SegmentInfo{Codec: codec})
+			cur = 0
+		}
+		s := &l.Segments[len(l.Segments)-1]
+		s.Raw += n
+		cur += n
+		placed[c] = int32(len(l.Segments) - 1)
+	}
+	for i := range l.Segments {
+		l.Segments[i].Stored = int64(math.Ceil(float64(l.Segments[i].Raw) * ratio))
+	}
+	for _, img := range overlay.Images {
+		l.segOf[img] = make([]int32, len(m.Refs[img]))
+		for i := range m.Refs[img] {
+			l.segOf[img][i] = -1
+			if t, ok := target(overlay.ChunkID{Image: img, Index: uint32(i)}); ok {
+				l.segOf[img][i] = placed[t]
+			}
+		}
+	}
+	return l
+}
+
+// Policy is how segments are fetched.
+type Policy string
+
+// The policies the mount can run.
+const (
+	DemandOnly   Policy = "demand-only"
+	StreamOnly   Policy = "stream"
+	StreamDemand Policy = "stream+demand"
+)
+
+// ParsePolicy checks a policy name.
+func ParsePolicy(s string) (Policy, error) {
+	switch Policy(s) {
+	case DemandOnly, StreamOnly, StreamDemand:
+		return Policy(s), nil
+	}
+	return "", fmt.Errorf("policy %q: want demand-only, stream or stream+demand", s)
+}
+
+// Model is the link and the cloudlet: the link's rate in bytes per second,
+// its round-trip time, decode speed per codec in bytes per second, and the
+// fixed local cost of a mount (store, base index, FUSE) in seconds.
+type Model struct {
+	Rate    float64
+	RTT     float64
+	Decode  map[overlay.Codec]float64
+	Startup float64
+}
+
+// DefaultDecode is the decode speed measured on one core here
+// (docs/BENCHMARKS.md).
+var DefaultDecode = map[overlay.Codec]float64{overlay.CodecNone: 5e9, overlay.CodecXZ: 22e6, overlay.CodecZstd: 1.5e9}
+
+// Fetch is one segment transfer in a replay.
+type Fetch struct {
+	Segment    int
+	Start, End float64 // on the link
+	Ready      float64 // decoded and usable
+	Demand     bool
+	Cancelled  bool
+}
+
+// Result is a replay's prediction. Times are seconds from the start of the
+// mount.
+type Result struct {
+	Ready         float64   // the mount is ready and QEMU can resume
+	Issued        []float64 // per access of the trace, in time order
+	Served        []float64
+	FirstResponse float64 // -1 if the trace has no first-response mark
+	Stall         float64
+	BytesFetched  int64
+	Fetches       []Fetch
+	Accesses      []Access // the trace's first accesses, in time order
+}
+
+// Replay predicts a launch: the accesses of t happen with the think time
+// between them that the trace shows (its times minus the time each read
+// itself took), over the link of m, with segments fetched by policy p.
+func Replay(l *Layout, t *Trace, m Model, p Policy) Result {
+	dec := func(s int) float64 {
+		if r := m.Decode[l.Segments[s].Codec]; r > 0 {
+			return float64(l.Segments[s].Raw) / r
+		}
+		return 0
+	}
+	xfer := func(s int) float64 { return m.RTT + float64(l.Segments[s].Stored)/m.Rate }
+	res := Result{FirstResponse: -1}
+	res.Ready = m.Startup + 2*m.RTT + float64(l.MetadataBytes)/m.Rate
+	res.BytesFetched = l.MetadataBytes
+	present := make([]float64, len(l.Segments))
+	for i := range present {
+		present[i] = math.Inf(1)
+	}
+	linkFree := res.Ready
+	next := 0
+	inflight := -1 // stream fetch under way: index into res.Fetches
+	stream := p != DemandOnly
+
+	// advance lets the streamer run until time until.
+	advance := func(until float64) {
+		for stream {
+			if inflight >= 0 {
+				f := &res.Fetches[inflight]
+				if f.End > until {
+					return
+				}
+				present[f.Segment] = min(present[f.Segment], f.Ready)
+				res.BytesFetched += l.Segments[f.Segment].Stored
+				linkFree = f.End
+				inflight = -1
+			}
+			for next < len(present) && !math.IsInf(present[next], 1) {
+				next++
+			}
+			if next == len(present) || linkFree > until {
+				return
+			}
+			end := linkFree + xfer(next)
+			res.Fetches = append(res.Fetches, Fetch{Segment: next, Start: linkFree, End: end, Ready: end + dec(next)})
+			inflight = len(res.Fetches) - 1
+		}
+	}
+
+	acc := firstAccesses(t.Accesses)
+	seen := map[overlay.ChunkID]bool{}
+	res.Accesses = acc[:0:0]
+	var mark float64 = -1
+	if mt, ok := t.Mark(FirstResponse); ok {
+		mark = mt
+	}
+	shift := 0.0 // how much later than recorded the VM runs
+	for _, a := range acc {
+		if seen[a.Chunk] || int(a.Chunk.Index) >= len(l.segOf[a.Chunk.Image]) {
+			continue
+		}
+		seen[a.Chunk] = true
+		if mark >= 0 && a.Time > mark && res.FirstResponse < 0 {
+			res.FirstResponse = res.Ready + mark + shift
+		}
+		issue := res.Ready + a.Time + shift
+		advance(issue)
+		served := issue
+		if s := int(l.segOf[a.Chunk.Image][a.Chunk.Index]); s >= 0 && present[s] > issue {
+			switch {
+			case inflight >= 0 && res.Fetches[inflight].Segment == s:
+				served = res.Fetches[inflight].Ready
+				if p == StreamOnly {
+					advance(served)
+				}
+			case p == StreamOnly:
+				for math.IsInf(present[s], 1) {
+					advance(math.Inf(1))
+				}
+				served = present[s]
+			default:
+				start := max(issue, linkFree)
+				if inflight >= 0 {
+					// The demand cancels the stream's fetch; the bytes
+					// already sent are spent.
+					f := &res.Fetches[inflight]
+					f.Cancelled = true
+					f.End = issue
+					res.BytesFetched += int64(max(0, issue-f.Start-m.RTT) * m.Rate)
+					inflight = -1
+					start = issue
+				}
+				end := start + xfer(s)
+				res.Fetches = append(res.Fetches, Fetch{Segment: s, Start: start, End: end, Ready: end + dec(s), Demand: true})
+				res.BytesFetched += l.Segments[s].Stored
+				present[s] = end + dec(s)
+				linkFree = end
+				served = present[s]
+			}
+		}
+		stall := served - issue
+		res.Stall += stall
+		shift += max(0, stall-a.Wait)
+		res.Issued = append(res.Issued, issue)
+		res.Served = append(res.Served, served)
+		res.Accesses = append(res.Accesses, a)
+	}
+	if mark >= 0 && res.FirstResponse < 0 {
+		res.FirstResponse = res.Ready + mark + shift
+	}
+	sort.Slice(res.Fetches, func(i, j int) bool { return res.Fetches[i].Start < res.Fetches[j].Start })
+	return res
+}
