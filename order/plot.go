@@ -39,7 +39,7 @@ func Plot(w io.Writer, r Result, title string) error {
 	}
 	fmt.Fprintf(w, `<line x1="%.1f" y1="24" x2="%.1f" y2="%.1f" stroke="green" stroke-dasharray="4"/><text x="%.1f" y="34" fill="green">ready</text>`+"\n", x(r.Ready), x(r.Ready), axisY, x(r.Ready)+3)
 	if r.FirstResponse > 0 {
-		fmt.Fprintf(w, `<line x1="%.1f" y1="24" x2="%.1f" y2="%.1f" stroke="purple" stroke-dasharray="4"/><text x="%.1f" y="46" fill="purple">first response %.2fs</text>`+"\n", x(r.FirstResponse), x(r.FirstResponse), axisY, x(r.FirstResponse)+3, r.FirstResponse)
+		fmt.Fprintf(w, `<line x1="%.1f" y1="24" x2="%.1f" y2="%.1f" stroke="purple" stroke-dasharray="4"/><text x="%.1f" y="46" fill="purple" text-anchor="end">first response %.2fs</text>`+"\n", x(r.FirstResponse), x(r.FirstResponse), axisY, x(r.FirstResponse)-3, r.FirstResponse)
 	}
 	fmt.Fprintf(w, `<text x="4" y="60">segments</text>`+"\n")
 	for _, f := range r.Fetches {

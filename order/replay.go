@@ -12,6 +12,7 @@ import (
 // segments, and which segment carries each chunk's bytes.
 type Layout struct {
 	MetadataBytes int64
+	ChunkSize     int64
 	Segments      []SegmentInfo
 	segOf         [2][]int32 // -1: zero or base, no fetch needed
 }
@@ -24,7 +25,7 @@ type SegmentInfo struct {
 
 // LayoutOf describes an overlay as it is.
 func LayoutOf(o *overlay.Overlay) *Layout {
-	l := &Layout{MetadataBytes: o.Header.MetadataLen()}
+	l := &Layout{MetadataBytes: o.Header.MetadataLen(), ChunkSize: int64(o.Header.ChunkSize)}
 	for _, s := range o.Manifest.Segments {
 		l.Segments = append(l.Segments, SegmentInfo{Stored: int64(s.Stored), Raw: int64(s.Raw), Codec: s.Codec})
 	}
@@ -87,7 +88,7 @@ func Resegment(o *overlay.Overlay, first []overlay.ChunkID, segSize int64) *Layo
 			}
 		}
 	}
-	l := &Layout{MetadataBytes: h.MetadataLen()}
+	l := &Layout{MetadataBytes: h.MetadataLen(), ChunkSize: int64(h.ChunkSize)}
 	var cur int64
 	for _, c := range seq {
 		n := h.ChunkLen(c)
@@ -166,9 +167,17 @@ type Result struct {
 	FirstResponse float64 // -1 if the trace has no first-response mark
 	Stall         float64
 	BytesFetched  int64
+	// Needed is the compressed bytes of the chunks the VM read before its
+	// first response (all of them without a mark): with one RTT, the
+	// physical limit of any fetch order on this link.
+	Needed int64
 	Fetches       []Fetch
 	Accesses      []Access // the trace's first accesses, in time order
 }
+
+// Limit is the physical limit of a first response on model m: the bytes
+// needed, at the link's rate, plus one round trip.
+func (r Result) Limit(m Model) float64 { return float64(r.Needed)/m.Rate + m.RTT }
 
 // Replay predicts a launch: the accesses of t happen with the think time
 // between them that the trace shows (its times minus the time each read
@@ -235,10 +244,16 @@ func Replay(l *Layout, t *Trace, m Model, p Policy) Result {
 			res.FirstResponse = res.Ready + mark + shift
 		}
 		issue := res.Ready + a.Time + shift
+		if s := l.segOf[a.Chunk.Image][a.Chunk.Index]; s >= 0 && (mark < 0 || a.Time <= mark) {
+			seg := l.Segments[s]
+			res.Needed += l.ChunkSize * seg.Stored / max(1, seg.Raw)
+		}
 		advance(issue)
 		served := issue
 		if s := int(l.segOf[a.Chunk.Image][a.Chunk.Index]); s >= 0 && present[s] > issue {
 			switch {
+			case !math.IsInf(present[s], 1):
+				served = present[s] // a demand fetch of it is under way
 			case inflight >= 0 && res.Fetches[inflight].Segment == s:
 				served = res.Fetches[inflight].Ready
 				if p == StreamOnly {

@@ -70,7 +70,7 @@ Typical use:
 			c.App.Metadata = map[string]any{"log": log}
 			return nil
 		},
-		Commands: append(append([]*cli.Command{baseCommand(), overlayCommand()}, runtimeCommands()...), vmCommands()...),
+		Commands: append(append([]*cli.Command{baseCommand(), overlayCommand()}, runtimeCommands()...), append(vmCommands(), orderCommands()...)...),
 	}
 }
 

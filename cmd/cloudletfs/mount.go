@@ -26,6 +26,9 @@ import (
 	"github.com/cloudletfs/cloudletfs/store"
 )
 
+var policyFlag = &cli.StringFlag{Name: "policy", Value: string(order.StreamDemand),
+	Usage: "stream+demand (stream segments in order, reads jump ahead) or demand-only (fetch only what reads ask for)"}
+
 func runtimeCommands() []*cli.Command {
 	return []*cli.Command{
 		{
@@ -57,6 +60,7 @@ SIGTERM or 'cloudletfs umount MOUNTPOINT', then unmounts and exits 0.`,
 				&cli.PathFlag{Name: "trace-out", Usage: "write the accesses seen, timed from ready, to FILE at unmount"},
 				&cli.DurationFlag{Name: "fetch-timeout", Value: 30 * time.Second, Usage: "longest a read waits for its segment before failing with EIO"},
 				&cli.BoolFlag{Name: "allow-other", Usage: "let users other than the mounting one use the mount"},
+				policyFlag,
 				&cli.BoolFlag{Name: "debug-fuse", Usage: "log every FUSE request"},
 			},
 			Action: mountCmd,
@@ -237,7 +241,14 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 	if s.m, err = cfs.New(abs, s.f, cfs.Options{Log: log, AllowOther: c.Bool("allow-other"), Debug: c.Bool("debug-fuse")}); err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
-	s.f.Start()
+	switch c.String("policy") {
+	case "", string(order.StreamDemand):
+		s.f.Start()
+	case string(order.DemandOnly):
+		// No streamer: only what reads ask for is fetched.
+	default:
+		return nil, fmt.Errorf("--policy %q: want stream+demand or demand-only", c.String("policy"))
+	}
 	ok = true
 	return s, nil
 }

@@ -24,6 +24,7 @@ func overlayCommand() *cli.Command {
 		Usage: "create, inspect, verify and extract VM overlays",
 		Subcommands: []*cli.Command{
 			overlayCaptureCommand(),
+			overlayReorderCommand(),
 			{
 				Name:      "create",
 				Usage:     "build an overlay of a custom VM against a registered base",

@@ -54,6 +54,7 @@ the full-synthesis baseline.`,
 				&cli.DurationFlag{Name: "probe-timeout", Value: 5 * time.Minute, Usage: "give up on the probe after this long"},
 				&cli.DurationFlag{Name: "fetch-timeout", Value: 30 * time.Second, Usage: "longest a read waits for its segment before failing with EIO"},
 				&cli.BoolFlag{Name: "exit-after-probe", Usage: "stop the VM once the probe succeeded and the overlay is complete"},
+				policyFlag,
 				&cli.BoolFlag{Name: "allow-other", Hidden: true},
 				&cli.BoolFlag{Name: "debug-fuse", Hidden: true},
 			},
@@ -604,7 +605,7 @@ func launchCmd(c *cli.Context) error {
 			vm.Quit(context.Background())
 			return writeLaunchTrace(c, s)
 		}
-		if c.Bool("exit-after-probe") && probeDone && (s == nil || complete == nil) {
+		if c.Bool("exit-after-probe") && probeDone && (s == nil || complete == nil || c.String("policy") == string(order.DemandOnly)) {
 			vm.Quit(context.Background())
 			mark("stopped the VM")
 			return writeLaunchTrace(c, s)
