@@ -170,9 +170,9 @@ type Result struct {
 	// Needed is the compressed bytes of the chunks the VM read before its
 	// first response (all of them without a mark): with one RTT, the
 	// physical limit of any fetch order on this link.
-	Needed int64
-	Fetches       []Fetch
-	Accesses      []Access // the trace's first accesses, in time order
+	Needed   int64
+	Fetches  []Fetch
+	Accesses []Access // the trace's first accesses, in time order
 }
 
 // Limit is the physical limit of a first response on model m: the bytes

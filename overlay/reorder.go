@@ -130,4 +130,3 @@ func Reorder(out string, o *Overlay, base *Base, first []ChunkID, opt BuildOptio
 	opt.Order = append(append([]ChunkID(nil), first...), o.Manifest.Order...)
 	return Build(out, base, in, opt)
 }
-
