@@ -49,6 +49,7 @@ fuzz:
 # Figures for docs/BENCHMARKS.md.
 bench: deps build
 	tools/bench.sh $(BIN) $(BUILD)/bench
+	tools/bench-order.sh $(BIN) $(BUILD)/bench-order
 
 clean:
 	rm -rf $(BUILD)
