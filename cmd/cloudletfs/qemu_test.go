@@ -2,6 +2,8 @@ package main
 
 import (
 	"encoding/json"
+	"github.com/cloudletfs/cloudletfs/order"
+	"github.com/cloudletfs/cloudletfs/overlay"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -94,6 +96,65 @@ func TestQEMUEndToEnd(t *testing.T) {
 	if b, err := os.ReadFile(trace); err != nil || !strings.Contains(string(b), " memory ") || !strings.Contains(string(b), " mark first-response") {
 		t.Fatalf("launch trace: %v\n%.300s", err, b)
 	}
+
+	t.Run("reorder by the launch trace", func(t *testing.T) {
+		re := filepath.Join(e.dir, "re.overlay")
+		mustRun("overlay", "reorder", ovl, "--trace", trace, "--segment-size", "256KiB", "-o", re)
+		// The same VM, byte for byte.
+		mustRun("overlay", "extract", ovl, "-o", filepath.Join(e.dir, "x1"))
+		mustRun("overlay", "extract", re, "-o", filepath.Join(e.dir, "x2"))
+		for _, f := range []string{"disk.img", "memory.img", "state", "vm.json"} {
+			if sha(t, filepath.Join(e.dir, "x1", f)) != sha(t, filepath.Join(e.dir, "x2", f)) {
+				t.Fatalf("%s differs after reorder", f)
+			}
+		}
+		// Every chunk of the trace that carries data streams first, in
+		// first-access order.
+		tr, err := order.ParseFile(trace)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Open(re)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		st, _ := f.Stat()
+		o, err := overlay.Open(f, st.Size())
+		if err != nil {
+			t.Fatal(err)
+		}
+		pos := 0
+		for _, c := range order.FirstAccess(tr.Accesses) {
+			if o.Manifest.Refs[c.Image][c.Index].Kind != overlay.Data {
+				continue
+			}
+			if o.Manifest.Order[pos] != c {
+				t.Fatalf("stream position %d holds %v, want %v", pos, o.Manifest.Order[pos], c)
+			}
+			pos++
+		}
+		if pos == 0 {
+			t.Fatal("the trace names no chunk that carries data")
+		}
+		// The tools around traces run on a real one.
+		if out := mustRun("trace", "show", trace); !strings.Contains(out, "mark    first-response") {
+			t.Fatalf("trace show:\n%s", out)
+		}
+		merged := filepath.Join(e.dir, "merged.trace")
+		mustRun("trace", "merge", "--strategy", "median", trace, trace, "-o", merged)
+		plot := filepath.Join(e.dir, "replay.svg")
+		out := mustRun("replay", "--overlay", re, "--trace", merged, "--rate", "38mbit", "--rtt", "20ms", "--plot", plot)
+		if !strings.Contains(out, "first response") || !strings.Contains(out, "physical limit") {
+			t.Fatalf("replay:\n%s", out)
+		}
+		if b, err := os.ReadFile(plot); err != nil || !strings.HasPrefix(string(b), "<svg") {
+			t.Fatalf("plot: %v", err)
+		}
+		if out := mustRun("replay", "--overlay", re, "--trace", trace, "--tune"); !strings.Contains(out, "4.0 MiB") || !strings.Contains(out, "64 KiB") {
+			t.Fatalf("replay --tune:\n%s", out)
+		}
+	})
 
 	t.Run("bad input stops before QEMU", func(t *testing.T) {
 		for _, tc := range []struct {
