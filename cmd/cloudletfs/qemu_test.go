@@ -2,14 +2,15 @@ package main
 
 import (
 	"encoding/json"
-	"github.com/cloudletfs/cloudletfs/order"
-	"github.com/cloudletfs/cloudletfs/overlay"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/cloudletfs/cloudletfs/order"
+	"github.com/cloudletfs/cloudletfs/overlay"
 )
 
 // guest builds (or reuses) the test guest from Debian packages.
