@@ -56,8 +56,9 @@ dropped. Each mark is the median over the runs that have it.`,
 overlay's segments on a modelled link: one shared link, a round trip per request,
 decode time per codec. Prints the predicted time to ready, first response (the
 first-response mark that 'launch --probe' records), total stall and bytes fetched.
---tune tries segment sizes from 64 KiB to 4 MiB, each in the trace's order and in the
-overlay's own order, and ranks them by predicted first response.`,
+--tune tries segment sizes from 64 KiB to 4 MiB, each with the overlay's own order and
+with the order of the --order-trace runs merged by each strategy (earliest, median,
+weighted), and ranks them by predicted first response.`,
 			Flags: []cli.Flag{
 				&cli.PathFlag{Name: "overlay", Required: true, Usage: "overlay file"},
 				&cli.PathFlag{Name: "trace", Required: true, Usage: "trace of a launch"},
@@ -66,6 +67,8 @@ overlay's own order, and ranks them by predicted first response.`,
 				&cli.StringFlag{Name: "policy", Value: string(order.StreamDemand), Usage: "demand-only, stream or stream+demand"},
 				&cli.DurationFlag{Name: "startup", Value: 60 * time.Millisecond, Usage: "local cost of a mount before any network use"},
 				&cli.BoolFlag{Name: "tune", Usage: "rank segment sizes and orders by predicted first response"},
+				&cli.StringSliceFlag{Name: "order-trace", Usage: "traces whose merge gives the orders --tune tries (repeatable; default: --trace)"},
+				&cli.BoolFlag{Name: "accesses", Usage: "print when each access was issued and served"},
 				&cli.PathFlag{Name: "plot", Usage: "draw the timeline as SVG into FILE"},
 			},
 			Action: replayCmd,
@@ -246,7 +249,19 @@ func replayCmd(c *cli.Context) error {
 	m := order.Model{Rate: rate, RTT: c.Duration("rtt").Seconds(), Decode: order.DefaultDecode, Startup: c.Duration("startup").Seconds()}
 	w := c.App.Writer
 	if c.Bool("tune") {
-		return tune(w, o, t, m, p)
+		paths := c.StringSlice("order-trace")
+		if len(paths) == 0 {
+			paths = []string{c.Path("trace")}
+		}
+		var runs []*order.Trace
+		for _, path := range paths {
+			rt, err := readTraces([]string{path}, string(order.Weighted), o)
+			if err != nil {
+				return err
+			}
+			runs = append(runs, rt)
+		}
+		return tune(w, o, t, runs, m, p)
 	}
 	r := order.Replay(order.LayoutOf(o), t, m, p)
 	fmt.Fprintf(w, "replay of %s on %s/s, RTT %s, %s\n", filepath.Base(c.Path("overlay")), humanize.SI(rate*8, "bit"), c.Duration("rtt"), p)
@@ -262,6 +277,12 @@ func replayCmd(c *cli.Context) error {
 	fmt.Fprintf(w, "  physical limit           %8.3f s  (%s needed before the first response, + 1 RTT)\n", r.Limit(m), humanize.IBytes(uint64(r.Needed)))
 	fmt.Fprintf(w, "  total stall              %8.3f s\n", r.Stall)
 	fmt.Fprintf(w, "  bytes fetched            %8s of %s\n", humanize.IBytes(uint64(r.BytesFetched)), humanize.IBytes(uint64(o.Header.TotalLen())))
+	if c.Bool("accesses") {
+		fmt.Fprintln(w, "  issued (s)  served (s)  stall (s)  chunk")
+		for i, a := range r.Accesses {
+			fmt.Fprintf(w, "  %10.4f  %10.4f  %9.4f  %s\n", r.Issued[i], r.Served[i], r.Served[i]-r.Issued[i], a.Chunk)
+		}
+	}
 	if path := c.Path("plot"); path != "" {
 		pf, err := os.Create(path)
 		if err != nil {
@@ -277,23 +298,27 @@ func replayCmd(c *cli.Context) error {
 }
 
 // tune ranks segment sizes and orders by predicted first response.
-func tune(w io.Writer, o *overlay.Overlay, t *order.Trace, m order.Model, p order.Policy) error {
+func tune(w io.Writer, o *overlay.Overlay, t *order.Trace, runs []*order.Trace, m order.Model, p order.Policy) error {
 	type row struct {
 		size  int64
 		order string
 		r     order.Result
 		segs  int
 	}
+	orders := map[string][]overlay.ChunkID{"overlay": nil}
+	for _, s := range order.Strategies {
+		merged, err := order.Merge(runs, s, 1)
+		if err != nil {
+			return err
+		}
+		orders[string(s)] = order.FirstAccess(merged.Accesses)
+	}
+	names := []string{"overlay", string(order.Earliest), string(order.Median), string(order.Weighted)}
 	var rows []row
-	first := order.FirstAccess(t.Accesses)
 	for size := int64(64 << 10); size <= 4<<20; size *= 2 {
-		for _, ord := range []string{"trace", "overlay"} {
-			var f []overlay.ChunkID
-			if ord == "trace" {
-				f = first
-			}
-			l := order.Resegment(o, f, size)
-			rows = append(rows, row{size, ord, order.Replay(l, t, m, p), len(l.Segments)})
+		for _, name := range names {
+			l := order.Resegment(o, orders[name], size)
+			rows = append(rows, row{size, name, order.Replay(l, t, m, p), len(l.Segments)})
 		}
 	}
 	key := func(r order.Result) float64 {
