@@ -56,7 +56,7 @@ for link in "38mbit 20ms" "100mbit 5ms" "1gbit 1ms"; do
   set -- $link
   rate=$1 rtt=$2
   step "link $rate, $rtt"
-  cli serve --addr 127.0.0.1:0 --rate "$rate" --rtt "$rtt" "$work/srv" >"$work/serve.out" 2>/dev/null &
+  "$bin" --state-dir "$state" serve --addr 127.0.0.1:0 --rate "$rate" --rtt "$rtt" "$work/srv" >"$work/serve.out" 2>/dev/null &
   pid=$!
   for _ in $(seq 100); do grep -q serving "$work/serve.out" && break; sleep 0.05; done
   url=$(awk '{ print $4 }' "$work/serve.out")

@@ -109,7 +109,7 @@ ovl_zstd=$(size "$work/app.zstd.overlay")
 step "mount: start to ready on 38mbit/20ms"
 mkdir -p "$work/srv" "$work/mnt"
 cp "$work/app.xz.overlay" "$work/srv/app.overlay"
-cli serve --addr 127.0.0.1:0 --rate 38mbit --rtt 20ms "$work/srv" >"$work/serve.out" 2>"$work/serve.log" &
+"$bin" --state-dir "$state" serve --addr 127.0.0.1:0 --rate 38mbit --rtt 20ms "$work/srv" >"$work/serve.out" 2>"$work/serve.log" &
 serve_pid=$!
 trap 'kill $serve_pid 2>/dev/null || true; "$bin" umount "$work/mnt" 2>/dev/null || true' EXIT
 for _ in $(seq 100); do grep -q serving "$work/serve.out" && break; sleep 0.05; done
