@@ -1,6 +1,8 @@
-// Command cloudletfs builds, inspects and extracts VM overlays: the small
-// files that carry a custom VM as its difference from a base VM kept on a
-// cloudlet. Run `cloudletfs --help` for the commands.
+// Command cloudletfs resumes custom VMs on a cloudlet from VM overlays, the
+// small files that carry a custom VM as its difference from a base VM kept
+// on the cloudlet, before the overlay has arrived. It builds, inspects,
+// serves, mounts and launches overlays, and tunes their order from access
+// traces. Run `cloudletfs --help` for the commands.
 package main
 
 import (
@@ -45,9 +47,10 @@ VM overlay: only the chunks that differ from a base, deduplicated, compressed an
 cut into verified segments in the order the VM is expected to touch them.
 
 Typical use:
-  cloudletfs base import --name debian --disk base.img --memory base.mem --state base.state
-  cloudletfs overlay create --base debian --disk app.img --memory app.mem --state app.state -o app.overlay
-  cloudletfs overlay extract app.overlay -o ./app`,
+  cloudletfs base create --name debian --disk disk.img --memory-size 256MiB --ready 'login:'
+  cloudletfs overlay capture --base debian --script install.sh --ready 'app-ready' -o app.overlay
+  cloudletfs serve ./overlays                       # on the server side
+  cloudletfs launch --probe 'curl -sf http://127.0.0.1:$CLOUDLETFS_PORT/' http://server:8080/app.overlay`,
 		Writer:          stdout,
 		ErrWriter:       stderr,
 		HideHelpCommand: true,

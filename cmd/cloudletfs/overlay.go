@@ -21,7 +21,7 @@ import (
 func overlayCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "overlay",
-		Usage: "create, inspect, verify and extract VM overlays",
+		Usage: "create, capture, reorder, inspect, verify and extract VM overlays",
 		Subcommands: []*cli.Command{
 			overlayCaptureCommand(),
 			overlayReorderCommand(),
