@@ -176,7 +176,11 @@ func (f *Fetcher) Start() {
 // Close stops the streamer and every fetch, wakes every waiter with
 // ErrClosed, and waits for them to finish.
 func (f *Fetcher) Close() {
+	// Cancel under the lock: no flight can start after it (see
+	// requestLocked), so Wait does not race a new Add.
+	f.mu.Lock()
 	f.cancel()
+	f.mu.Unlock()
 	f.wg.Wait()
 }
 
@@ -207,6 +211,10 @@ func (f *Fetcher) stream() {
 			f.mu.Unlock()
 			continue
 		}
+		if f.ctx.Err() != nil {
+			f.mu.Unlock()
+			return
+		}
 		if f.demanding > 0 || f.flights[next] != nil {
 			f.mu.Unlock()
 			select {
@@ -224,7 +232,10 @@ func (f *Fetcher) stream() {
 			return
 		}
 		if fl.err != nil && !fl.preempted {
-			f.opt.Log.Warn().Err(fl.err).Int("segment", next).Msg("stream: fetch failed; retrying after backoff")
+			// Move on; the segment is tried again when the stream wraps
+			// around, or sooner if a reader asks for it.
+			f.opt.Log.Warn().Err(fl.err).Int("segment", next).Msg("stream: fetch failed; moving on")
+			next++
 			if !backoff.wait(f.ctx) {
 				return
 			}
@@ -237,7 +248,14 @@ func (f *Fetcher) stream() {
 // startLocked starts a flight for segment seg. A demand flight preempts the
 // stream's flight, which will be fetched again later.
 func (f *Fetcher) startLocked(seg int, demand bool) *flight {
-	ctx, cancel := context.WithTimeout(f.ctx, f.opt.Timeout)
+	// Readers' waits have their own deadline; a fetch may take longer
+	// (a big segment on a slow link) and keeps going for later readers.
+	// A demand fetch gives up after a few timeouts with no one served; the
+	// stream's fetch only when cancelled.
+	ctx, cancel := context.WithCancel(f.ctx)
+	if demand {
+		ctx, cancel = context.WithTimeout(f.ctx, 4*f.opt.Timeout)
+	}
 	fl := &flight{done: make(chan struct{}), demand: demand, cancel: cancel}
 	f.flights[seg] = fl
 	if demand {
@@ -381,9 +399,40 @@ func (f *Fetcher) keep(seg int, s overlay.Segment, raw []byte, fl *flight) error
 	return nil
 }
 
-// ensure returns once segment seg is present, or with an error when its
-// fetch fails, the wait outlasts the timeout, or the fetcher closes.
-func (f *Fetcher) ensure(ctx context.Context, seg int) error {
+// request makes sure a fetch of segment seg is under way or done, for a
+// reader about to wait on it, and returns that flight (nil if the segment
+// is present).
+func (f *Fetcher) requestLocked(seg int) (*flight, error) {
+	if f.present[seg] {
+		return nil, nil
+	}
+	if f.ctx.Err() != nil {
+		return nil, ErrClosed
+	}
+	fl := f.flights[seg]
+	switch {
+	case fl == nil:
+		fl = f.startLocked(seg, true)
+		f.st.demandFetches.Add(1)
+	case fl.preempted:
+		// The stream's fetch is being cancelled: the caller waits for it
+		// to end, then asks again.
+	case !fl.demand:
+		fl.demand = true
+		f.demanding++
+		f.preemptLocked(fl)
+		f.st.demandJoins.Add(1)
+	default:
+		f.st.demandJoins.Add(1)
+	}
+	return fl, nil
+}
+
+// ensure returns once every segment in segs is present, or with an error
+// when a fetch fails, the wait outlasts the timeout, or the fetcher closes.
+// All the fetches are requested before any is waited on, and one deadline
+// covers them all.
+func (f *Fetcher) ensure(ctx context.Context, segs ...int) error {
 	deadline := time.NewTimer(f.opt.Timeout)
 	defer deadline.Stop()
 	start := time.Now()
@@ -395,40 +444,36 @@ func (f *Fetcher) ensure(ctx context.Context, seg int) error {
 	}()
 	for {
 		f.mu.Lock()
-		if f.present[seg] {
-			f.mu.Unlock()
+		var wait []*flight
+		for _, seg := range segs {
+			fl, err := f.requestLocked(seg)
+			if err != nil {
+				f.mu.Unlock()
+				return err
+			}
+			if fl != nil {
+				wait = append(wait, fl)
+			}
+		}
+		f.mu.Unlock()
+		if len(wait) == 0 {
 			return nil
 		}
 		stalled = true
-		fl := f.flights[seg]
-		switch {
-		case fl == nil:
-			fl = f.startLocked(seg, true)
-			f.st.demandFetches.Add(1)
-		case fl.preempted:
-			// The stream's fetch is being cancelled: wait for it to end,
-			// then start a demand fetch.
-		case !fl.demand:
-			fl.demand = true
-			f.demanding++
-			f.preemptLocked(fl)
-			f.st.demandJoins.Add(1)
-		default:
-			f.st.demandJoins.Add(1)
-		}
-		f.mu.Unlock()
-		select {
-		case <-fl.done:
-			if fl.err != nil && !fl.preempted {
-				return fl.err
+		for _, fl := range wait {
+			select {
+			case <-fl.done:
+				if fl.err != nil && !fl.preempted {
+					return fl.err
+				}
+			case <-deadline.C:
+				f.st.timeouts.Add(1)
+				return fmt.Errorf("%w after %s", ErrTimeout, f.opt.Timeout)
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-f.ctx.Done():
+				return ErrClosed
 			}
-		case <-deadline.C:
-			f.st.timeouts.Add(1)
-			return fmt.Errorf("segment %d: %w after %s", seg, ErrTimeout, f.opt.Timeout)
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-f.ctx.Done():
-			return ErrClosed
 		}
 	}
 }

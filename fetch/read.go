@@ -94,8 +94,9 @@ func (f *Fetcher) sourceOf(img overlay.Image, idx int64) (source, overlay.Ref) {
 }
 
 // await makes sure every segment that chunks first..last of img need has
-// arrived, fetching those that have not.
+// arrived, fetching those that have not, all at once.
 func (f *Fetcher) await(ctx context.Context, img overlay.Image, first, last int64) error {
+	var segs []int
 	prev := int32(-1)
 	for i := first; i <= last; i++ {
 		seg := f.segOf[img][i]
@@ -103,11 +104,12 @@ func (f *Fetcher) await(ctx context.Context, img overlay.Image, first, last int6
 			continue
 		}
 		prev = seg
-		if err := f.ensure(ctx, int(seg)); err != nil {
-			return err
-		}
+		segs = append(segs, int(seg))
 	}
-	return nil
+	if len(segs) == 0 {
+		return nil
+	}
+	return f.ensure(ctx, segs...)
 }
 
 // readBase reads dst from the base at the position of ref plus skip bytes;

@@ -30,6 +30,8 @@ type Source interface {
 	// Size is the file's length, or -1 if not yet known.
 	Size() int64
 	String() string
+	// Close releases the file or connections.
+	Close() error
 }
 
 // ErrNoRange is returned by a server that answers a Range request with the
@@ -77,6 +79,12 @@ func DefaultClient() *http.Client {
 		MaxIdleConnsPerHost:   8,
 		IdleConnTimeout:       60 * time.Second,
 	}}
+}
+
+// Close drops idle connections.
+func (h *HTTPSource) Close() error {
+	h.client.CloseIdleConnections()
+	return nil
 }
 
 // HTTPSource reads ranges with HTTP Range requests.

@@ -195,7 +195,7 @@ func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte
 			if err := n.m.f.ReadAt(ctx, n.img, chunk, start); err != nil {
 				mu.Unlock()
 				n.m.log.Error().Err(err).Str("image", n.img.String()).Int64("offset", off).Msg("write: reading the chunk to merge into failed: EIO")
-				return 0, syscall.EIO
+				return n.written(off, pos)
 			}
 		}
 		m := copy(chunk[pos-start:], data[pos-off:end-off])
@@ -203,12 +203,21 @@ func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte
 		mu.Unlock()
 		if err != nil {
 			n.m.log.Error().Err(err).Str("image", n.img.String()).Int64("offset", off).Msg("write failed: EIO")
-			return 0, syscall.EIO
+			return n.written(off, pos)
 		}
 		pos += int64(m)
 	}
 	n.m.rec.touch(n.img, "write", off, int(end-off), uint32(off/cs), uint32((end-1)/cs), n.m.rec.since(), 0)
 	return uint32(end - off), 0
+}
+
+// written is the reply to a write that failed at pos: the bytes stored
+// before it, or EIO if there were none.
+func (n *imageNode) written(off, pos int64) (uint32, syscall.Errno) {
+	if pos > off {
+		return uint32(pos - off), 0
+	}
+	return 0, syscall.EIO
 }
 
 func (n *imageNode) Fsync(ctx context.Context, fh fusefs.FileHandle, flags uint32) syscall.Errno {

@@ -49,8 +49,13 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (*Ca
 		return nil, fmt.Errorf("cache: %w", err)
 	}
 	c := &Cache{db: s.db, id: id, chunkSize: int64(chunkSize)}
+	fresh := false
 	for _, img := range overlay.Images {
-		f, err := os.OpenFile(filepath.Join(dir, img.String()), os.O_RDWR|os.O_CREATE, 0o600)
+		p := filepath.Join(dir, img.String())
+		if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+			fresh = true
+		}
+		f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o600)
 		if err == nil {
 			err = f.Truncate(sizes[img])
 		}
@@ -59,6 +64,13 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (*Ca
 			return nil, fmt.Errorf("cache: %w", err)
 		}
 		c.files[img] = f
+	}
+	if fresh {
+		// Files made anew hold nothing: forget any segment they held.
+		if err := s.db.DropPrefix(append([]byte("seg/"), id[:]...)); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("cache: %w", err)
+		}
 	}
 	return c, nil
 }

@@ -204,6 +204,14 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 	if timeout <= 0 {
 		return nil, fmt.Errorf("--fetch-timeout %s: want a positive duration", timeout)
 	}
+	var demandOnly bool
+	switch c.String("policy") {
+	case "", string(order.StreamDemand):
+	case string(order.DemandOnly):
+		demandOnly = true // no streamer: only what reads ask for is fetched
+	default:
+		return nil, fmt.Errorf("--policy %q: want stream+demand or demand-only", c.String("policy"))
+	}
 	abs, err := checkMountpoint(dir)
 	if err != nil {
 		return nil, err
@@ -213,6 +221,7 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 	if err != nil {
 		return nil, err
 	}
+	s.close = append(s.close, func() { src.Close() })
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	o, err := fetch.OpenOverlay(ctx, src)
 	cancel()
@@ -241,13 +250,8 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 	if s.m, err = cfs.New(abs, s.f, cfs.Options{Log: log, AllowOther: c.Bool("allow-other"), Debug: c.Bool("debug-fuse")}); err != nil {
 		return nil, fmt.Errorf("mount %s: %w", dir, err)
 	}
-	switch c.String("policy") {
-	case "", string(order.StreamDemand):
+	if !demandOnly {
 		s.f.Start()
-	case string(order.DemandOnly):
-		// No streamer: only what reads ask for is fetched.
-	default:
-		return nil, fmt.Errorf("--policy %q: want stream+demand or demand-only", c.String("policy"))
 	}
 	ok = true
 	return s, nil
@@ -259,6 +263,14 @@ func (s *session) unmount() {
 	s.f.Close()
 	if err := s.m.Unmount(); err != nil {
 		syscall.Unmount(s.dir, syscall.MNT_DETACH)
+	}
+	// Let the file system finish its last requests before what it reads
+	// from is closed.
+	done := make(chan struct{})
+	go func() { s.m.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
 	}
 }
 
