@@ -252,9 +252,12 @@ func (f *Fetcher) startLocked(seg int, demand bool) *flight {
 	// (a big segment on a slow link) and keeps going for later readers.
 	// A demand fetch gives up after a few timeouts with no one served; the
 	// stream's fetch only when cancelled.
-	ctx, cancel := context.WithCancel(f.ctx)
+	var ctx context.Context
+	var cancel context.CancelFunc
 	if demand {
 		ctx, cancel = context.WithTimeout(f.ctx, 4*f.opt.Timeout)
+	} else {
+		ctx, cancel = context.WithCancel(f.ctx)
 	}
 	fl := &flight{done: make(chan struct{}), demand: demand, cancel: cancel}
 	f.flights[seg] = fl
