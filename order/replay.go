@@ -13,6 +13,7 @@ import (
 type Layout struct {
 	MetadataBytes int64
 	ChunkSize     int64
+	Sizes         [2]int64 // image sizes, for the short last chunk
 	Segments      []SegmentInfo
 	segOf         [2][]int32 // -1: zero or base, no fetch needed
 }
@@ -23,9 +24,16 @@ type SegmentInfo struct {
 	Codec       overlay.Codec
 }
 
+// chunkLen is the length of chunk c: the chunk size, or less for the last
+// chunk of an image.
+func (l *Layout) chunkLen(c overlay.ChunkID) int64 {
+	return min(l.ChunkSize, l.Sizes[c.Image]-int64(c.Index)*l.ChunkSize)
+}
+
 // LayoutOf describes an overlay as it is.
 func LayoutOf(o *overlay.Overlay) *Layout {
-	l := &Layout{MetadataBytes: o.Header.MetadataLen(), ChunkSize: int64(o.Header.ChunkSize)}
+	l := &Layout{MetadataBytes: o.Header.MetadataLen(), ChunkSize: int64(o.Header.ChunkSize),
+		Sizes: [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)}}
 	for _, s := range o.Manifest.Segments {
 		l.Segments = append(l.Segments, SegmentInfo{Stored: int64(s.Stored), Raw: int64(s.Raw), Codec: s.Codec})
 	}
@@ -75,8 +83,10 @@ func Resegment(o *overlay.Overlay, first []overlay.ChunkID, segSize int64) *Layo
 		}
 		return c, false
 	}
+	// Each content travels once, carried by the first chunk the order
+	// names with it, as Build would do.
 	placed := map[overlay.ChunkID]int32{}
-	var seq []overlay.ChunkID
+	var seq, carrier []overlay.ChunkID
 	for _, c := range append(append([]overlay.ChunkID(nil), first...), m.Order...) {
 		if int(c.Index) >= len(m.Refs[c.Image]) {
 			continue
@@ -85,13 +95,16 @@ func Resegment(o *overlay.Overlay, first []overlay.ChunkID, segSize int64) *Layo
 			if _, done := placed[t]; !done {
 				placed[t] = -1
 				seq = append(seq, t)
+				carrier = append(carrier, c)
 			}
 		}
 	}
-	l := &Layout{MetadataBytes: h.MetadataLen(), ChunkSize: int64(h.ChunkSize)}
+	l := &Layout{MetadataBytes: h.MetadataLen(), ChunkSize: int64(h.ChunkSize),
+		Sizes: [2]int64{h.ImageSize(overlay.Disk), h.ImageSize(overlay.Memory)}}
+	segSize = max(l.ChunkSize, segSize/l.ChunkSize*l.ChunkSize) // whole chunks, as Build cuts
 	var cur int64
-	for _, c := range seq {
-		n := h.ChunkLen(c)
+	for i, c := range seq {
+		n := h.ChunkLen(carrier[i])
 		if len(l.Segments) == 0 || cur+n > segSize && cur > 0 {
 			l.Segments = append(l.Segments, SegmentInfo{Codec: codec})
 			cur = 0
@@ -246,7 +259,7 @@ func Replay(l *Layout, t *Trace, m Model, p Policy) Result {
 		issue := res.Ready + a.Time + shift
 		if s := l.segOf[a.Chunk.Image][a.Chunk.Index]; s >= 0 && (mark < 0 || a.Time <= mark) {
 			seg := l.Segments[s]
-			res.Needed += l.ChunkSize * seg.Stored / max(1, seg.Raw)
+			res.Needed += l.chunkLen(a.Chunk) * seg.Stored / max(1, seg.Raw)
 		}
 		advance(issue)
 		served := issue

@@ -14,7 +14,7 @@ func near(a, b float64) bool { return math.Abs(a-b) < 1e-9 }
 // layout: three segments of 1 MB stored (2 MB raw, no decode cost), chunk i
 // of memory in segment i, disk chunks from the base.
 func layout() *Layout {
-	l := &Layout{MetadataBytes: 100_000, ChunkSize: 4096}
+	l := &Layout{MetadataBytes: 100_000, ChunkSize: 4096, Sizes: [2]int64{2 * 4096, 3 * 4096}}
 	for range 3 {
 		l.Segments = append(l.Segments, SegmentInfo{Stored: 1_000_000, Raw: 2_000_000, Codec: overlay.CodecNone})
 	}
