@@ -234,6 +234,16 @@ func openOverlay(path string) (*overlay.Overlay, *os.File, error) {
 	return o, f, nil
 }
 
+// overlayArg opens the overlay named by the command's one argument.
+func overlayArg(c *cli.Context, what string) (string, *overlay.Overlay, *os.File, error) {
+	if err := need(c, 1, what); err != nil {
+		return "", nil, nil, err
+	}
+	path := c.Args().First()
+	o, f, err := openOverlay(path)
+	return path, o, f, err
+}
+
 // infoJSON is the shape of `overlay info --json`.
 type infoJSON struct {
 	ID          string                    `json:"id"`
@@ -286,10 +296,7 @@ func describe(o *overlay.Overlay) infoJSON {
 }
 
 func overlayInfo(c *cli.Context) error {
-	if err := need(c, 1, "one overlay FILE"); err != nil {
-		return err
-	}
-	o, f, err := openOverlay(c.Args().First())
+	_, o, f, err := overlayArg(c, "one overlay FILE")
 	if err != nil {
 		return err
 	}
@@ -339,11 +346,7 @@ func overlayInfo(c *cli.Context) error {
 }
 
 func overlayVerify(c *cli.Context) error {
-	if err := need(c, 1, "one overlay FILE"); err != nil {
-		return err
-	}
-	path := c.Args().First()
-	o, f, err := openOverlay(path)
+	path, o, f, err := overlayArg(c, "one overlay FILE")
 	if err != nil {
 		return err
 	}
@@ -359,11 +362,7 @@ func overlayVerify(c *cli.Context) error {
 }
 
 func overlayExtract(c *cli.Context) error {
-	if err := need(c, 1, "one overlay FILE"); err != nil {
-		return err
-	}
-	path := c.Args().First()
-	o, f, err := openOverlay(path)
+	path, o, f, err := overlayArg(c, "one overlay FILE")
 	if err != nil {
 		return err
 	}

@@ -177,11 +177,7 @@ func traceMerge(c *cli.Context) error {
 }
 
 func overlayReorder(c *cli.Context) error {
-	if err := need(c, 1, "one overlay IN"); err != nil {
-		return err
-	}
-	path := c.Args().First()
-	o, f, err := openOverlay(path)
+	path, o, f, err := overlayArg(c, "one overlay IN")
 	if err != nil {
 		return err
 	}
