@@ -64,3 +64,18 @@ func mustOpen(t *testing.T, p string) Source {
 	}
 	return s
 }
+
+func FuzzParseContentRange(f *testing.F) {
+	for _, s := range []string{"bytes 0-255/1000", "bytes 100-199/*", "bytes 5-4/10", "bytes -1-3/10", "bytes 0-9223372036854775807/9223372036854775807"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, v string) {
+		first, last, total, err := parseContentRange(v)
+		if err != nil {
+			return
+		}
+		if first < 0 || last < first || (total >= 0 && total <= last) {
+			t.Fatalf("%q parsed to an impossible range %d-%d/%d", v, first, last, total)
+		}
+	})
+}

@@ -1,6 +1,7 @@
 package qemu
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"net"
@@ -150,4 +151,38 @@ func TestAccelAndBinary(t *testing.T) {
 	if _, err := CheckBinary(broken); err == nil || !strings.Contains(err.Error(), "does not run") {
 		t.Fatalf("broken binary: %v", err)
 	}
+}
+
+// Whatever a QMP peer sends, the client returns a reply or an error, and
+// never panics or hangs past its deadline.
+func FuzzQMPReplies(f *testing.F) {
+	f.Add("{\"QMP\": {}}\n{\"return\": {}}\n{\"return\": {\"status\": \"running\"}}\n")
+	f.Add("{\"QMP\": {}}\n{\"return\": {}}\n{\"event\": \"STOP\"}\n{\"error\": {\"class\": \"GenericError\", \"desc\": \"x\"}}\n")
+	f.Add("{\"QMP\": {}}\n{\"return\": {}}\n{\"id\": 99, \"return\": 1}\nnot json\n")
+	f.Fuzz(func(t *testing.T, script string) {
+		a, b := net.Pipe()
+		defer a.Close()
+		go func() {
+			defer b.Close()
+			r := bufio.NewReader(b)
+			lines := strings.SplitAfter(script, "\n")
+			b.Write([]byte(lines[0]))
+			for _, l := range lines[1:] {
+				if _, err := r.ReadString('\n'); err != nil {
+					return
+				}
+				b.Write([]byte(l))
+			}
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Millisecond)
+		defer cancel()
+		c := &Client{conn: a, r: bufio.NewReader(a)}
+		if m, err := c.read(ctx); err != nil || m.QMP == nil {
+			return
+		}
+		if _, err := c.Execute(ctx, "qmp_capabilities", nil); err != nil {
+			return
+		}
+		c.Status(ctx)
+	})
 }
