@@ -69,7 +69,7 @@ func newRig(t *testing.T) *rig {
 	if _, err := overlay.Build(path, base, in, overlay.BuildOptions{Codec: overlay.CodecZstd, SegmentSize: 16 * 4096}); err != nil {
 		t.Fatal(err)
 	}
-	src, err := fetch.OpenSource(path, nil)
+	src, err := fetch.OpenSource(path, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,6 +8,8 @@ package fetch
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -39,14 +41,15 @@ type Source interface {
 var ErrNoRange = errors.New("the server ignores Range requests; cloudletfs needs one that honours them (any static file server, CDN or S3-compatible store does)")
 
 // OpenSource returns the source for an http(s):// URL, a file:// URL or a
-// path.
-func OpenSource(ref string, client *http.Client) (Source, error) {
+// path. header is sent with every HTTP request (credentials, say); it never
+// appears in errors or logs, and neither do credentials in the URL.
+func OpenSource(ref string, client *http.Client, header http.Header) (Source, error) {
 	u, err := url.Parse(ref)
 	if err == nil && (u.Scheme == "http" || u.Scheme == "https") {
 		if client == nil {
-			client = DefaultClient()
+			client = DefaultClient(nil)
 		}
-		h := &HTTPSource{url: ref, client: client}
+		h := &HTTPSource{url: ref, shown: u.Redacted(), client: client, header: header}
 		h.size.Store(-1)
 		return h, nil
 	}
@@ -69,9 +72,10 @@ func OpenSource(ref string, client *http.Client) (Source, error) {
 }
 
 // DefaultClient bounds connection set-up and waiting for headers; bodies
-// are bounded by each request's context.
-func DefaultClient() *http.Client {
+// are bounded by each request's context. tlsConfig may add trusted roots.
+func DefaultClient(tlsConfig *tls.Config) *http.Client {
 	return &http.Client{Transport: &http.Transport{
+		TLSClientConfig:       tlsConfig,
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSHandshakeTimeout:   5 * time.Second,
@@ -90,11 +94,13 @@ func (h *HTTPSource) Close() error {
 // HTTPSource reads ranges with HTTP Range requests.
 type HTTPSource struct {
 	url    string
+	shown  string // the URL without credentials, for messages
+	header http.Header
 	client *http.Client
 	size   atomic.Int64 // from Content-Range; -1 until the first response
 }
 
-func (h *HTTPSource) String() string { return h.url }
+func (h *HTTPSource) String() string { return h.shown }
 
 // Size returns the file length the server reported, or -1 before any read.
 func (h *HTTPSource) Size() int64 { return h.size.Load() }
@@ -106,9 +112,17 @@ func (h *HTTPSource) ReadRange(ctx context.Context, off, n int64) ([]byte, error
 	if err != nil {
 		return nil, err
 	}
+	for k, vs := range h.header {
+		req.Header[k] = vs
+	}
 	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 	resp, err := h.client.Do(req)
 	if err != nil {
+		// The error names the URL as given; name it without credentials.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			return nil, fmt.Errorf("%s: %w", h.shown, ue.Err)
+		}
 		return nil, err
 	}
 	defer resp.Body.Close()
@@ -116,6 +130,8 @@ func (h *HTTPSource) ReadRange(ctx context.Context, off, n int64) ([]byte, error
 	case http.StatusPartialContent:
 	case http.StatusOK:
 		return nil, ErrNoRange
+	case http.StatusUnauthorized, http.StatusForbidden:
+		return nil, fmt.Errorf("HTTP %s: the server wants credentials (--header 'Authorization: Bearer ...')", resp.Status)
 	case http.StatusRequestedRangeNotSatisfiable:
 		return nil, fmt.Errorf("bytes %d-%d are beyond the end of the file: the overlay is truncated", off, off+n-1)
 	default:
@@ -218,4 +234,38 @@ func OpenOverlay(ctx context.Context, src Source) (*overlay.Overlay, error) {
 		return nil, fmt.Errorf("overlay %s: %w", src, err)
 	}
 	return o, nil
+}
+
+// TLSConfig trusts the system roots plus the PEM certificates in caFile,
+// if given.
+func TLSConfig(caFile string) (*tls.Config, error) {
+	if caFile == "" {
+		return nil, nil
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil {
+		pool = x509.NewCertPool()
+	}
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("--ca-cert: %w", err)
+	}
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("--ca-cert %s: no PEM certificate in it", caFile)
+	}
+	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+}
+
+// ParseHeaders turns "Name: value" strings into a header.
+func ParseHeaders(lines []string) (http.Header, error) {
+	h := http.Header{}
+	for _, l := range lines {
+		k, v, ok := strings.Cut(l, ":")
+		if !ok || strings.TrimSpace(k) == "" {
+			// The line may hold a secret: do not echo it.
+			return nil, fmt.Errorf("--header: want \"Name: value\", got a line without a name and a colon")
+		}
+		h.Add(strings.TrimSpace(k), strings.TrimSpace(v))
+	}
+	return h, nil
 }

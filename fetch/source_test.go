@@ -2,10 +2,17 @@ package fetch
 
 import (
 	"context"
+	"encoding/pem"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/rs/zerolog"
+
+	"github.com/cloudletfs/cloudletfs/serve"
 )
 
 func TestParseContentRange(t *testing.T) {
@@ -34,7 +41,7 @@ func TestOpenSource(t *testing.T) {
 	p := filepath.Join(dir, "x.overlay")
 	os.WriteFile(p, []byte("0123456789"), 0o644)
 	for _, ref := range []string{p, "file://" + p} {
-		s, err := OpenSource(ref, nil)
+		s, err := OpenSource(ref, nil, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -46,10 +53,10 @@ func TestOpenSource(t *testing.T) {
 			t.Fatalf("read past the end: %v", err)
 		}
 	}
-	if _, err := OpenSource("ftp://host/x", nil); err == nil || !strings.Contains(err.Error(), "unsupported scheme") {
+	if _, err := OpenSource("ftp://host/x", nil, nil); err == nil || !strings.Contains(err.Error(), "unsupported scheme") {
 		t.Fatalf("ftp: %v", err)
 	}
-	if _, err := OpenSource(filepath.Join(dir, "missing"), nil); err == nil || !strings.Contains(err.Error(), "no such file") {
+	if _, err := OpenSource(filepath.Join(dir, "missing"), nil, nil); err == nil || !strings.Contains(err.Error(), "no such file") {
 		t.Fatalf("missing file: %v", err)
 	}
 	if _, err := OpenOverlay(context.Background(), mustOpen(t, p)); err == nil || !strings.Contains(err.Error(), "header") {
@@ -58,7 +65,7 @@ func TestOpenSource(t *testing.T) {
 }
 
 func mustOpen(t *testing.T, p string) Source {
-	s, err := OpenSource(p, nil)
+	s, err := OpenSource(p, nil, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,4 +85,59 @@ func FuzzParseContentRange(f *testing.F) {
 			t.Fatalf("%q parsed to an impossible range %d-%d/%d", v, first, last, total)
 		}
 	})
+}
+
+func TestCredentialsAndTLS(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "x"), []byte("0123456789"), 0o644)
+	s, err := serve.New(dir, serve.Options{Token: "hunter2", Log: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, tls := range []bool{false, true} {
+		var ts *httptest.Server
+		var client *http.Client
+		if tls {
+			ts = httptest.NewTLSServer(s)
+			// Trusted only through --ca-cert.
+			ca := filepath.Join(dir, "ca.pem")
+			os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw}), 0o644)
+			untrusted, _ := OpenSource(ts.URL+"/x", DefaultClient(nil), nil)
+			if _, err := untrusted.ReadRange(ctx, 0, 1); err == nil || !strings.Contains(err.Error(), "certificate") {
+				t.Fatalf("an unknown certificate was accepted: %v", err)
+			}
+			cfg, err := TLSConfig(ca)
+			if err != nil {
+				t.Fatal(err)
+			}
+			client = DefaultClient(cfg)
+		} else {
+			ts = httptest.NewServer(s)
+		}
+		defer ts.Close()
+		// Without the token: a clear error that shows no secret.
+		withPassword := strings.Replace(ts.URL, "://", "://user:hunter2@", 1) + "/x"
+		src, _ := OpenSource(withPassword, client, nil)
+		_, err := src.ReadRange(ctx, 2, 3)
+		if err == nil || !strings.Contains(err.Error(), "credentials") || strings.Contains(err.Error()+src.String(), "hunter2") {
+			t.Fatalf("no token: %v (%s)", err, src)
+		}
+		h, err := ParseHeaders([]string{"Authorization: Bearer hunter2"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		src, _ = OpenSource(ts.URL+"/x", client, h)
+		if b, err := src.ReadRange(ctx, 2, 3); err != nil || string(b) != "234" {
+			t.Fatalf("with the token: %q %v", b, err)
+		}
+	}
+	// A dead address: the error names the URL without the password.
+	src, _ := OpenSource("http://user:hunter2@127.0.0.1:1/x", nil, nil)
+	if _, err := src.ReadRange(ctx, 0, 1); err == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Fatalf("dead server: %v", err)
+	}
+	if _, err := ParseHeaders([]string{"Bearer hunter2"}); err == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Fatalf("bad header: %v", err)
+	}
 }

@@ -214,7 +214,7 @@ func (v *vm) mount(t testing.TB, url string, timeout time.Duration) (*mounted, e
 // mountWith mounts, starting the streamer only if stream is set.
 func (v *vm) mountWith(t testing.TB, url string, timeout time.Duration, stream bool) (*mounted, error) {
 	t.Helper()
-	src, err := fetch.OpenSource(url, nil)
+	src, err := fetch.OpenSource(url, nil, nil)
 	if err != nil {
 		return nil, err
 	}

@@ -8,6 +8,7 @@ package serve
 
 import (
 	"context"
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -33,6 +34,8 @@ type Options struct {
 	// OnRequest, if set, is called after every request; tests use it to see
 	// the order of requests.
 	OnRequest func(Request)
+	// Token, if set, is the bearer token every request must carry.
+	Token string
 }
 
 // Request describes one served request, as logged.
@@ -96,6 +99,14 @@ func (s *Server) serve(w *countingWriter, r *http.Request) {
 		w.Header().Set("Allow", "GET, HEAD")
 		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
 		return
+	}
+	if s.opt.Token != "" {
+		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(s.opt.Token)) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="cloudletfs"`)
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
 	}
 	if s.opt.RTT > 0 {
 		select {

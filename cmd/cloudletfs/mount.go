@@ -26,6 +26,11 @@ import (
 	"github.com/cloudletfs/cloudletfs/store"
 )
 
+var (
+	headerFlag = &cli.StringSliceFlag{Name: "header", Usage: "HTTP header sent with every request, e.g. 'Authorization: Bearer TOKEN' (repeatable; never logged)"}
+	caCertFlag = &cli.PathFlag{Name: "ca-cert", Usage: "PEM file of certificates to trust for https:// besides the system roots"}
+)
+
 var policyFlag = &cli.StringFlag{Name: "policy", Value: string(order.StreamDemand),
 	Usage: "stream+demand (stream segments in order, reads jump ahead) or demand-only (fetch only what reads ask for)"}
 
@@ -43,6 +48,7 @@ logged with its path, range, bytes and duration.`,
 				&cli.StringFlag{Name: "addr", Value: "127.0.0.1:8080", Usage: "address to listen on"},
 				&cli.StringFlag{Name: "rate", Value: "0", Usage: "link rate, e.g. 38mbit (0: unlimited)"},
 				&cli.DurationFlag{Name: "rtt", Usage: "round-trip time added to each request, e.g. 20ms"},
+				&cli.StringFlag{Name: "token", EnvVars: []string{"CLOUDLETFS_SERVE_TOKEN"}, Usage: "require 'Authorization: Bearer TOKEN' on every request"},
 			},
 			Action: serveCmd,
 		},
@@ -60,7 +66,7 @@ SIGTERM or 'cloudletfs umount MOUNTPOINT', then unmounts and exits 0.`,
 				&cli.PathFlag{Name: "trace-out", Usage: "write the accesses seen, timed from ready, to FILE at unmount"},
 				&cli.DurationFlag{Name: "fetch-timeout", Value: 30 * time.Second, Usage: "longest a read waits for its segment before failing with EIO"},
 				&cli.BoolFlag{Name: "allow-other", Usage: "let users other than the mounting one use the mount"},
-				policyFlag,
+				policyFlag, headerFlag, caCertFlag,
 				&cli.BoolFlag{Name: "debug-fuse", Usage: "log every FUSE request"},
 			},
 			Action: mountCmd,
@@ -93,7 +99,7 @@ func serveCmd(c *cli.Context) error {
 		return fmt.Errorf("--rate: %w", err)
 	}
 	dir := c.Args().First()
-	s, err := serve.New(dir, serve.Options{Rate: rate, RTT: c.Duration("rtt"), Log: logger(c)})
+	s, err := serve.New(dir, serve.Options{Rate: rate, RTT: c.Duration("rtt"), Log: logger(c), Token: c.String("token")})
 	if err != nil {
 		return err
 	}
@@ -217,7 +223,15 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 		return nil, err
 	}
 	s.dir = abs
-	src, err := fetch.OpenSource(ref, nil)
+	header, err := fetch.ParseHeaders(c.StringSlice("header"))
+	if err != nil {
+		return nil, err
+	}
+	tlsConfig, err := fetch.TLSConfig(c.Path("ca-cert"))
+	if err != nil {
+		return nil, err
+	}
+	src, err := fetch.OpenSource(ref, fetch.DefaultClient(tlsConfig), header)
 	if err != nil {
 		return nil, err
 	}
