@@ -6,6 +6,9 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"sort"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -22,6 +25,7 @@ import (
 //
 //	seg/<id><segment>         -> empty; the segment's chunks are in the files
 //	cow/<id><image><index>    -> a whole chunk as written through the mount
+//	cacheuse/<id>             -> when the cache was last opened, unix ns
 //
 // <id> is 32 raw bytes, <image> one byte, <index> and <segment> 4 bytes
 // big-endian. A segment's marker is written only after its chunks are
@@ -64,6 +68,10 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (*Ca
 			return nil, fmt.Errorf("cache: %w", err)
 		}
 		c.files[img] = f
+	}
+	if err := s.touch(id); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("cache: %w", err)
 	}
 	if fresh {
 		// Files made anew hold nothing: forget any segment they held.
@@ -209,4 +217,104 @@ func (s *Store) DropCaches() error {
 		return err
 	}
 	return os.RemoveAll(filepath.Join(s.dir, "cache"))
+}
+
+// CacheEntry describes the cache of one overlay.
+type CacheEntry struct {
+	ID       overlay.Digest
+	Bytes    int64 // disk space its files take
+	LastUsed time.Time
+}
+
+func useKey(id overlay.Digest) []byte { return append([]byte("cacheuse/"), id[:]...) }
+
+// touch records that an overlay's cache is in use now.
+func (s *Store) touch(id overlay.Digest) error {
+	return s.db.Update(func(txn *badger.Txn) error {
+		return txn.Set(useKey(id), binary.BigEndian.AppendUint64(nil, uint64(time.Now().UnixNano())))
+	})
+}
+
+// Caches lists the overlays with a cache, least recently used first.
+func (s *Store) Caches() ([]CacheEntry, error) {
+	ents, err := os.ReadDir(filepath.Join(s.dir, "cache"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []CacheEntry
+	for _, e := range ents {
+		id, err := overlay.ParseDigest(e.Name())
+		if err != nil {
+			continue
+		}
+		ce := CacheEntry{ID: id}
+		for _, img := range overlay.Images {
+			var st unix.Stat_t
+			if unix.Stat(filepath.Join(s.dir, "cache", e.Name(), img.String()), &st) == nil {
+				ce.Bytes += st.Blocks * 512
+			}
+		}
+		s.db.View(func(txn *badger.Txn) error {
+			it, err := txn.Get(useKey(id))
+			if err != nil {
+				return err
+			}
+			return it.Value(func(v []byte) error {
+				if len(v) == 8 {
+					ce.LastUsed = time.Unix(0, int64(binary.BigEndian.Uint64(v)))
+				}
+				return nil
+			})
+		})
+		out = append(out, ce)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].LastUsed.Before(out[j].LastUsed) })
+	return out, nil
+}
+
+// RemoveCache drops an overlay's cached chunks. Data written through its
+// mounts stays.
+func (s *Store) RemoveCache(id overlay.Digest) error {
+	if err := s.db.DropPrefix(append([]byte("seg/"), id[:]...)); err != nil {
+		return err
+	}
+	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Delete(useKey(id)) }); err != nil {
+		return err
+	}
+	if err := s.db.Sync(); err != nil {
+		return err
+	}
+	return os.RemoveAll(filepath.Join(s.dir, "cache", id.String()))
+}
+
+// GC removes the least recently used caches until all of them together
+// take at most limit bytes. The caches in keep (those of mounted overlays)
+// are never removed. It returns the bytes freed.
+func (s *Store) GC(limit int64, keep ...overlay.Digest) (int64, error) {
+	ents, err := s.Caches()
+	if err != nil {
+		return 0, err
+	}
+	var total int64
+	for _, e := range ents {
+		total += e.Bytes
+	}
+	var freed int64
+	for _, e := range ents {
+		if total <= limit {
+			break
+		}
+		if slices.Contains(keep, e.ID) {
+			continue
+		}
+		if err := s.RemoveCache(e.ID); err != nil {
+			return freed, err
+		}
+		total -= e.Bytes
+		freed += e.Bytes
+	}
+	return freed, nil
 }

@@ -100,3 +100,65 @@ func TestRegistry(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestCacheGC(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(filepath.Join(dir, "st"), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var ids []overlay.Digest
+	for i := range 3 {
+		id := overlay.Digest{byte(i + 1)}
+		c, err := s.OpenCache(id, 4096, [2]int64{1 << 20, 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		data := make([]byte, 4096)
+		data[0] = 1
+		var chunks []ChunkData
+		for j := range 64 { // 256 KiB each
+			chunks = append(chunks, ChunkData{ID: overlay.ChunkID{Image: overlay.Disk, Index: uint32(j)}, Data: data})
+		}
+		if err := c.WriteSegment(0, chunks); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.PutCow(overlay.ChunkID{Image: overlay.Memory, Index: 1}, data); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		ids = append(ids, id)
+	}
+	ents, err := s.Caches()
+	if err != nil || len(ents) != 3 || ents[0].ID != ids[0] || ents[0].Bytes < 256<<10 {
+		t.Fatalf("caches: %+v %v", ents, err)
+	}
+	// Room for two caches. Kept caches (mounted ones) never go, even
+	// over the cap; otherwise the least recently used goes first.
+	freed, err := s.GC(ents[2].Bytes+ents[1].Bytes, ids...)
+	if err != nil || freed != 0 {
+		t.Fatalf("kept caches were freed: %d %v", freed, err)
+	}
+	freed, err = s.GC(ents[2].Bytes+ents[1].Bytes, ids[1])
+	if err != nil || freed != ents[0].Bytes {
+		t.Fatalf("freed %d, want %d (%v)", freed, ents[0].Bytes, err)
+	}
+	left, _ := s.Caches()
+	if len(left) != 2 || left[0].ID != ids[1] {
+		t.Fatalf("left: %+v", left)
+	}
+	// The removed cache starts empty; its written data is still there.
+	c, err := s.OpenCache(ids[0], 4096, [2]int64{1 << 20, 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if segs, _ := c.Segments(); len(segs) != 0 {
+		t.Fatalf("segments of a removed cache: %v", segs)
+	}
+	buf := make([]byte, 4096)
+	if ok, err := c.Cow(overlay.ChunkID{Image: overlay.Memory, Index: 1}, buf); !ok || err != nil || buf[0] != 1 {
+		t.Fatalf("written data lost with the cache: %v %v", ok, err)
+	}
+}

@@ -73,7 +73,7 @@ Typical use:
 			c.App.Metadata = map[string]any{"log": log}
 			return nil
 		},
-		Commands: append(append([]*cli.Command{baseCommand(), overlayCommand()}, runtimeCommands()...), append(vmCommands(), orderCommands()...)...),
+		Commands: append(append([]*cli.Command{baseCommand(), overlayCommand()}, runtimeCommands()...), append(append(vmCommands(), orderCommands()...), cacheCommand())...),
 	}
 }
 

@@ -66,7 +66,7 @@ SIGTERM or 'cloudletfs umount MOUNTPOINT', then unmounts and exits 0.`,
 				&cli.PathFlag{Name: "trace-out", Usage: "write the accesses seen, timed from ready, to FILE at unmount"},
 				&cli.DurationFlag{Name: "fetch-timeout", Value: 30 * time.Second, Usage: "longest a read waits for its segment before failing with EIO"},
 				&cli.BoolFlag{Name: "allow-other", Usage: "let users other than the mounting one use the mount"},
-				policyFlag, headerFlag, caCertFlag,
+				policyFlag, headerFlag, caCertFlag, cacheSizeFlag,
 				&cli.BoolFlag{Name: "debug-fuse", Usage: "log every FUSE request"},
 			},
 			Action: mountCmd,
@@ -257,6 +257,13 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 	}
 	s.cache = cache
 	s.close = append(s.close, func() { cache.Close() })
+	if limit, err := parseCacheSize(c); err != nil {
+		return nil, err
+	} else if freed, err := st.GC(limit, o.ID); err != nil {
+		log.Warn().Err(err).Msg("cache: collecting least recently used overlays failed")
+	} else if freed > 0 {
+		log.Info().Str("freed", humanize.IBytes(uint64(freed))).Msg("cache: removed least recently used overlays")
+	}
 	if s.f, err = fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: log}); err != nil {
 		return nil, fmt.Errorf("overlay %s: %w", ref, err)
 	}

@@ -215,6 +215,31 @@ func TestMountCommand(t *testing.T) {
 		}
 	}
 
+	// The cache of the overlay is listed, can be removed, and the data
+	// written through the mount survives its removal.
+	out := e.ok("cache", "ls")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[2], "total") {
+		t.Fatalf("cache ls:\n%s", out)
+	}
+	id := strings.Fields(lines[1])[0]
+	e.ok("cache", "rm", id[:10])
+	if out := e.ok("cache", "ls"); strings.Contains(out, id) {
+		t.Fatalf("cache still listed after rm:\n%s", out)
+	}
+	m = e.start("mount", "--cache-size", "1MiB", url, mnt)
+	if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
+		t.Fatalf("mount after cache rm printed %q", l)
+	}
+	got, err = os.ReadFile(filepath.Join(mnt, "disk", "image"))
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("after cache rm the disk differs (%v)", err)
+	}
+	e.ok("umount", mnt)
+	if err := m.wait(t); err != nil {
+		t.Fatalf("mount exited with %v; stderr:\n%s", err, m.stderr)
+	}
+
 	t.Run("base changed or missing", func(t *testing.T) {
 		e := e.in(t)
 		now := time.Now()
