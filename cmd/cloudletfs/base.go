@@ -115,19 +115,30 @@ func baseList(c *cli.Context) error {
 	return tw.Flush()
 }
 
-func baseRm(c *cli.Context) error {
+// baseArg opens the store and finds the base the command's one argument
+// names. Close the store when done.
+func baseArg(c *cli.Context) (*store.Store, *store.Base, error) {
 	if err := need(c, 1, "one base ID or NAME"); err != nil {
-		return err
+		return nil, nil, err
 	}
 	st, err := openStore(c)
+	if err != nil {
+		return nil, nil, err
+	}
+	b, err := st.Resolve(c.Args().First())
+	if err != nil {
+		st.Close()
+		return nil, nil, err
+	}
+	return st, b, nil
+}
+
+func baseRm(c *cli.Context) error {
+	st, b, err := baseArg(c)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	b, err := st.Resolve(c.Args().First())
-	if err != nil {
-		return err
-	}
 	if err := st.Remove(b); err != nil {
 		return err
 	}
@@ -136,18 +147,11 @@ func baseRm(c *cli.Context) error {
 }
 
 func baseVerify(c *cli.Context) error {
-	if err := need(c, 1, "one base ID or NAME"); err != nil {
-		return err
-	}
-	st, err := openStore(c)
+	st, b, err := baseArg(c)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	b, err := st.Resolve(c.Args().First())
-	if err != nil {
-		return err
-	}
 	p := newProgress(c.App.ErrWriter)
 	err = b.Verify(func(n, total int64) { p.add("verifying", n, total) })
 	p.done()

@@ -187,16 +187,11 @@ func TestOrderTrace(t *testing.T) {
 	e.importBase("base", "base")
 	e.write("trace", []byte("# resumed\n0.5 disk 7\n0.1 disk 5\n0.2 memory 1\n0.3 disk 5\n"))
 	e.create("app.overlay", "--order", e.path("trace"))
-	f, err := os.Open(e.path("app.overlay"))
+	o, f, err := openOverlay(e.path("app.overlay"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	st, _ := f.Stat()
-	o, err := overlay.Open(f, st.Size())
-	if err != nil {
-		t.Fatal(err)
-	}
 	// disk 5 and 7 are new data; memory 1 repeats disk 3, which is not in
 	// the trace, so it becomes data first and disk 3 refers to it.
 	want := []overlay.ChunkID{{Image: overlay.Disk, Index: 5}, {Image: overlay.Memory, Index: 1}, {Image: overlay.Disk, Index: 7}}

@@ -115,16 +115,11 @@ func TestQEMUEndToEnd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		f, err := os.Open(re)
+		o, f, err := openOverlay(re)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer f.Close()
-		st, _ := f.Stat()
-		o, err := overlay.Open(f, st.Size())
-		if err != nil {
-			t.Fatal(err)
-		}
 		pos := 0
 		for _, c := range order.FirstAccess(tr.Accesses) {
 			if o.Manifest.Refs[c.Image][c.Index].Kind != overlay.Data {
