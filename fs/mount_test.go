@@ -532,11 +532,14 @@ func TestFaults(t *testing.T) {
 		var dead atomic.Bool
 		dead.Store(true)
 		var cut atomic.Int64
+		thirdCut := make(chan struct{})
 		srv.setFault(func(w http.ResponseWriter, r *http.Request) bool {
 			if !dead.Load() || isMeta(r) {
 				return false
 			}
-			cut.Add(1)
+			if cut.Add(1) == 3 {
+				close(thirdCut)
+			}
 			// Send headers and half a segment, then drop the connection.
 			w.Header().Set("Content-Range", "bytes "+strings.TrimPrefix(r.Header.Get("Range"), "bytes=")+"/999999999")
 			w.Header().Set("Content-Length", "65536")
@@ -558,10 +561,11 @@ func TestFaults(t *testing.T) {
 			}
 			done <- err
 		}()
-		// Let the failures happen, then bring the server back.
-		deadline := time.Now().Add(10 * time.Second)
-		for cut.Load() < 3 && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
+		// Let three fetches fail, then bring the server back.
+		select {
+		case <-thirdCut:
+		case <-time.After(10 * time.Second):
+			t.Fatal("no three failed fetches within 10 s")
 		}
 		dead.Store(false)
 		if err := <-done; err != nil {
