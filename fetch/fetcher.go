@@ -96,7 +96,14 @@ type flight struct {
 	demand    bool // a reader waits on it: never preempt
 	preempted bool
 	cancel    context.CancelFunc
+	gaveUp    time.Time // when a reader last stopped waiting on it at its deadline
 }
+
+// repeatWindow is how long after a reader gives up on a flight that new
+// readers of it fail at once. The kernel answers a failed read-ahead by
+// reading the one page the caller wants, at once: that is the same read to
+// the caller, and must not wait a second timeout.
+const repeatWindow = time.Second
 
 // New prepares a fetcher. Segments already in the cache count as present
 // and are never fetched again.
@@ -432,7 +439,8 @@ func (f *Fetcher) requestLocked(seg int) (*flight, error) {
 }
 
 // ensure returns once every segment in segs is present, or with an error
-// when a fetch fails, the wait outlasts the timeout, or the fetcher closes.
+// when a fetch fails, the wait outlasts the timeout, a reader gave up on
+// one of the fetches less than repeatWindow ago, or the fetcher closes.
 // All the fetches are requested before any is waited on, and one deadline
 // covers them all.
 func (f *Fetcher) ensure(ctx context.Context, segs ...int) error {
@@ -454,9 +462,14 @@ func (f *Fetcher) ensure(ctx context.Context, segs ...int) error {
 				f.mu.Unlock()
 				return err
 			}
-			if fl != nil {
-				wait = append(wait, fl)
+			if fl == nil {
+				continue
 			}
+			if !fl.gaveUp.IsZero() && time.Since(fl.gaveUp) < min(f.opt.Timeout, repeatWindow) {
+				f.mu.Unlock()
+				return fmt.Errorf("segment %d: %w: a read gave up on it %s ago", seg, ErrTimeout, time.Since(fl.gaveUp).Round(time.Millisecond))
+			}
+			wait = append(wait, fl)
 		}
 		f.mu.Unlock()
 		if len(wait) == 0 {
@@ -471,6 +484,12 @@ func (f *Fetcher) ensure(ctx context.Context, segs ...int) error {
 				}
 			case <-deadline.C:
 				f.st.timeouts.Add(1)
+				f.mu.Lock()
+				now := time.Now()
+				for _, w := range wait {
+					w.gaveUp = now
+				}
+				f.mu.Unlock()
 				return fmt.Errorf("%w after %s", ErrTimeout, f.opt.Timeout)
 			case <-ctx.Done():
 				return ctx.Err()
