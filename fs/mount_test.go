@@ -201,9 +201,10 @@ func (s *server) segmentRequests(segs []overlay.Segment) []int {
 }
 
 type mounted struct {
-	dir string
-	f   *fetch.Fetcher
-	m   *fs.Mount
+	dir   string
+	f     *fetch.Fetcher
+	m     *fs.Mount
+	cache *store.Cache
 }
 
 // mount mounts the overlay at url through a fresh fetcher.
@@ -247,7 +248,7 @@ func (v *vm) mountWith(t testing.TB, url string, timeout time.Duration, stream b
 	if stream {
 		f.Start()
 	}
-	mt := &mounted{dir: dir, f: f, m: m}
+	mt := &mounted{dir: dir, f: f, m: m, cache: cache}
 	t.Cleanup(mt.unmount)
 	return mt, nil
 }
@@ -265,6 +266,8 @@ func (m *mounted) unmount() {
 	if err := m.m.Unmount(); err == nil {
 		m.m.Wait()
 	}
+	// The next mount of the overlay, or a reset, needs the cache let go.
+	m.cache.Close()
 }
 
 func (m *mounted) path(img overlay.Image) string { return filepath.Join(m.dir, img.String(), "image") }

@@ -1,13 +1,17 @@
 package store
 
 import (
+	"bytes"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
 	"sort"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -17,26 +21,35 @@ import (
 	"github.com/cloudletfs/cloudletfs/overlay"
 )
 
-// The chunk cache of an overlay is a pair of sparse files under the state
-// dir, cache/<id>/disk and cache/<id>/memory, laid out like the images: a
-// cached chunk sits at its own offset, so a run of cached chunks is one
-// read. Badger records which segments are complete in them, and keeps the
-// copy-on-write data. Keys, per overlay ID:
+// An overlay's chunk cache is a pair of sparse files under the state dir,
+// cache/<id>/disk and cache/<id>/memory, laid out like the images: a cached
+// chunk sits at its own offset, so a run of cached chunks is one read. Its
+// own Badger database, overlays/<id>/db, records which segments are
+// complete in the files and keeps the copy-on-write data. Keys:
 //
-//	seg/<id><segment>         -> empty; the segment's chunks are in the files
-//	cow/<id><image><index>    -> a whole chunk as written through the mount
-//	cacheuse/<id>             -> when the cache was last opened, unix ns
+//	seg/<segment>         -> sha256 of the chunks' bytes, then the chunks
+//	                         (uvarint index<<1|image each), in the order
+//	                         hashed; the chunks are in the files
+//	cow/<image><index>    -> a whole chunk as written through the mount
 //
-// <id> is 32 raw bytes, <image> one byte, <index> and <segment> 4 bytes
-// big-endian. A segment's marker is written only after its chunks are
-// synced to the files, so a crash never leaves a marker over missing data.
+// <image> is one byte, <index> and <segment> 4 bytes big-endian. A
+// segment's marker is written only after its chunks are synced to the
+// files, and markers are dropped before the files are made anew, so a crash
+// never leaves a marker over missing data. overlays/<id>/lock is held by
+// the process that has the overlay open; the registry records when each
+// cache was last opened (cacheuse/<id>, unix ns) for eviction.
+
+// ErrInUse says another process has the overlay mounted.
+var ErrInUse = errors.New("the overlay is mounted by another cloudletfs process")
 
 // Cache holds what one overlay's mounts have fetched and written.
 type Cache struct {
 	db        *badger.DB
+	lock      *os.File
 	id        overlay.Digest
 	chunkSize int64
 	files     [2]*os.File
+	closeOnce sync.Once
 }
 
 // ChunkData is one chunk's bytes, to be cached at the chunk's offset.
@@ -45,77 +58,172 @@ type ChunkData struct {
 	Data []byte
 }
 
-// OpenCache opens the cache of the overlay with the given ID, creating its
-// files for images of the given sizes. Close it when done.
-func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (*Cache, error) {
-	dir := filepath.Join(s.dir, "cache", id.String())
+func (s *Store) cacheDir(id overlay.Digest) string {
+	return filepath.Join(s.dir, "cache", id.String())
+}
+
+func (s *Store) overlayDir(id overlay.Digest) string {
+	return filepath.Join(s.dir, "overlays", id.String())
+}
+
+// lockOverlay takes the lock of an overlay's cache and written data, or
+// fails with ErrInUse.
+func (s *Store) lockOverlay(id overlay.Digest) (*os.File, error) {
+	dir := s.overlayDir(id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("cache: %w", err)
+		return nil, err
 	}
-	c := &Cache{db: s.db, id: id, chunkSize: int64(chunkSize)}
-	fresh := false
-	for _, img := range overlay.Images {
-		p := filepath.Join(dir, img.String())
-		if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
-			fresh = true
+	f, err := lockFile(filepath.Join(dir, "lock"), 0)
+	if errors.Is(err, errLocked) {
+		return nil, ErrInUse
+	}
+	return f, err
+}
+
+// OpenCache opens the cache of the overlay with the given ID, creating its
+// files for images of the given sizes, and holds it until Close: another
+// OpenCache of the same overlay, in any process, fails with ErrInUse.
+func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (_ *Cache, err error) {
+	c := &Cache{id: id, chunkSize: int64(chunkSize)}
+	defer func() {
+		if err != nil {
+			c.Close()
+			err = fmt.Errorf("cache of overlay %s: %w", id, err)
 		}
-		f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o600)
+	}()
+	if c.lock, err = s.lockOverlay(id); err != nil {
+		return nil, err
+	}
+	// Written chunks are 4 KiB values; small memtables keep a mount's
+	// memory small.
+	if c.db, err = openDB(filepath.Join(s.overlayDir(id), "db"), s.log, 8<<20); err != nil {
+		return nil, err
+	}
+	dir := s.cacheDir(id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	for _, img := range overlay.Images {
+		if _, err := os.Stat(filepath.Join(dir, img.String())); errors.Is(err, os.ErrNotExist) {
+			// Files made anew hold nothing: forget, durably, any segment
+			// they held before creating them.
+			if err := c.db.DropPrefix([]byte("seg/")); err != nil {
+				return nil, err
+			}
+			if err := c.db.Sync(); err != nil {
+				return nil, err
+			}
+			break
+		}
+	}
+	for _, img := range overlay.Images {
+		f, err := os.OpenFile(filepath.Join(dir, img.String()), os.O_RDWR|os.O_CREATE, 0o600)
 		if err == nil {
 			err = f.Truncate(sizes[img])
 		}
 		if err != nil {
-			c.Close()
-			return nil, fmt.Errorf("cache: %w", err)
+			if f != nil {
+				f.Close()
+			}
+			return nil, err
 		}
 		c.files[img] = f
 	}
-	if err := s.touch(id); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("cache: %w", err)
+	if err := c.db.Update(func(txn *badger.Txn) error {
+		return txn.Set([]byte("chunksize"), binary.BigEndian.AppendUint32(nil, uint32(chunkSize)))
+	}); err != nil {
+		return nil, err
 	}
-	if fresh {
-		// Files made anew hold nothing: forget any segment they held.
-		if err := s.db.DropPrefix(append([]byte("seg/"), id[:]...)); err != nil {
-			c.Close()
-			return nil, fmt.Errorf("cache: %w", err)
-		}
+	if err := s.touch(id); err != nil {
+		return nil, err
 	}
 	return c, nil
 }
 
-// Close closes the cache files.
-func (c *Cache) Close() error {
-	for _, f := range c.files {
-		if f != nil {
-			f.Close()
+// VerifyCache runs Cache.Verify on the cache of an overlay that is not
+// mounted (ErrInUse otherwise).
+func (s *Store) VerifyCache(id overlay.Digest) (checked int, bad []int, err error) {
+	c := &Cache{id: id}
+	defer c.Close()
+	if c.lock, err = s.lockOverlay(id); err != nil {
+		return 0, nil, err
+	}
+	if c.db, err = openDB(filepath.Join(s.overlayDir(id), "db"), s.log, 8<<20); err != nil {
+		return 0, nil, err
+	}
+	err = c.db.View(func(txn *badger.Txn) error {
+		it, err := txn.Get([]byte("chunksize"))
+		if err != nil {
+			return err
+		}
+		return it.Value(func(v []byte) error {
+			if len(v) != 4 || binary.BigEndian.Uint32(v) == 0 {
+				return errors.New("bad chunk size record")
+			}
+			c.chunkSize = int64(binary.BigEndian.Uint32(v))
+			return nil
+		})
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return 0, nil, nil // never opened: nothing cached
+	}
+	if err != nil {
+		return 0, nil, err
+	}
+	for _, img := range overlay.Images {
+		if c.files[img], err = os.OpenFile(filepath.Join(s.cacheDir(id), img.String()), os.O_RDWR, 0); errors.Is(err, os.ErrNotExist) {
+			return 0, nil, nil // removed: the next open drops the markers
+		} else if err != nil {
+			return 0, nil, err
 		}
 	}
-	return nil
+	return c.Verify()
 }
 
-func (c *Cache) key(prefix string, img overlay.Image, idx uint32) []byte {
-	k := make([]byte, 0, len(prefix)+32+5)
-	k = append(k, prefix...)
-	k = append(k, c.id[:]...)
-	k = append(k, byte(img))
-	return binary.BigEndian.AppendUint32(k, idx)
+// Close closes the cache and lets other processes open it. Closing twice
+// is harmless.
+func (c *Cache) Close() error {
+	var err error
+	c.closeOnce.Do(func() {
+		for _, f := range c.files {
+			if f != nil {
+				f.Close()
+			}
+		}
+		if c.db != nil {
+			err = c.db.Close()
+		}
+		if c.lock != nil {
+			c.lock.Close()
+		}
+	})
+	return err
 }
 
-func (c *Cache) segKey(seg int) []byte {
-	k := append([]byte("seg/"), c.id[:]...)
-	return binary.BigEndian.AppendUint32(k, uint32(seg))
+func cowKey(img overlay.Image, idx uint32) []byte {
+	return binary.BigEndian.AppendUint32([]byte{'c', 'o', 'w', '/', byte(img)}, idx)
+}
+
+func segKey(seg int) []byte {
+	return binary.BigEndian.AppendUint32([]byte("seg/"), uint32(seg))
 }
 
 // WriteSegment stores the chunks of one verified segment, syncs them, and
-// only then marks the segment cached.
+// only then marks the segment cached. The marker carries a digest of the
+// chunks, so Verify can tell that the files still hold them.
 func (c *Cache) WriteSegment(seg int, chunks []ChunkData) error {
 	var touched [2]bool
+	h := sha256.New()
+	marker := make([]byte, sha256.Size, sha256.Size+3*len(chunks))
 	for _, ch := range chunks {
 		if _, err := c.files[ch.ID.Image].WriteAt(ch.Data, int64(ch.ID.Index)*c.chunkSize); err != nil {
 			return err
 		}
 		touched[ch.ID.Image] = true
+		h.Write(ch.Data)
+		marker = binary.AppendUvarint(marker, uint64(ch.ID.Index)<<1|uint64(ch.ID.Image))
 	}
+	h.Sum(marker[:0])
 	for img, t := range touched {
 		if t {
 			if err := unix.Fdatasync(int(c.files[img].Fd())); err != nil {
@@ -125,13 +233,99 @@ func (c *Cache) WriteSegment(seg int, chunks []ChunkData) error {
 	}
 	// The marker is not synced: if a crash loses it, the segment is fetched
 	// again.
-	return c.db.Update(func(txn *badger.Txn) error { return txn.Set(c.segKey(seg), nil) })
+	return c.db.Update(func(txn *badger.Txn) error { return txn.Set(segKey(seg), marker) })
+}
+
+// Verify re-reads the chunks of every cached segment and checks them
+// against the digest recorded when they were cached. Segments that fail
+// are forgotten, so a mount fetches them again. It returns how many
+// segments were checked and which failed.
+func (c *Cache) Verify() (checked int, bad []int, err error) {
+	type marker struct {
+		seg int
+		val []byte
+	}
+	var markers []marker
+	err = c.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte("seg/"), PrefetchValues: true})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			v, err := it.Item().ValueCopy(nil)
+			if err != nil {
+				return err
+			}
+			markers = append(markers, marker{int(binary.BigEndian.Uint32(it.Item().Key()[4:])), v})
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, nil, err
+	}
+	var sizes [2]int64
+	for img, f := range c.files {
+		st, err := f.Stat()
+		if err != nil {
+			return 0, nil, err
+		}
+		sizes[img] = st.Size()
+	}
+	buf := make([]byte, c.chunkSize)
+	for _, m := range markers {
+		ok, err := c.checkMarker(m.val, sizes, buf)
+		if err != nil {
+			return checked, bad, err
+		}
+		checked++
+		if !ok {
+			bad = append(bad, m.seg)
+		}
+	}
+	if len(bad) > 0 {
+		err = c.db.Update(func(txn *badger.Txn) error {
+			for _, seg := range bad {
+				if err := txn.Delete(segKey(seg)); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err == nil {
+			err = c.db.Sync()
+		}
+	}
+	return checked, bad, err
+}
+
+// checkMarker hashes the chunks a segment marker names, as the files hold
+// them now, and compares the digest.
+func (c *Cache) checkMarker(v []byte, sizes [2]int64, buf []byte) (bool, error) {
+	if len(v) < sha256.Size {
+		return false, nil
+	}
+	h := sha256.New()
+	for rest := v[sha256.Size:]; len(rest) > 0; {
+		x, n := binary.Uvarint(rest)
+		if n <= 0 || x>>1 > math.MaxUint32 {
+			return false, nil
+		}
+		rest = rest[n:]
+		img, idx := overlay.Image(x&1), int64(x>>1)
+		n2 := min(c.chunkSize, sizes[img]-idx*c.chunkSize)
+		if n2 <= 0 {
+			return false, nil
+		}
+		if _, err := c.files[img].ReadAt(buf[:n2], idx*c.chunkSize); err != nil {
+			return false, err
+		}
+		h.Write(buf[:n2])
+	}
+	return bytes.Equal(h.Sum(nil), v[:sha256.Size]), nil
 }
 
 // Segments returns the segments whose chunks are all cached.
 func (c *Cache) Segments() ([]int, error) {
 	var out []int
-	prefix := append([]byte("seg/"), c.id[:]...)
+	prefix := []byte("seg/")
 	err := c.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
 		defer it.Close()
@@ -156,7 +350,7 @@ func (c *Cache) ReadAt(img overlay.Image, p []byte, off int64) error {
 func (c *Cache) Cow(id overlay.ChunkID, dst []byte) (bool, error) {
 	found := false
 	err := c.db.View(func(txn *badger.Txn) error {
-		it, err := txn.Get(c.key("cow/", id.Image, id.Index))
+		it, err := txn.Get(cowKey(id.Image, id.Index))
 		if err != nil {
 			return err
 		}
@@ -179,13 +373,13 @@ func (c *Cache) Cow(id overlay.ChunkID, dst []byte) (bool, error) {
 // after the next Sync.
 func (c *Cache) PutCow(id overlay.ChunkID, data []byte) error {
 	return c.db.Update(func(txn *badger.Txn) error {
-		return txn.Set(c.key("cow/", id.Image, id.Index), data)
+		return txn.Set(cowKey(id.Image, id.Index), data)
 	})
 }
 
 // DropWritten forgets every chunk written through mounts of this overlay.
 func (c *Cache) DropWritten() error {
-	if err := c.db.DropPrefix(append([]byte("cow/"), c.id[:]...)); err != nil {
+	if err := c.db.DropPrefix([]byte("cow/")); err != nil {
 		return err
 	}
 	return c.db.Sync()
@@ -194,7 +388,7 @@ func (c *Cache) DropWritten() error {
 // CowChunks lists the chunks that have been written.
 func (c *Cache) CowChunks() ([]overlay.ChunkID, error) {
 	var out []overlay.ChunkID
-	prefix := append([]byte("cow/"), c.id[:]...)
+	prefix := []byte("cow/")
 	err := c.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
 		defer it.Close()
@@ -210,13 +404,19 @@ func (c *Cache) CowChunks() ([]overlay.ChunkID, error) {
 // Sync makes every write so far durable.
 func (c *Cache) Sync() error { return c.db.Sync() }
 
-// DropCaches forgets every cached chunk of every overlay; written data
-// stays.
+// DropCaches forgets every cached chunk of every overlay that is not
+// mounted; written data stays.
 func (s *Store) DropCaches() error {
-	if err := s.db.DropPrefix([]byte("seg/")); err != nil {
+	ents, err := s.Caches()
+	if err != nil {
 		return err
 	}
-	return os.RemoveAll(filepath.Join(s.dir, "cache"))
+	for _, e := range ents {
+		if err := s.RemoveCache(e.ID); err != nil && !errors.Is(err, ErrInUse) {
+			return err
+		}
+	}
+	return nil
 }
 
 // CacheEntry describes the cache of one overlay.
@@ -224,6 +424,7 @@ type CacheEntry struct {
 	ID       overlay.Digest
 	Bytes    int64 // disk space its files take
 	LastUsed time.Time
+	Mounted  bool // a process has it open
 }
 
 func useKey(id overlay.Digest) []byte { return append([]byte("cacheuse/"), id[:]...) }
@@ -253,9 +454,14 @@ func (s *Store) Caches() ([]CacheEntry, error) {
 		ce := CacheEntry{ID: id}
 		for _, img := range overlay.Images {
 			var st unix.Stat_t
-			if unix.Stat(filepath.Join(s.dir, "cache", e.Name(), img.String()), &st) == nil {
+			if unix.Stat(filepath.Join(s.cacheDir(id), img.String()), &st) == nil {
 				ce.Bytes += st.Blocks * 512
 			}
+		}
+		if l, err := s.lockOverlay(id); errors.Is(err, ErrInUse) {
+			ce.Mounted = true
+		} else if err == nil {
+			l.Close()
 		}
 		s.db.View(func(txn *badger.Txn) error {
 			it, err := txn.Get(useKey(id))
@@ -275,23 +481,27 @@ func (s *Store) Caches() ([]CacheEntry, error) {
 	return out, nil
 }
 
-// RemoveCache drops an overlay's cached chunks. Data written through its
-// mounts stays.
+// RemoveCache drops an overlay's cached chunks; it fails with ErrInUse
+// while the overlay is mounted. Data written through its mounts stays.
 func (s *Store) RemoveCache(id overlay.Digest) error {
-	if err := s.db.DropPrefix(append([]byte("seg/"), id[:]...)); err != nil {
+	lock, err := s.lockOverlay(id)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+	// The segment markers go with the files: the next OpenCache finds no
+	// files and drops them before it makes new ones.
+	if err := os.RemoveAll(s.cacheDir(id)); err != nil {
 		return err
 	}
 	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Delete(useKey(id)) }); err != nil {
 		return err
 	}
-	if err := s.db.Sync(); err != nil {
-		return err
-	}
-	return os.RemoveAll(filepath.Join(s.dir, "cache", id.String()))
+	return s.db.Sync()
 }
 
 // GC removes the least recently used caches until all of them together
-// take at most limit bytes. The caches in keep (those of mounted overlays)
+// take at most limit bytes. Caches of mounted overlays, and those in keep,
 // are never removed. It returns the bytes freed.
 func (s *Store) GC(limit int64, keep ...overlay.Digest) (int64, error) {
 	ents, err := s.Caches()
@@ -307,10 +517,12 @@ func (s *Store) GC(limit int64, keep ...overlay.Digest) (int64, error) {
 		if total <= limit {
 			break
 		}
-		if slices.Contains(keep, e.ID) {
+		if e.Mounted || slices.Contains(keep, e.ID) {
 			continue
 		}
-		if err := s.RemoveCache(e.ID); err != nil {
+		if err := s.RemoveCache(e.ID); errors.Is(err, ErrInUse) {
+			continue // mounted since it was listed
+		} else if err != nil {
 			return freed, err
 		}
 		total -= e.Bytes

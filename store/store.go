@@ -1,6 +1,12 @@
-// Package store is cloudletfs's embedded state: one Badger database under the
-// state directory that holds the base-VM registry and each base's chunk-hash
-// index. It owns the key layout; callers see records, not keys.
+// Package store is cloudletfs's state directory: a Badger registry of base
+// VMs and their chunk-hash indexes, and per overlay a chunk cache and the
+// data written through its mounts. It owns the layout; callers see records,
+// not keys or paths.
+//
+// Several processes share a state directory. The registry is held only
+// while a command reads or changes it (a mount holds it while it starts);
+// an overlay's cache and written data are held by the one mount of that
+// overlay for as long as it is mounted.
 package store
 
 import (
@@ -9,16 +15,27 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/dgraph-io/badger/v4"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 )
 
-// Store is an open state directory.
+// Store is an open state directory, holding its registry.
 type Store struct {
-	db  *badger.DB
-	dir string
+	db        *badger.DB
+	dir       string
+	lock      *os.File
+	log       zerolog.Logger
+	closeOnce sync.Once
+	closeErr  error
 }
+
+// LockWait is how long Open waits for another process to let go of the
+// registry.
+var LockWait = 30 * time.Second
 
 // DefaultDir is $XDG_DATA_HOME/cloudletfs, or ~/.local/share/cloudletfs.
 func DefaultDir() string {
@@ -31,39 +48,85 @@ func DefaultDir() string {
 	return filepath.Join(os.TempDir(), "cloudletfs")
 }
 
-// Open opens (creating if needed) the state directory dir. Only one process
-// can hold it at a time.
+// Open opens (creating if needed) the state directory dir and holds its
+// registry until Close. One process holds the registry at a time; Open
+// waits up to LockWait for another to let go.
 func Open(dir string, log zerolog.Logger) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	// Sized for a registry and its indexes, not for a database server:
-	// small memtables and caches. Writes are not synced one by one; every
-	// operation that reports something done calls Sync first (an import, a
-	// removal, an fsync through the mount).
-	opts := badger.DefaultOptions(filepath.Join(dir, "db")).
-		WithLogger(badgerLog{log}).
-		WithSyncWrites(false).
-		WithMemTableSize(16 << 20).
-		WithNumMemtables(2).
-		WithBlockCacheSize(16 << 20).
-		WithValueLogFileSize(64 << 20).
-		WithNumCompactors(2)
-	db, err := badger.Open(opts)
+	lock, err := lockFile(filepath.Join(dir, "lock"), LockWait)
+	if errors.Is(err, errLocked) {
+		return nil, fmt.Errorf("state dir %s: another cloudletfs process has held its registry for %s (a base import?); try again when it is done", dir, LockWait)
+	}
 	if err != nil {
-		if strings.Contains(err.Error(), "Cannot acquire directory lock") {
-			return nil, fmt.Errorf("state dir %s is in use by another cloudletfs process", dir)
-		}
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	// Sized for a registry and its indexes, not for a database server.
+	db, err := openDB(filepath.Join(dir, "db"), log, 16<<20)
+	if err != nil {
+		lock.Close()
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
 	}
-	return &Store{db: db, dir: dir}, nil
+	return &Store{db: db, dir: dir, lock: lock, log: log}, nil
+}
+
+// openDB opens a Badger database with small memtables and caches, sized
+// by mem. Writes are not synced one by one: every operation that reports
+// something done calls Sync first (an import, a removal, an fsync through
+// the mount).
+func openDB(path string, log zerolog.Logger, mem int64) (*badger.DB, error) {
+	return badger.Open(badger.DefaultOptions(path).
+		WithLogger(badgerLog{log}).
+		WithSyncWrites(false).
+		WithMemTableSize(mem).
+		WithNumMemtables(2).
+		WithBlockCacheSize(mem).
+		WithValueLogFileSize(64 << 20).
+		WithNumCompactors(2))
 }
 
 // Dir returns the state directory.
 func (s *Store) Dir() string { return s.dir }
 
-// Close flushes and closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+// Close flushes and closes the registry and lets other processes have it.
+// Closing twice is harmless.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		s.closeErr = s.db.Close()
+		s.lock.Close()
+	})
+	return s.closeErr
+}
+
+// errLocked says another process holds a lock.
+var errLocked = errors.New("locked by another process")
+
+// lockFile opens path and takes an exclusive flock on it, waiting up to
+// wait; with wait 0 it tries once. The lock goes with the returned file,
+// and with the process if it dies.
+func lockFile(path string, wait time.Duration) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			f.Close()
+			return nil, err
+		}
+		if !time.Now().Before(deadline) {
+			f.Close()
+			return nil, errLocked
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
 
 // errNotFound is wrapped by lookups that find nothing.
 var errNotFound = errors.New("not found")

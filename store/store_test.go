@@ -1,11 +1,15 @@
 package store
 
 import (
+	"bytes"
+	"errors"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -40,7 +44,10 @@ func TestRegistry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Open(filepath.Join(dir, "st"), zerolog.Nop()); err == nil || !strings.Contains(err.Error(), "in use") {
+	// A second holder of the registry waits, then gives up clearly.
+	defer func(w time.Duration) { LockWait = w }(LockWait)
+	LockWait = 50 * time.Millisecond
+	if _, err := Open(filepath.Join(dir, "st"), zerolog.Nop()); err == nil || !strings.Contains(err.Error(), "another cloudletfs process") {
 		t.Fatalf("second open of a state dir: %v", err)
 	}
 	for _, ref := range []string{"b1", b.ID.String(), b.ID.String()[:8]} {
@@ -134,11 +141,37 @@ func TestCacheGC(t *testing.T) {
 	if err != nil || len(ents) != 3 || ents[0].ID != ids[0] || ents[0].Bytes < 256<<10 {
 		t.Fatalf("caches: %+v %v", ents, err)
 	}
-	// Room for two caches. Kept caches (mounted ones) never go, even
+	// Room for two caches. Kept caches and mounted ones never go, even
 	// over the cap; otherwise the least recently used goes first.
 	freed, err := s.GC(ents[2].Bytes+ents[1].Bytes, ids...)
 	if err != nil || freed != 0 {
 		t.Fatalf("kept caches were freed: %d %v", freed, err)
+	}
+	held, err := s.OpenCache(ids[0], 4096, [2]int64{1 << 20, 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if now, _ := s.Caches(); len(now) != 3 || now[2].ID != ids[0] || !now[2].Mounted || now[0].Mounted || now[1].Mounted {
+		t.Fatalf("opening a cache makes it the most recently used and mounted: %+v", now)
+	}
+	if freed, err = s.GC(0); err != nil || freed != ents[1].Bytes+ents[2].Bytes {
+		t.Fatalf("GC(0) freed %d, want all but the mounted cache (%v)", freed, err)
+	}
+	if err := s.RemoveCache(ids[0]); !errors.Is(err, ErrInUse) {
+		t.Fatalf("removing a mounted cache: %v", err)
+	}
+	held.Close()
+	// Bring the two removed caches back for the next checks.
+	for _, id := range ids[1:] {
+		c, err := s.OpenCache(id, 4096, [2]int64{1 << 20, 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.WriteSegment(0, []ChunkData{{ID: overlay.ChunkID{Image: overlay.Disk}, Data: make([]byte, 4096)}})
+		c.Close()
+	}
+	if ents, err = s.Caches(); err != nil || len(ents) != 3 || ents[0].ID != ids[0] {
+		t.Fatalf("caches: %+v %v", ents, err)
 	}
 	freed, err = s.GC(ents[2].Bytes+ents[1].Bytes, ids[1])
 	if err != nil || freed != ents[0].Bytes {
@@ -160,5 +193,55 @@ func TestCacheGC(t *testing.T) {
 	buf := make([]byte, 4096)
 	if ok, err := c.Cow(overlay.ChunkID{Image: overlay.Memory, Index: 1}, buf); !ok || err != nil || buf[0] != 1 {
 		t.Fatalf("written data lost with the cache: %v %v", ok, err)
+	}
+}
+
+// A cached chunk that changes on disk after its segment was marked is found
+// by Verify, and its segment is forgotten.
+func TestCacheVerify(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "st"), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := overlay.Digest{9}
+	sizes := [2]int64{3*4096 + 100, 4096}
+	c, err := s.OpenCache(id, 4096, sizes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chunk := func(img overlay.Image, idx uint32, n int, b byte) ChunkData {
+		return ChunkData{ID: overlay.ChunkID{Image: img, Index: idx}, Data: bytes.Repeat([]byte{b}, n)}
+	}
+	// The second segment ends with the disk's short last chunk.
+	if err := c.WriteSegment(0, []ChunkData{chunk(overlay.Disk, 0, 4096, 1), chunk(overlay.Memory, 0, 4096, 2)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WriteSegment(1, []ChunkData{chunk(overlay.Disk, 2, 4096, 3), chunk(overlay.Disk, 3, 100, 4)}); err != nil {
+		t.Fatal(err)
+	}
+	if checked, bad, err := c.Verify(); checked != 2 || len(bad) != 0 || err != nil {
+		t.Fatalf("clean cache: checked %d, bad %v, %v", checked, bad, err)
+	}
+	if _, _, err := s.VerifyCache(id); !errors.Is(err, ErrInUse) {
+		t.Fatalf("verifying a mounted cache: %v", err)
+	}
+	c.Close()
+	f, err := os.OpenFile(filepath.Join(s.Dir(), "cache", id.String(), "disk"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte{7}, 3*4096+50)
+	f.Close()
+	if checked, bad, err := s.VerifyCache(id); checked != 2 || !slices.Equal(bad, []int{1}) || err != nil {
+		t.Fatalf("damaged cache: checked %d, bad %v, %v", checked, bad, err)
+	}
+	c, err = s.OpenCache(id, 4096, sizes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if segs, _ := c.Segments(); !slices.Equal(segs, []int{0}) {
+		t.Fatalf("segments after verify: %v", segs)
 	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"strings"
@@ -49,6 +50,15 @@ cache and is never removed by these commands.`,
 				Action: cacheGC,
 			},
 			{
+				Name:      "verify",
+				Usage:     "re-read cached chunks and check them against the digests recorded when they were cached",
+				ArgsUsage: "[OVERLAY-ID...]",
+				Description: `Checks every cached segment of the named overlays (all unmounted ones by default).
+A segment whose chunks no longer match is forgotten, so the next mount fetches it again.
+Exits non-zero if any segment was bad.`,
+				Action: cacheVerify,
+			},
+			{
 				Name:      "rm",
 				Usage:     "remove the cache of one overlay",
 				ArgsUsage: "OVERLAY-ID",
@@ -69,13 +79,17 @@ func cacheLs(c *cli.Context) error {
 		return err
 	}
 	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "OVERLAY\tSIZE\tLAST USED")
+	fmt.Fprintln(tw, "OVERLAY\tSIZE\tLAST USED\tMOUNTED")
 	var total int64
 	for _, e := range ents {
 		total += e.Bytes
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", e.ID, humanize.IBytes(uint64(e.Bytes)), e.LastUsed.Local().Format(time.DateTime))
+		mounted := "no"
+		if e.Mounted {
+			mounted = "yes"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.ID, humanize.IBytes(uint64(e.Bytes)), e.LastUsed.Local().Format(time.DateTime), mounted)
 	}
-	fmt.Fprintf(tw, "total\t%s\t\n", humanize.IBytes(uint64(total)))
+	fmt.Fprintf(tw, "total\t%s\t\t\n", humanize.IBytes(uint64(total)))
 	return tw.Flush()
 }
 
@@ -110,10 +124,64 @@ func cacheRm(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := st.RemoveCache(id); err != nil {
+	if err := st.RemoveCache(id); errors.Is(err, store.ErrInUse) {
+		return fmt.Errorf("overlay %s is mounted: unmount it first", id)
+	} else if err != nil {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "removed the cache of overlay %s\n", id)
+	return nil
+}
+
+func cacheVerify(c *cli.Context) error {
+	st, err := openStore(c)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	var ids []overlay.Digest
+	named := c.NArg() > 0
+	for _, ref := range c.Args().Slice() {
+		id, err := findCache(st, ref)
+		if err != nil {
+			return err
+		}
+		ids = append(ids, id)
+	}
+	if !named {
+		ents, err := st.Caches()
+		if err != nil {
+			return err
+		}
+		for _, e := range ents {
+			ids = append(ids, e.ID)
+		}
+	}
+	var total, failed int
+	for _, id := range ids {
+		checked, bad, err := st.VerifyCache(id)
+		if errors.Is(err, store.ErrInUse) && !named {
+			fmt.Fprintf(c.App.Writer, "%s: mounted, skipped\n", id)
+			continue
+		}
+		if errors.Is(err, store.ErrInUse) {
+			return fmt.Errorf("overlay %s is mounted: unmount it first", id)
+		}
+		if err != nil {
+			return fmt.Errorf("overlay %s: %w", id, err)
+		}
+		total += checked
+		failed += len(bad)
+		if len(bad) > 0 {
+			fmt.Fprintf(c.App.Writer, "%s: %d segments checked, %d bad and forgotten: %v\n", id, checked, len(bad), bad)
+		} else {
+			fmt.Fprintf(c.App.Writer, "%s: %d segments checked, all good\n", id, checked)
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d of %d cached segments did not match their digests; they will be fetched again", failed, total)
+	}
+	fmt.Fprintf(c.App.Writer, "verified %d cached segments\n", total)
 	return nil
 }
 

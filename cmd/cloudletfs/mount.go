@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/dustin/go-humanize"
+	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 
 	"github.com/cloudletfs/cloudletfs/fetch"
@@ -129,21 +130,28 @@ func serveCmd(c *cli.Context) error {
 }
 
 // checkMountpoint refuses a missing mountpoint, one that is not a
-// directory, and one that already has something mounted on it.
-func checkMountpoint(dir string) (string, error) {
+// directory, and one that already has something mounted on it. A dead
+// cloudletfs mount, left by a daemon that was killed, is cleaned away.
+func checkMountpoint(dir string, log zerolog.Logger) (string, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return "", err
 	}
-	if mounted, err := isMountpoint(abs); err != nil {
+	if fstype, err := mountType(abs); err != nil {
 		return "", err
-	} else if mounted {
-		// A daemon that died leaves a mount whose every access fails with
-		// ENOTCONN; cached attributes can hide that from a plain stat.
-		if _, err := os.ReadDir(abs); errors.Is(err, syscall.ENOTCONN) {
-			return "", fmt.Errorf("mountpoint %s holds a dead mount: run `cloudletfs umount %s` first", dir, dir)
+	} else if fstype != "" {
+		if !isDeadMount(abs) {
+			return "", fmt.Errorf("mountpoint %s is busy: something is already mounted there", dir)
 		}
-		return "", fmt.Errorf("mountpoint %s is busy: something is already mounted there", dir)
+		if fstype != "fuse.cloudletfs" {
+			return "", fmt.Errorf("mountpoint %s holds a dead %s mount, not cloudletfs's: unmount it first", dir, fstype)
+		}
+		// Lazily: a process of the crashed session may still hold files
+		// there; they keep failing, and the mountpoint is free now.
+		if err := syscall.Unmount(abs, syscall.MNT_DETACH); err != nil {
+			return "", fmt.Errorf("mountpoint %s holds a dead mount that cannot be cleaned: %w", dir, err)
+		}
+		log.Warn().Str("mountpoint", abs).Msg("cleaned a dead mount left by a cloudletfs daemon that stopped without unmounting")
 	}
 	st, err := os.Stat(abs)
 	if err != nil {
@@ -158,22 +166,45 @@ func checkMountpoint(dir string) (string, error) {
 	return abs, nil
 }
 
-// isMountpoint reports whether abs is a mount point, from /proc/self/mountinfo.
-func isMountpoint(abs string) (bool, error) {
+// isDeadMount reports whether the FUSE daemon behind the mount at abs is
+// gone: every access then fails with ENOTCONN. Cached attributes can hide
+// that from a plain stat, so it lists the directory.
+func isDeadMount(abs string) bool {
+	_, err := os.ReadDir(abs)
+	return errors.Is(err, syscall.ENOTCONN)
+}
+
+// mountType returns the file system type of the mount at abs, or "" when
+// abs is not a mount point, from /proc/self/mountinfo.
+func mountType(abs string) (string, error) {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
-		return false, err
+		return "", err
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	fstype := ""
 	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
+		// ID parent major:minor root mountpoint options [optional...] - type source super
+		line := sc.Text()
+		fields := strings.Fields(line)
 		if len(fields) > 4 && unescapeMount(fields[4]) == abs {
-			return true, nil
+			_, after, _ := strings.Cut(line, " - ")
+			fstype = "unknown"
+			if t := strings.Fields(after); len(t) > 0 {
+				fstype = t[0]
+			}
+			// The last match is the mount on top.
 		}
 	}
-	return false, sc.Err()
+	return fstype, sc.Err()
+}
+
+// isMountpoint reports whether abs is a mount point.
+func isMountpoint(abs string) (bool, error) {
+	t, err := mountType(abs)
+	return t != "", err
 }
 
 // unescapeMount undoes mountinfo's octal escapes of space, tab, newline and
@@ -196,9 +227,12 @@ type session struct {
 	close []func()
 }
 
-// openSession fetches an overlay's metadata, checks its base in st, and
-// mounts it at dir. Everything it opens is released by finish.
-func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.Duration) (*session, error) {
+// openSession fetches an overlay's metadata, checks its base in the
+// registry, and mounts it at dir. It holds the registry only while it
+// starts; the mount then holds just its overlay's cache, so other commands
+// and mounts of other overlays can run beside it. Everything it opens is
+// released by finish.
+func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*session, error) {
 	s := &session{start: time.Now()}
 	ok := false
 	defer func() {
@@ -218,7 +252,7 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 	default:
 		return nil, fmt.Errorf("--policy %q: want stream+demand or demand-only", c.String("policy"))
 	}
-	abs, err := checkMountpoint(dir)
+	abs, err := checkMountpoint(dir, log)
 	if err != nil {
 		return nil, err
 	}
@@ -243,6 +277,11 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 		return nil, err
 	}
 	s.o = o
+	st, err := openStore(c)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
 	if s.base, err = resolveBase(st, c.String("base"), o, ref); err != nil {
 		return nil, err
 	}
@@ -252,6 +291,9 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 	}
 	s.close = append(s.close, closeBase)
 	cache, err := st.OpenCache(o.ID, int(o.Header.ChunkSize), [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)})
+	if errors.Is(err, store.ErrInUse) {
+		return nil, fmt.Errorf("overlay %s is already mounted by another cloudletfs process: unmount it first", ref)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -263,6 +305,9 @@ func openSession(c *cli.Context, st *store.Store, ref, dir string, timeout time.
 		log.Warn().Err(err).Msg("cache: collecting least recently used overlays failed")
 	} else if freed > 0 {
 		log.Info().Str("freed", humanize.IBytes(uint64(freed))).Msg("cache: removed least recently used overlays")
+	}
+	if err := st.Close(); err != nil {
+		return nil, err
 	}
 	if s.f, err = fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: log}); err != nil {
 		return nil, fmt.Errorf("overlay %s: %w", ref, err)
@@ -309,12 +354,7 @@ func mountCmd(c *cli.Context) error {
 	}
 	log := logger(c)
 	ref := c.Args().Get(0)
-	st, err := openStore(c)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	s, err := openSession(c, st, ref, c.Args().Get(1), c.Duration("fetch-timeout"))
+	s, err := openSession(c, ref, c.Args().Get(1), c.Duration("fetch-timeout"))
 	if err != nil {
 		return err
 	}
@@ -388,6 +428,15 @@ func umountCmd(c *cli.Context) error {
 		return err
 	} else if !mounted {
 		return fmt.Errorf("%s is not mounted", abs)
+	}
+	if isDeadMount(abs) {
+		// Lazily: a process of the crashed session may still hold files
+		// there.
+		if err := syscall.Unmount(abs, syscall.MNT_DETACH); err != nil {
+			return fmt.Errorf("umount %s: a dead mount that cannot be cleaned: %w", abs, err)
+		}
+		fmt.Fprintf(c.App.Writer, "cleaned a dead mount at %s (its daemon had stopped)\n", abs)
+		return nil
 	}
 	if err := syscall.Unmount(abs, 0); err != nil {
 		if errors.Is(err, syscall.EBUSY) {

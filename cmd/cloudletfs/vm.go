@@ -171,13 +171,16 @@ func baseCreateCmd(c *cli.Context) error {
 			}
 		}
 	}
+	// The registry is not held while the guest boots, so mounts can start
+	// meanwhile; Import checks the name again.
 	st, err := openStore(c)
 	if err != nil {
 		return err
 	}
-	defer st.Close()
 	name := c.String("name")
-	if _, err := st.Resolve(name); err == nil {
+	_, err = st.Resolve(name)
+	st.Close()
+	if err == nil {
 		return fmt.Errorf("a base named %q is already registered", name)
 	}
 	dir, err := os.MkdirTemp(filepath.Join(st.Dir()), "base-"+name+"-*")
@@ -231,6 +234,10 @@ func baseCreateCmd(c *cli.Context) error {
 	}
 	vm.Quit(c.Context)
 	os.Remove(filepath.Join(dir, "qmp.sock"))
+	if st, err = openStore(c); err != nil {
+		return err
+	}
+	defer st.Close()
 	b, err := st.Import(name, files, overlay.DefaultChunkSize, 0, nil)
 	if err != nil {
 		return err
@@ -336,7 +343,11 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err := os.Mkdir(mnt, 0o700); err != nil {
 		return err
 	}
-	s, err := openSession(c, st, ident, mnt, time.Minute)
+	// The mount takes the registry itself.
+	if err := st.Close(); err != nil {
+		return err
+	}
+	s, err := openSession(c, ident, mnt, time.Minute)
 	if err != nil {
 		return err
 	}
@@ -522,12 +533,7 @@ func launchCmd(c *cli.Context) error {
 			return err
 		}
 		defer os.Remove(mnt)
-		st, err := openStore(c)
-		if err != nil {
-			return err
-		}
-		defer st.Close()
-		if s, err = openSession(c, st, ref, mnt, c.Duration("fetch-timeout")); err != nil {
+		if s, err = openSession(c, ref, mnt, c.Duration("fetch-timeout")); err != nil {
 			return err
 		}
 		defer s.finish()
