@@ -189,7 +189,9 @@ func TestKillDuringWrites(t *testing.T) {
 		// The guest writes while a reader touches memory and the stream
 		// runs; the daemon dies at a random moment.
 		wrote := make(chan error, 1)
-		go func() { wrote <- w.run(filepath.Join(mnt, "disk", "image"), rand.New(rand.NewPCG(seed, uint64(round)+2)), &next, 300, int64(len(want["disk"]))) }()
+		go func() {
+			wrote <- w.run(filepath.Join(mnt, "disk", "image"), rand.New(rand.NewPCG(seed, uint64(round)+2)), &next, 300, int64(len(want["disk"])))
+		}()
 		read := make(chan error, 1)
 		go func() {
 			_, err := os.ReadFile(filepath.Join(mnt, "memory", "image"))
