@@ -11,21 +11,25 @@ import (
 )
 
 // eventLog is a growing text file of events, one a line, that a reader can
-// follow like `tail -f`. It keeps the newest maxLog bytes; offsets keep
-// counting, so a follower never sees a line twice.
+// follow like `tail -f`. It keeps at least the newest maxLog bytes and at
+// most twice that; offsets keep counting, so a follower never sees a line
+// twice.
 type eventLog struct {
 	mu    sync.Mutex
 	buf   []byte
 	first int64 // offset of buf[0]
 }
 
-const maxLog = 8 << 20
+const maxLog = 4 << 20
 
 func (l *eventLog) add(line string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.buf = append(l.buf, line...)
-	if over := len(l.buf) - maxLog; over > 0 {
+	// Trimming only past twice the limit keeps the copy it costs to once
+	// per maxLog bytes logged, rather than once per line.
+	if len(l.buf) > 2*maxLog {
+		over := len(l.buf) - maxLog
 		// Drop whole lines from the front.
 		for over < len(l.buf) && l.buf[over-1] != '\n' {
 			over++
@@ -55,6 +59,9 @@ func (l *eventLog) readAt(p []byte, off int64) int {
 	return copy(p, l.buf[rel:])
 }
 
+// traceBlock is how many accesses a block of the trace holds.
+const traceBlock = 1 << 14
+
 // recorder notes every access: the first touch of each chunk goes into the
 // trace and streams/chunks_accessed, every read and write into streams/io.
 type recorder struct {
@@ -63,7 +70,8 @@ type recorder struct {
 	mu       sync.Mutex
 	seen     [2][]bool
 	modified [2][]bool
-	trace    []order.Access
+	trace    [][]order.Access // in blocks of traceBlock, so it never grows by copying
+	touched  int
 	marks    []order.Mark
 
 	accessed, fetched, modifiedLog, io eventLog
@@ -95,7 +103,12 @@ func (r *recorder) touch(img overlay.Image, op string, off int64, n int, first, 
 	for i := first; i <= last; i++ {
 		if !r.seen[img][i] {
 			r.seen[img][i] = true
-			r.trace = append(r.trace, order.Access{Time: t, Chunk: overlay.ChunkID{Image: img, Index: i}, Bytes: n, Wait: wait})
+			if r.touched%traceBlock == 0 {
+				r.trace = append(r.trace, make([]order.Access, 0, traceBlock))
+			}
+			b := &r.trace[len(r.trace)-1]
+			*b = append(*b, order.Access{Time: t, Chunk: overlay.ChunkID{Image: img, Index: i}, Bytes: n, Wait: wait})
+			r.touched++
 			r.accessed.add(fmt.Sprintf("%.6f %s %d\n", t, img, i))
 		}
 		if op == "write" && !r.modified[img][i] {
@@ -130,5 +143,9 @@ func (r *recorder) mark(name string) {
 func (r *recorder) Trace() *order.Trace {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return &order.Trace{Accesses: append([]order.Access(nil), r.trace...), Marks: append([]order.Mark(nil), r.marks...)}
+	acc := make([]order.Access, 0, r.touched)
+	for _, b := range r.trace {
+		acc = append(acc, b...)
+	}
+	return &order.Trace{Accesses: acc, Marks: append([]order.Mark(nil), r.marks...)}
 }

@@ -298,3 +298,14 @@ func (n *streamNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 func (n *streamNode) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	return fuse.ReadResultData(dest[:n.log.readAt(dest, off)]), 0
 }
+
+// MemoryBound is the resident memory a mount of an overlay with header h
+// stays under, whatever is read: a fixed part for the program, the store
+// and buffers, and per chunk of the images the manifest's reference, the
+// fetcher's and recorder's per-chunk state, and the chunk's entry in the
+// access trace once it is touched. docs/BENCHMARKS.md has the figures it
+// was set from.
+func MemoryBound(h *overlay.Header) int64 {
+	chunks := h.Chunks(overlay.Disk) + h.Chunks(overlay.Memory)
+	return 96<<20 + 96*int64(chunks)
+}

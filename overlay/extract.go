@@ -26,9 +26,11 @@ func (o *Overlay) CheckBase(base *Base) error {
 	if int(o.Header.ChunkSize) != base.Index.ChunkSize {
 		return fmt.Errorf("overlay chunk size %d differs from the base's %d", o.Header.ChunkSize, base.Index.ChunkSize)
 	}
+	cs := int64(base.Index.ChunkSize)
+	chunks := [2]int64{(base.Index.Sizes[Disk] + cs - 1) / cs, (base.Index.Sizes[Memory] + cs - 1) / cs}
 	for _, img := range Images {
 		for i, r := range o.Manifest.Refs[img] {
-			if (r.Kind == BaseDisk || r.Kind == BaseMemory) && int(r.Index) >= len(base.Index.Hashes[r.Kind-BaseDisk]) {
+			if (r.Kind == BaseDisk || r.Kind == BaseMemory) && int64(r.Index) >= chunks[r.Kind-BaseDisk] {
 				return fmt.Errorf("manifest: %s chunk %d refers to %s chunk %d, beyond the base image", img, i, r.Kind, r.Index)
 			}
 		}

@@ -381,14 +381,29 @@ func (b *Base) Verify(progress func(n, total int64)) error {
 	return nil
 }
 
-// Open checks the base's files cheaply and opens them for building or
-// extracting overlays. Close the returned closer when done.
+// Open checks the base's files cheaply and opens them, with the chunk
+// index, for building overlays. Close the returned closer when done.
 func (s *Store) Open(b *Base) (*overlay.Base, func(), error) {
 	if err := b.CheckFiles(); err != nil {
 		return nil, nil, err
 	}
 	idx, err := s.Index(b)
 	if err != nil {
+		return nil, nil, err
+	}
+	ob, closer, err := OpenImages(b)
+	if err != nil {
+		return nil, nil, err
+	}
+	ob.Index = idx
+	return ob, closer, nil
+}
+
+// OpenImages checks the base's files cheaply and opens its images without
+// the chunk index, for reading an overlay's base references: a mount does
+// not carry 8 bytes of index per KiB of base.
+func OpenImages(b *Base) (*overlay.Base, func(), error) {
+	if err := b.CheckFiles(); err != nil {
 		return nil, nil, err
 	}
 	disk, err := os.Open(b.Disk.Path)
@@ -400,6 +415,9 @@ func (s *Store) Open(b *Base) (*overlay.Base, func(), error) {
 		disk.Close()
 		return nil, nil, err
 	}
+	// The index without its hashes: the sizes that references are checked
+	// against.
+	idx := &overlay.Index{ChunkSize: b.ChunkSize, Sizes: [2]int64{b.Disk.Size, b.Memory.Size}}
 	ob := &overlay.Base{ID: b.ID, Images: [2]io.ReaderAt{disk, mem}, Index: idx}
 	return ob, func() { disk.Close(); mem.Close() }, nil
 }

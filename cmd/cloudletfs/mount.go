@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -285,7 +286,7 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 	if s.base, err = resolveBase(st, c.String("base"), o, ref); err != nil {
 		return nil, err
 	}
-	base, closeBase, err := st.Open(s.base)
+	base, closeBase, err := store.OpenImages(s.base)
 	if err != nil {
 		return nil, err
 	}
@@ -308,6 +309,12 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 	}
 	if err := st.Close(); err != nil {
 		return nil, err
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// The garbage collector's slack would otherwise double what the
+		// mount holds; a soft limit under the bound keeps it in check.
+		// The program's text and stacks take the rest.
+		debug.SetMemoryLimit(cfs.MemoryBound(o.Header) - 48<<20)
 	}
 	if s.f, err = fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: log}); err != nil {
 		return nil, fmt.Errorf("overlay %s: %w", ref, err)
