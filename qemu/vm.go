@@ -289,6 +289,14 @@ func (v *VM) Type(s string) error {
 // Exited is closed when QEMU has exited.
 func (v *VM) Exited() <-chan struct{} { return v.exited }
 
+// ExitErr says how QEMU ended, once Exited is closed: nil for a clean exit,
+// an *exec.ExitError naming the status or signal otherwise.
+func (v *VM) ExitErr() error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.waitErr
+}
+
 // Kill stops QEMU at once.
 func (v *VM) Kill() {
 	v.cmd.Process.Kill()

@@ -2,12 +2,17 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
@@ -150,6 +155,47 @@ func TestQEMUEndToEnd(t *testing.T) {
 		if out := mustRun("replay", "--overlay", re, "--trace", trace, "--tune"); !strings.Contains(out, "4.0 MiB") || !strings.Contains(out, "64 KiB") {
 			t.Fatalf("replay --tune:\n%s", out)
 		}
+	})
+
+	t.Run("segments unavailable: QEMU gets I/O errors, not a hang", func(t *testing.T) {
+		// A server that gives the metadata and answers 503 for every
+		// segment: QEMU resumes, then its reads of guest memory and disk
+		// fail with EIO one fetch timeout after they begin.
+		o, f, err := openOverlay(ovl)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		meta := o.Header.MetadataLen()
+		mustRun("cache", "rm", o.ID.String()) // the launch above cached every segment
+		var refused atomic.Int64
+		hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			var first int64
+			if _, err := fmt.Sscanf(r.Header.Get("Range"), "bytes=%d-", &first); err == nil && first >= meta {
+				refused.Add(1)
+				http.Error(w, "segments unavailable", http.StatusServiceUnavailable)
+				return
+			}
+			http.ServeContent(w, r, "app.overlay", time.Time{}, f)
+		}))
+		defer hs.Close()
+		start := time.Now()
+		out, err := run("launch", "--accel", "tcg", "--fetch-timeout", "2s", "--probe", probe, "--probe-timeout", "60s",
+			"--exit-after-probe", hs.URL+"/app.overlay")
+		took := time.Since(start)
+		if err == nil {
+			t.Fatalf("launch succeeded without segments:\n%s", out)
+		}
+		if !strings.Contains(out, "QEMU exited") || !strings.Contains(out, "the mount answered reads with EIO") {
+			t.Fatalf("launch did not say that QEMU's reads failed:\n%s", out)
+		}
+		if took > 30*time.Second {
+			t.Fatalf("launch took %s to fail with a 2 s fetch timeout", took)
+		}
+		if refused.Load() == 0 {
+			t.Fatal("no segment was asked for")
+		}
+		t.Logf("launch failed after %s, %d segment requests refused:\n%s", took.Round(time.Millisecond), refused.Load(), out)
 	})
 
 	t.Run("bad input stops before QEMU", func(t *testing.T) {

@@ -570,7 +570,14 @@ func launchCmd(c *cli.Context) error {
 	}
 	defer vm.Quit(context.Background())
 	if err := vm.Resume(c.Context, state); err != nil {
-		return err
+		// QEMU reads guest memory while it resumes; if a read fails it
+		// dies, and the QMP error alone would not say why.
+		select {
+		case <-vm.Exited():
+			return fmt.Errorf("resuming the VM: %w", vmEnded(vm, s, false))
+		case <-time.After(5 * time.Second):
+			return err
+		}
 	}
 	mark(fmt.Sprintf("QEMU running (%s; guest port %d on 127.0.0.1:%d)", accel, cfg.GuestPort, port))
 
@@ -595,6 +602,10 @@ func launchCmd(c *cli.Context) error {
 				probed = nil
 				continue
 			}
+			if errors.Is(err, errVMExited) {
+				probed = nil // the VM's exit is reported below
+				continue
+			}
 			if err != nil {
 				return err
 			}
@@ -605,7 +616,10 @@ func launchCmd(c *cli.Context) error {
 			complete = nil
 		case <-vm.Exited():
 			mark("the VM exited")
-			return writeLaunchTrace(c, s)
+			if err := writeLaunchTrace(c, s); err != nil {
+				return err
+			}
+			return vmEnded(vm, s, probeDone)
 		case sig := <-sigs:
 			mark("stopping on " + sig.String())
 			vm.Quit(context.Background())
@@ -619,6 +633,27 @@ func launchCmd(c *cli.Context) error {
 	}
 }
 
+// vmEnded is the outcome of a launch whose VM exited on its own: an error
+// if QEMU failed, or if it ended before the probe succeeded. Reads the
+// mount failed are named, since QEMU dies of SIGBUS when a page of guest
+// memory cannot be read.
+func vmEnded(vm *qemu.VM, s *session, probeDone bool) error {
+	err := vm.ExitErr()
+	if err == nil && probeDone {
+		return nil
+	}
+	what := "QEMU exited before the probe succeeded"
+	if err != nil {
+		what = fmt.Sprintf("QEMU exited: %v", err)
+	}
+	if s != nil {
+		if st := s.f.Stats(); st.FailedFetches+st.Timeouts > 0 {
+			what += fmt.Sprintf("; the mount answered reads with EIO: %d timed out waiting for their segment, %d segment fetches failed (%d fetch errors)", st.Timeouts, st.FailedFetches, st.FetchErrors)
+		}
+	}
+	return fmt.Errorf("%s; last console lines:\n%s", what, vm.Tail(10))
+}
+
 func writeLaunchTrace(c *cli.Context, s *session) error {
 	if out := c.Path("trace-out"); out != "" && s != nil {
 		if err := writeTrace(out, s.m.Trace()); err != nil {
@@ -627,6 +662,9 @@ func writeLaunchTrace(c *cli.Context, s *session) error {
 	}
 	return nil
 }
+
+// errVMExited ends a probe whose VM has exited.
+var errVMExited = errors.New("the VM exited")
 
 // probe runs the probe command until it succeeds, and marks the first
 // response on the timeline.
@@ -648,7 +686,7 @@ func probe(c *cli.Context, s *session, command string, port int, vm *qemu.VM, ma
 		}
 		select {
 		case <-vm.Exited():
-			return fmt.Errorf("the VM exited before the probe succeeded; last console lines:\n%s", vm.Tail(10))
+			return errVMExited
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
