@@ -134,10 +134,66 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (_ *
 	}); err != nil {
 		return nil, err
 	}
+	if err := s.moveOldKeys(c); err != nil {
+		return nil, err
+	}
 	if err := s.touch(id); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// moveOldKeys moves data written through mounts of the overlay that state
+// dirs of format 1 kept in the registry (cow/<id><image><index>) into the
+// overlay's own database, and drops the registry's segment markers of it
+// (seg/<id><segment>), which carry no digest: those segments are fetched
+// again.
+func (s *Store) moveOldKeys(c *Cache) error {
+	moved := 0
+	for _, prefix := range []string{"cow/", "seg/"} {
+		old := append([]byte(prefix), c.id[:]...)
+		var keys [][]byte
+		err := s.db.View(func(txn *badger.Txn) error {
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: old, PrefetchValues: prefix == "cow/"})
+			defer it.Close()
+			for it.Rewind(); it.Valid(); it.Next() {
+				k := it.Item().KeyCopy(nil)
+				keys = append(keys, k)
+				if prefix != "cow/" || len(k) != len(old)+5 {
+					continue
+				}
+				v, err := it.Item().ValueCopy(nil)
+				if err != nil {
+					return err
+				}
+				if err := c.PutCow(overlay.ChunkID{Image: overlay.Image(k[len(old)]), Index: binary.BigEndian.Uint32(k[len(old)+1:])}, v); err != nil {
+					return err
+				}
+				moved++
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("moving written data out of the registry: %w", err)
+		}
+		if len(keys) == 0 {
+			continue
+		}
+		// Durable in the overlay's database before the registry forgets it.
+		if err := c.db.Sync(); err != nil {
+			return err
+		}
+		if err := s.db.DropPrefix(old); err != nil {
+			return err
+		}
+		if err := s.db.Sync(); err != nil {
+			return err
+		}
+	}
+	if moved > 0 {
+		s.log.Info().Int("chunks", moved).Str("overlay", c.id.String()).Msg("moved written data into the overlay's own database")
+	}
+	return nil
 }
 
 // VerifyCache runs Cache.Verify on the cache of an overlay that is not

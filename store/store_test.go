@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	"github.com/rs/zerolog"
 
 	"github.com/cloudletfs/cloudletfs/overlay"
@@ -244,4 +245,46 @@ func TestCacheVerify(t *testing.T) {
 	if segs, _ := c.Segments(); !slices.Equal(segs, []int{0}) {
 		t.Fatalf("segments after verify: %v", segs)
 	}
+}
+
+// Data written through mounts that an older state dir kept in the registry
+// moves into the overlay's own database when the overlay is next opened.
+func TestOldWrittenDataMoves(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "st"), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := overlay.Digest{7}
+	chunk := bytes.Repeat([]byte{5}, 4096)
+	err = s.db.Update(func(txn *badger.Txn) error {
+		k := append(append([]byte("cow/"), id[:]...), byte(overlay.Memory), 0, 0, 0, 3)
+		if err := txn.Set(k, chunk); err != nil {
+			return err
+		}
+		return txn.Set(append(append([]byte("seg/"), id[:]...), 0, 0, 0, 1), nil)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.OpenCache(id, 4096, [2]int64{1 << 20, 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := make([]byte, 4096)
+	if ok, err := c.Cow(overlay.ChunkID{Image: overlay.Memory, Index: 3}, got); !ok || err != nil || !bytes.Equal(got, chunk) {
+		t.Fatalf("written chunk after the move: %v %v", ok, err)
+	}
+	if segs, _ := c.Segments(); len(segs) != 0 {
+		t.Fatalf("old segment markers kept: %v", segs)
+	}
+	s.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: append([]byte("cow/"), id[:]...)})
+		defer it.Close()
+		if it.Rewind(); it.Valid() {
+			t.Error("the registry still holds the written chunk")
+		}
+		return nil
+	})
 }
