@@ -269,3 +269,64 @@ func TestMountCommand(t *testing.T) {
 		t.Fatalf("serve logged no requests:\n%s", srv.stderr)
 	}
 }
+
+// A mount is private to the user who made it unless --allow-other is given.
+func TestMountIsPrivate(t *testing.T) {
+	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and /dev/fuse")
+	}
+	e := newEnv(t)
+	e.importBase("base", "base")
+	e.create("srv/app.overlay")
+	srv := e.start("serve", "--addr", "127.0.0.1:0", e.path("srv"))
+	url := strings.Fields(srv.line(t))[3] + "/app.overlay"
+	// Another user must be able to reach the mountpoint itself.
+	top, err := os.MkdirTemp("", "cloudletfs-private-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(top) })
+	mnt := filepath.Join(top, "mnt")
+	if err := os.Mkdir(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(top, 0o755)
+	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
+	// readAs reads the disk image as the user nobody.
+	readAs := func() ([]byte, error) {
+		cmd := exec.Command("cat", filepath.Join(mnt, "disk", "image"))
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		var errb bytes.Buffer
+		cmd.Stderr = &errb
+		out, err := cmd.Output()
+		if err != nil {
+			return nil, fmt.Errorf("%v: %s", err, strings.TrimSpace(errb.String()))
+		}
+		return out, nil
+	}
+	want := e.read("app/disk.img")
+	for _, allow := range []bool{false, true} {
+		args := []string{"mount", url, mnt}
+		if allow {
+			args = []string{"mount", "--allow-other", url, mnt}
+		}
+		m := e.start(args...)
+		if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
+			t.Fatalf("mount printed %q", l)
+		}
+		if got, err := os.ReadFile(filepath.Join(mnt, "disk", "image")); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("the mounting user cannot read the disk (%v)", err)
+		}
+		got, err := readAs()
+		switch {
+		case !allow && (err == nil || !strings.Contains(err.Error(), "Permission denied")):
+			t.Fatalf("another user read a private mount: %v", err)
+		case allow && (err != nil || !bytes.Equal(got, want)):
+			t.Fatalf("with --allow-other another user cannot read the disk: %v", err)
+		}
+		e.ok("umount", mnt)
+		if err := m.wait(t); err != nil {
+			t.Fatalf("mount exited with %v", err)
+		}
+	}
+}
