@@ -172,6 +172,15 @@ func TestMountCommand(t *testing.T) {
 		e.state = e.path("other-state")
 		e.fails([]string{"busy"}, "mount", url, mnt)
 	})
+	t.Run("overlay already mounted", func(t *testing.T) {
+		e := e.in(t)
+		other := e.path("mnt2")
+		os.MkdirAll(other, 0o755)
+		e.fails([]string{"already mounted by another cloudletfs process"}, "mount", url, other)
+		if mounted, _ := isMountpoint(other); mounted {
+			t.Fatal("a refused mount left a mount behind")
+		}
+	})
 	if out := e.ok("status", "--once", mnt); !strings.Contains(out, "segments") {
 		t.Fatalf("status: %q", out)
 	}
