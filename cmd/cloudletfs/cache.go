@@ -16,7 +16,7 @@ import (
 )
 
 var cacheSizeFlag = &cli.StringFlag{Name: "cache-size", Value: "20GiB",
-	Usage: "cap on the chunk cache: least recently used overlays' caches are removed to stay under it (mounted ones never)"}
+	Usage: "cap on the chunk cache: when a mount starts and when it ends, least recently used overlays' caches are removed to stay under it (mounted ones never, nor data written through mounts)"}
 
 // parseCacheSize reads --cache-size; a command without the flag has no cap.
 func parseCacheSize(c *cli.Context) (int64, error) {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -291,6 +292,10 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 		return nil, err
 	}
 	s.close = append(s.close, closeBase)
+	limit, err := parseCacheSize(c)
+	if err != nil {
+		return nil, err
+	}
 	cache, err := st.OpenCache(o.ID, int(o.Header.ChunkSize), [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)})
 	if errors.Is(err, store.ErrInUse) {
 		return nil, fmt.Errorf("overlay %s is already mounted by another cloudletfs process: unmount it first", ref)
@@ -299,10 +304,11 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 		return nil, err
 	}
 	s.cache = cache
+	// After the cache is let go: what this mount fetched counts against
+	// the cap too.
+	s.close = append(s.close, func() { collectCaches(c, log, limit) })
 	s.close = append(s.close, func() { cache.Close() })
-	if limit, err := parseCacheSize(c); err != nil {
-		return nil, err
-	} else if freed, err := st.GC(limit, o.ID); err != nil {
+	if freed, err := st.GC(limit, o.ID); err != nil {
 		log.Warn().Err(err).Msg("cache: collecting least recently used overlays failed")
 	} else if freed > 0 {
 		log.Info().Str("freed", humanize.IBytes(uint64(freed))).Msg("cache: removed least recently used overlays")
@@ -328,6 +334,25 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 	}
 	ok = true
 	return s, nil
+}
+
+// collectCaches removes the least recently used caches of overlays that
+// are not mounted until they fit limit.
+func collectCaches(c *cli.Context, log zerolog.Logger, limit int64) {
+	if limit == math.MaxInt64 {
+		return
+	}
+	st, err := openStore(c)
+	if err != nil {
+		log.Warn().Err(err).Msg("cache: could not open the state dir to keep the cache under --cache-size")
+		return
+	}
+	defer st.Close()
+	if freed, err := st.GC(limit); err != nil {
+		log.Warn().Err(err).Msg("cache: collecting least recently used overlays failed")
+	} else if freed > 0 {
+		log.Info().Str("freed", humanize.IBytes(uint64(freed))).Msg("cache: removed least recently used overlays to stay under --cache-size")
+	}
 }
 
 // unmount wakes every waiting reader, so the kernel can let go, and
