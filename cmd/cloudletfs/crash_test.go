@@ -168,9 +168,7 @@ func (w *writer) check(got, want []byte) error {
 // kill the cache verifies, a new mount or umount cleans the dead mount, and
 // the remount holds every fsynced write and the VM's bytes.
 func TestKillDuringWrites(t *testing.T) {
-	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
-		t.Skip("needs root and /dev/fuse")
-	}
+	requireFUSE(t)
 	e := bigEnv(t, 2048, 1024) // 8 MiB disk, 4 MiB memory
 	e.importBase("base", "base")
 	e.create("srv/app.overlay", "--segment-size", "256KiB", "--codec", "zstd")
@@ -188,10 +186,7 @@ func TestKillDuringWrites(t *testing.T) {
 	next := 0
 	const rounds = 10
 	for round := range rounds {
-		m := e.start("mount", "--fetch-timeout", "10s", url, mnt)
-		if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
-			t.Fatalf("round %d: mount printed %q; stderr:\n%s", round, l, m.stderr)
-		}
+		m := e.mount("--fetch-timeout", "10s", url, mnt)
 		// After an odd round umount cleaned the dead mount; after an even
 		// one this mount does.
 		if round%2 == 1 && !strings.Contains(m.errText(), "cleaned a dead mount") {
@@ -255,10 +250,7 @@ func TestKillDuringWrites(t *testing.T) {
 
 	// A last mount: the fsynced writes and every other byte are right,
 	// the stream completes, and the cache verifies clean.
-	m := e.start("mount", url, mnt)
-	if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
-		t.Fatalf("last mount printed %q", l)
-	}
+	m := e.mount(url, mnt)
 	for name, b := range want {
 		got, err := os.ReadFile(filepath.Join(mnt, name, "image"))
 		if err != nil {

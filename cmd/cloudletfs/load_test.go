@@ -82,9 +82,7 @@ func readAll(dir string, want map[string][]byte, readers int, seed uint64) (int6
 // every byte right. The aggregate throughput is logged next to the same
 // reads from the extracted files.
 func TestLoadEightMounts(t *testing.T) {
-	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
-		t.Skip("needs root and /dev/fuse")
-	}
+	requireFUSE(t)
 	const mounts, readers = 8, 32
 	scale := loadScale(t)
 	e := bigEnv(t, 512*scale, 256*scale)

@@ -84,9 +84,7 @@ func vmHWM(t *testing.T, pid int) int64 {
 // under fs.MemoryBound while every byte of both images is read through
 // it, which touches every chunk and so fills the access trace.
 func TestMountMemoryBound(t *testing.T) {
-	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
-		t.Skip("needs root and /dev/fuse")
-	}
+	requireFUSE(t)
 	if testing.Short() {
 		t.Skip("reads 10 GiB through a mount")
 	}
@@ -129,10 +127,7 @@ func TestMountMemoryBound(t *testing.T) {
 	mnt := e.path("mnt")
 	os.MkdirAll(mnt, 0o755)
 	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
-	m := e.start("mount", url, mnt)
-	if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
-		t.Fatalf("mount printed %q", l)
-	}
+	m := e.mount(url, mnt)
 	ready := vmHWM(t, m.cmd.Process.Pid)
 	var read int64
 	buf := make([]byte, 1<<20)

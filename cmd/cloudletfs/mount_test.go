@@ -87,6 +87,24 @@ func (e *env) start(args ...string) *proc {
 	return p
 }
 
+// requireFUSE skips a test that needs to mount.
+func requireFUSE(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
+		t.Skip("needs root and /dev/fuse")
+	}
+}
+
+// mount starts `cloudletfs mount` with args and waits for its ready line.
+func (e *env) mount(args ...string) *proc {
+	e.t.Helper()
+	m := e.start(append([]string{"mount"}, args...)...)
+	if l := m.line(e.t); !strings.HasPrefix(l, "ready in ") {
+		e.t.Fatalf("mount %v printed %q; stderr:\n%s", args, l, m.errText())
+	}
+	return m
+}
+
 // line waits for the next line of stdout.
 func (p *proc) line(t *testing.T) string {
 	t.Helper()
@@ -136,9 +154,7 @@ func sha(t *testing.T, path string) [32]byte {
 }
 
 func TestMountCommand(t *testing.T) {
-	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
-		t.Skip("needs root and /dev/fuse")
-	}
+	requireFUSE(t)
 	e := newEnv(t)
 	e.importBase("base", "base")
 	e.create("srv/app.overlay")
@@ -162,10 +178,7 @@ func TestMountCommand(t *testing.T) {
 	})
 
 	trace := e.path("run.trace")
-	m := e.start("mount", "--trace-out", trace, url, mnt)
-	if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
-		t.Fatalf("mount printed %q", l)
-	}
+	m := e.mount("--trace-out", trace, url, mnt)
 	t.Run("busy mountpoint", func(t *testing.T) {
 		e := e.in(t)
 		// The running mount holds the state dir, so check with another.
@@ -208,10 +221,7 @@ func TestMountCommand(t *testing.T) {
 	m.wait(t)
 
 	// The remount cleans the dead mount, says so, and has the write.
-	m = e.start("mount", "--trace-out", trace, url, mnt)
-	if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
-		t.Fatalf("remount printed %q", l)
-	}
+	m = e.mount("--trace-out", trace, url, mnt)
 	if !strings.Contains(m.errText(), "cleaned a dead mount") {
 		t.Fatalf("the remount did not name the dead mount; stderr:\n%s", m.errText())
 	}
@@ -249,10 +259,7 @@ func TestMountCommand(t *testing.T) {
 	// A cap smaller than the overlay: its cache stays while mounted and
 	// goes when the mount ends; the written data stays.
 	for range 2 {
-		m = e.start("mount", "--cache-size", "1KiB", url, mnt)
-		if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
-			t.Fatalf("mount after cache rm printed %q", l)
-		}
+		m = e.mount("--cache-size", "1KiB", url, mnt)
 		got, err = os.ReadFile(filepath.Join(mnt, "disk", "image"))
 		if err != nil || !bytes.Equal(got, want) {
 			t.Fatalf("after cache rm the disk differs (%v)", err)
@@ -291,9 +298,7 @@ func TestMountCommand(t *testing.T) {
 
 // A mount is private to the user who made it unless --allow-other is given.
 func TestMountIsPrivate(t *testing.T) {
-	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
-		t.Skip("needs root and /dev/fuse")
-	}
+	requireFUSE(t)
 	e := newEnv(t)
 	e.importBase("base", "base")
 	e.create("srv/app.overlay")
@@ -325,14 +330,11 @@ func TestMountIsPrivate(t *testing.T) {
 	}
 	want := e.read("app/disk.img")
 	for _, allow := range []bool{false, true} {
-		args := []string{"mount", url, mnt}
+		args := []string{url, mnt}
 		if allow {
-			args = []string{"mount", "--allow-other", url, mnt}
+			args = []string{"--allow-other", url, mnt}
 		}
-		m := e.start(args...)
-		if l := m.line(t); !strings.HasPrefix(l, "ready in ") {
-			t.Fatalf("mount printed %q", l)
-		}
+		m := e.mount(args...)
 		if got, err := os.ReadFile(filepath.Join(mnt, "disk", "image")); err != nil || !bytes.Equal(got, want) {
 			t.Fatalf("the mounting user cannot read the disk (%v)", err)
 		}

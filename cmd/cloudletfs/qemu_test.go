@@ -36,9 +36,7 @@ func guest(t *testing.T) string {
 // The whole journey under TCG: build the guest, base create, overlay
 // capture with a script, serve over an emulated slow link, launch --probe.
 func TestQEMUEndToEnd(t *testing.T) {
-	if _, err := os.Stat("/dev/fuse"); err != nil || os.Geteuid() != 0 {
-		t.Skip("needs root and /dev/fuse")
-	}
+	requireFUSE(t)
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
 		t.Skip("needs qemu-system-x86_64 (make deps)")
 	}
