@@ -107,13 +107,7 @@ func qemuEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 // ResolveAccel turns auto, kvm or tcg into the accelerator to use, and
 // fails if KVM is asked for but cannot be used.
 func ResolveAccel(want string) (string, error) {
-	usable := func() error {
-		f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
-		if err != nil {
-			return err
-		}
-		return f.Close()
-	}
+	usable := probeKVM
 	switch want {
 	case "", "auto":
 		if usable() == nil {

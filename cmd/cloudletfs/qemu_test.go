@@ -16,6 +16,7 @@ import (
 
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/qemu"
 )
 
 // guest builds (or reuses) the test guest from Debian packages.
@@ -205,7 +206,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 			{[]string{"launch", "--accel", "kvm", url}, "KVM is not usable"},
 		} {
 			if tc.want == "KVM is not usable" {
-				if _, err := os.Stat("/dev/kvm"); err == nil {
+				if _, err := qemu.ResolveAccel("kvm"); err == nil {
 					continue
 				}
 			}
