@@ -197,7 +197,8 @@ func (s *Store) moveOldKeys(c *Cache) error {
 }
 
 // VerifyCache runs Cache.Verify on the cache of an overlay that is not
-// mounted (ErrInUse otherwise).
+// mounted (ErrInUse otherwise). It holds only that overlay's lock, not the
+// registry, so it may run after Close.
 func (s *Store) VerifyCache(id overlay.Digest) (checked int, bad []int, err error) {
 	c := &Cache{id: id}
 	defer c.Close()
@@ -371,7 +372,8 @@ func (c *Cache) checkMarker(v []byte, sizes [2]int64, buf []byte) (bool, error) 
 			return false, nil
 		}
 		if _, err := c.files[img].ReadAt(buf[:n2], idx*c.chunkSize); err != nil {
-			return false, err
+			// Unreadable is as bad as different: fetch the segment again.
+			return false, nil
 		}
 		h.Write(buf[:n2])
 	}

@@ -157,6 +157,11 @@ func cacheVerify(c *cli.Context) error {
 			ids = append(ids, e.ID)
 		}
 	}
+	// Verifying re-reads whole caches; mounts must not wait on the
+	// registry meanwhile. Each overlay is held by its own lock.
+	if err := st.Close(); err != nil {
+		return err
+	}
 	var total, failed int
 	for _, id := range ids {
 		checked, bad, err := st.VerifyCache(id)

@@ -170,10 +170,21 @@ func checkMountpoint(dir string, log zerolog.Logger) (string, error) {
 
 // isDeadMount reports whether the FUSE daemon behind the mount at abs is
 // gone: every access then fails with ENOTCONN. Cached attributes can hide
-// that from a plain stat, so it lists the directory.
+// that from a plain stat, so it lists the directory. A daemon that is alive
+// but does not answer is not dead; the listing is given up on after a
+// moment so that its caller does not hang with it.
 func isDeadMount(abs string) bool {
-	_, err := os.ReadDir(abs)
-	return errors.Is(err, syscall.ENOTCONN)
+	res := make(chan error, 1)
+	go func() {
+		_, err := os.ReadDir(abs)
+		res <- err
+	}()
+	select {
+	case err := <-res:
+		return errors.Is(err, syscall.ENOTCONN)
+	case <-time.After(2 * time.Second):
+		return false
+	}
 }
 
 // mountType returns the file system type of the mount at abs, or "" when
@@ -316,12 +327,6 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 	if err := st.Close(); err != nil {
 		return nil, err
 	}
-	if os.Getenv("GOMEMLIMIT") == "" {
-		// The garbage collector's slack would otherwise double what the
-		// mount holds; a soft limit under the bound keeps it in check.
-		// The program's text and stacks take the rest.
-		debug.SetMemoryLimit(cfs.MemoryBound(o.Header) - 48<<20)
-	}
 	if s.f, err = fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: log}); err != nil {
 		return nil, fmt.Errorf("overlay %s: %w", ref, err)
 	}
@@ -334,6 +339,17 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 	}
 	ok = true
 	return s, nil
+}
+
+// limitMemory sets a soft memory limit under the bound a mount of the
+// overlay stays under (cfs.MemoryBound), for a process that only serves
+// the mount: the garbage collector's slack would otherwise double what
+// the mount holds. GOMEMLIMIT overrides it. The program's text and stacks
+// take the rest of the bound.
+func limitMemory(h *overlay.Header) {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(cfs.MemoryBound(h) - 48<<20)
+	}
 }
 
 // collectCaches removes the least recently used caches of overlays that
@@ -391,6 +407,7 @@ func mountCmd(c *cli.Context) error {
 		return err
 	}
 	defer s.finish()
+	limitMemory(s.o.Header)
 	stats := s.f.Stats()
 	fmt.Fprintf(c.App.Writer, "ready in %s: %s mounted on %s (%d of %d segments present)\n",
 		time.Since(s.start).Round(time.Millisecond), ref, s.dir, stats.SegmentsPresent, stats.Segments)

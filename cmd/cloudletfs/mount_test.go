@@ -222,9 +222,6 @@ func TestMountCommand(t *testing.T) {
 
 	// The remount cleans the dead mount, says so, and has the write.
 	m = e.mount("--trace-out", trace, url, mnt)
-	if !strings.Contains(m.errText(), "cleaned a dead mount") {
-		t.Fatalf("the remount did not name the dead mount; stderr:\n%s", m.errText())
-	}
 	got, err = os.ReadFile(filepath.Join(mnt, "disk", "image"))
 	if err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("after kill -9 and remount the disk differs (%v)", err)
@@ -232,6 +229,9 @@ func TestMountCommand(t *testing.T) {
 	e.ok("umount", mnt)
 	if err := m.wait(t); err != nil {
 		t.Fatalf("mount exited with %v after umount; stderr:\n%s", err, m.stderr)
+	}
+	if !strings.Contains(m.errText(), "cleaned a dead mount") {
+		t.Fatalf("the remount did not name the dead mount; stderr:\n%s", m.errText())
 	}
 	acc, err := order.ParseFile(trace)
 	if err != nil || len(acc.Accesses) == 0 {

@@ -537,6 +537,7 @@ func launchCmd(c *cli.Context) error {
 			return err
 		}
 		defer s.finish()
+		limitMemory(s.o.Header)
 		defer s.unmount()
 		mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.o.Header.TotalLen())), len(s.o.Manifest.Segments)))
 		if s.o.VMConfig == nil {
@@ -572,10 +573,13 @@ func launchCmd(c *cli.Context) error {
 	if err := vm.Resume(c.Context, state); err != nil {
 		// QEMU reads guest memory while it resumes; if a read fails it
 		// dies, and the QMP error alone would not say why.
+		if c.Context.Err() != nil {
+			return err
+		}
 		select {
 		case <-vm.Exited():
 			return fmt.Errorf("resuming the VM: %w", vmEnded(vm, s, false))
-		case <-time.After(5 * time.Second):
+		case <-time.After(2 * time.Second):
 			return err
 		}
 	}
