@@ -2,6 +2,7 @@ package fs
 
 import (
 	"fmt"
+	"io"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -136,6 +137,17 @@ func (r *recorder) mark(name string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.marks = append(r.marks, order.Mark{Time: t, Name: name})
+}
+
+// writeTrace writes the trace so far in the trace format without joining
+// its blocks: the blocks are only ever appended to, so their views taken
+// under the lock stay valid.
+func (r *recorder) writeTrace(w io.Writer) error {
+	r.mu.Lock()
+	marks := append([]order.Mark(nil), r.marks...)
+	blocks := append([][]order.Access(nil), r.trace...)
+	r.mu.Unlock()
+	return order.WriteBlocks(w, marks, blocks...)
 }
 
 // Trace returns the first access of every chunk touched so far, and the

@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"sync"
 	"syscall"
 	"time"
@@ -78,6 +79,10 @@ func (m *Mount) Wait() { m.server.Wait() }
 // Trace returns the first access of every chunk so far, timed from ready,
 // and the marks.
 func (m *Mount) Trace() *order.Trace { return m.rec.Trace() }
+
+// WriteTrace writes the trace so far in the trace format, as Trace and
+// order.Write would, without a second copy of it in memory.
+func (m *Mount) WriteTrace(w io.Writer) error { return m.rec.writeTrace(w) }
 
 // Mark records a named moment, such as a probe's first success, in the trace.
 func (m *Mount) Mark(name string) { m.rec.mark(name) }

@@ -159,16 +159,23 @@ func FirstAccess(acc []Access) []overlay.ChunkID {
 }
 
 // Write writes a trace in the trace format, marks first.
-func Write(w io.Writer, t *Trace) error {
+func Write(w io.Writer, t *Trace) error { return WriteBlocks(w, t.Marks, t.Accesses) }
+
+// WriteBlocks writes marks and then the accesses of each block in turn in
+// the trace format, for a trace kept in pieces that it would cost memory to
+// join.
+func WriteBlocks(w io.Writer, marks []Mark, blocks ...[]Access) error {
 	bw := bufio.NewWriter(w)
-	for _, m := range t.Marks {
+	for _, m := range marks {
 		fmt.Fprintf(bw, "%.6f mark %s\n", m.Time, m.Name)
 	}
-	for _, a := range t.Accesses {
-		if a.Bytes > 0 || a.Wait > 0 {
-			fmt.Fprintf(bw, "%.6f %s %d %d %.6f\n", a.Time, a.Chunk.Image, a.Chunk.Index, a.Bytes, a.Wait)
-		} else {
-			fmt.Fprintf(bw, "%.6f %s %d\n", a.Time, a.Chunk.Image, a.Chunk.Index)
+	for _, b := range blocks {
+		for _, a := range b {
+			if a.Bytes > 0 || a.Wait > 0 {
+				fmt.Fprintf(bw, "%.6f %s %d %d %.6f\n", a.Time, a.Chunk.Image, a.Chunk.Index, a.Bytes, a.Wait)
+			} else {
+				fmt.Fprintf(bw, "%.6f %s %d\n", a.Time, a.Chunk.Image, a.Chunk.Index)
+			}
 		}
 	}
 	return bw.Flush()

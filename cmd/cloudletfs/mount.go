@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/http"
@@ -427,7 +428,7 @@ func mountCmd(c *cli.Context) error {
 	s.m.Wait()
 	s.f.Close()
 	if out := c.Path("trace-out"); out != "" {
-		if err := writeTrace(out, s.m.Trace()); err != nil {
+		if err := writeTrace(out, s.m.WriteTrace); err != nil {
 			return fmt.Errorf("--trace-out: %w", err)
 		}
 	}
@@ -448,14 +449,14 @@ func resolveBase(st *store.Store, ref string, o *overlay.Overlay, src string) (*
 }
 
 // writeTrace writes a trace atomically.
-func writeTrace(path string, t *order.Trace) error {
+func writeTrace(path string, write func(io.Writer) error) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return err
 	}
 	defer os.Remove(tmp.Name())
 	fmt.Fprintf(tmp, "# cloudletfs trace: <seconds since ready> <disk|memory> <chunk index> <bytes read> <seconds the read took>\n")
-	if err := order.Write(tmp, t); err != nil {
+	if err := write(tmp); err != nil {
 		tmp.Close()
 		return err
 	}

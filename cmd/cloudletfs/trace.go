@@ -169,7 +169,7 @@ func traceMerge(c *cli.Context) error {
 		return err
 	}
 	out := c.Path("output")
-	if err := writeTrace(out, m); err != nil {
+	if err := writeTrace(out, func(w io.Writer) error { return order.Write(w, m) }); err != nil {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "merged %d runs (%s) into %s: %d chunks\n", len(runs), s, out, len(m.Accesses))

@@ -403,7 +403,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 
 	trace := s.m.Trace()
 	if p := c.Path("trace-out"); p != "" {
-		if err := writeTrace(p, trace); err != nil {
+		if err := writeTrace(p, func(w io.Writer) error { return order.Write(w, trace) }); err != nil {
 			return fmt.Errorf("--trace-out: %w", err)
 		}
 	}
@@ -660,7 +660,7 @@ func vmEnded(vm *qemu.VM, s *session, probeDone bool) error {
 
 func writeLaunchTrace(c *cli.Context, s *session) error {
 	if out := c.Path("trace-out"); out != "" && s != nil {
-		if err := writeTrace(out, s.m.Trace()); err != nil {
+		if err := writeTrace(out, s.m.WriteTrace); err != nil {
 			return fmt.Errorf("--trace-out: %w", err)
 		}
 	}
