@@ -40,6 +40,14 @@ type Source interface {
 // whole file.
 var ErrNoRange = errors.New("the server ignores Range requests; cloudletfs needs one that honours them (any static file server, CDN or S3-compatible store does)")
 
+// Redact returns ref fit to show: a URL's password replaced by xxxxx.
+func Redact(ref string) string {
+	if u, err := url.Parse(ref); err == nil && u.User != nil {
+		return u.Redacted()
+	}
+	return ref
+}
+
 // OpenSource returns the source for an http(s):// URL, a file:// URL or a
 // path. header is sent with every HTTP request (credentials, say); it never
 // appears in errors or logs, and neither do credentials in the URL.
@@ -57,7 +65,7 @@ func OpenSource(ref string, client *http.Client, header http.Header) (Source, er
 	if err == nil && u.Scheme == "file" {
 		path = u.Path
 	} else if err == nil && u.Scheme != "" && len(u.Scheme) > 1 {
-		return nil, fmt.Errorf("overlay %s: unsupported scheme %q: use http://, https://, file:// or a path", ref, u.Scheme)
+		return nil, fmt.Errorf("overlay %s: unsupported scheme %q: use http://, https://, file:// or a path", Redact(ref), u.Scheme)
 	}
 	f, err := os.Open(path)
 	if err != nil {

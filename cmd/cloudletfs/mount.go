@@ -231,6 +231,7 @@ func unescapeMount(s string) string {
 // session is a live mount: its fetcher, file system and the store behind
 // them.
 type session struct {
+	shown string // the overlay's URL fit to show: no password
 	dir   string
 	start time.Time
 	f     *fetch.Fetcher
@@ -247,7 +248,7 @@ type session struct {
 // and mounts of other overlays can run beside it. Everything it opens is
 // released by finish.
 func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*session, error) {
-	s := &session{start: time.Now()}
+	s := &session{start: time.Now(), shown: fetch.Redact(ref)}
 	ok := false
 	defer func() {
 		if !ok {
@@ -296,7 +297,7 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 		return nil, err
 	}
 	defer st.Close()
-	if s.base, err = resolveBase(st, c.String("base"), o, ref); err != nil {
+	if s.base, err = resolveBase(st, c.String("base"), o, s.shown); err != nil {
 		return nil, err
 	}
 	base, closeBase, err := store.OpenImages(s.base)
@@ -310,7 +311,7 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 	}
 	cache, err := st.OpenCache(o.ID, int(o.Header.ChunkSize), [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)})
 	if errors.Is(err, store.ErrInUse) {
-		return nil, fmt.Errorf("overlay %s is already mounted by another cloudletfs process: unmount it first", ref)
+		return nil, fmt.Errorf("overlay %s is already mounted by another cloudletfs process: unmount it first", s.shown)
 	}
 	if err != nil {
 		return nil, err
@@ -329,7 +330,7 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 		return nil, err
 	}
 	if s.f, err = fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: log}); err != nil {
-		return nil, fmt.Errorf("overlay %s: %w", ref, err)
+		return nil, fmt.Errorf("overlay %s: %w", s.shown, err)
 	}
 	s.close = append(s.close, s.f.Close)
 	if s.m, err = cfs.New(abs, s.f, cfs.Options{Log: log, AllowOther: c.Bool("allow-other"), Debug: c.Bool("debug-fuse")}); err != nil {
@@ -411,7 +412,7 @@ func mountCmd(c *cli.Context) error {
 	limitMemory(s.o.Header)
 	stats := s.f.Stats()
 	fmt.Fprintf(c.App.Writer, "ready in %s: %s mounted on %s (%d of %d segments present)\n",
-		time.Since(s.start).Round(time.Millisecond), ref, s.dir, stats.SegmentsPresent, stats.Segments)
+		time.Since(s.start).Round(time.Millisecond), s.shown, s.dir, stats.SegmentsPresent, stats.Segments)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)

@@ -351,3 +351,60 @@ func TestMountIsPrivate(t *testing.T) {
 		}
 	}
 }
+
+// Credentials given to a mount reach the server and appear nowhere a user
+// or a log collector can see: not in the mount's log (at debug level), its
+// stats or event streams, the server's request log, or an error.
+func TestCredentialsNeverShown(t *testing.T) {
+	requireFUSE(t)
+	const secret = "s3cret-token-4711"
+	e := newEnv(t)
+	e.importBase("base", "base")
+	e.create("srv/app.overlay")
+	srv := e.start("--log-level", "debug", "serve", "--addr", "127.0.0.1:0", "--token", secret, e.path("srv"))
+	url := strings.Fields(srv.line(t))[3] + "/app.overlay"
+	withPassword := strings.Replace(url, "://", "://user:"+secret+"@", 1)
+	mnt := e.path("mnt")
+	os.MkdirAll(mnt, 0o755)
+	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
+
+	// Refused without the token, and with a wrong one: the error names
+	// the problem, not the secret.
+	for _, args := range [][]string{{withPassword, mnt}, {"--header", "Authorization: Bearer wrong-" + secret, url, mnt}} {
+		_, err := e.run(append([]string{"mount"}, args...)...)
+		if err == nil || strings.Contains(err.Error(), secret) || !strings.Contains(err.Error(), "credentials") {
+			t.Fatalf("mount %v: %v", args[:len(args)-1], err)
+		}
+	}
+	m := e.start("--log-level", "debug", "mount", "--header", "Authorization: Bearer "+secret, withPassword, mnt)
+	if l := m.line(t); !strings.HasPrefix(l, "ready in ") || strings.Contains(l, secret) {
+		t.Fatalf("mount printed %q", l)
+	}
+	seen := map[string][]byte{"ready line": nil}
+	for _, name := range []string{"stats", "vm.json", "streams/io", "streams/chunks_fetched", "disk/image"} {
+		b, err := os.ReadFile(filepath.Join(mnt, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen[name] = b
+	}
+	if !bytes.Equal(seen["disk/image"], e.read("app/disk.img")) {
+		t.Fatal("the disk differs through a mount with credentials")
+	}
+	seen["status"] = []byte(e.ok("status", "--once", mnt))
+	e.ok("umount", mnt)
+	if err := m.wait(t); err != nil {
+		t.Fatalf("mount exited with %v", err)
+	}
+	srv.cmd.Process.Signal(syscall.SIGTERM)
+	srv.wait(t)
+	seen["mount log"], seen["serve log"] = []byte(m.errText()), []byte(srv.errText())
+	if !strings.Contains(m.errText(), "DBG") {
+		t.Fatalf("the mount logged nothing at debug level:\n%s", m.errText())
+	}
+	for what, b := range seen {
+		if bytes.Contains(b, []byte(secret)) {
+			t.Errorf("the secret appears in the %s", what)
+		}
+	}
+}

@@ -541,7 +541,7 @@ func launchCmd(c *cli.Context) error {
 		defer s.unmount()
 		mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.o.Header.TotalLen())), len(s.o.Manifest.Segments)))
 		if s.o.VMConfig == nil {
-			return fmt.Errorf("overlay %s carries no vm.json: build it with `overlay capture`, or pass --vm-config to `overlay create`", ref)
+			return fmt.Errorf("overlay %s carries no vm.json: build it with `overlay capture`, or pass --vm-config to `overlay create`", s.shown)
 		}
 		if cfg, err = qemu.LoadConfig(s.o.VMConfig); err != nil {
 			return err
