@@ -59,17 +59,19 @@ logged with its path, range, bytes and duration.`,
 		{
 			Name:      "mount",
 			Usage:     "mount an overlay so a VM can resume from it before it has arrived",
-			UsageText: "cloudletfs mount [--base ID|NAME] [--trace-out FILE] [--fetch-timeout DURATION] OVERLAY MOUNTPOINT",
+			UsageText: "cloudletfs mount [--base ID|NAME] [--trace-out FILE] [--fetch-timeout DURATION] [--fresh] OVERLAY MOUNTPOINT",
 			Description: `OVERLAY is an http(s):// URL, a file:// URL or a path. The mount appears as soon as the
 overlay's metadata has arrived and shows disk/image, memory/image, state, vm.json,
 stats and streams/. Segments stream in the background; a read of a chunk that has not
 arrived fetches its segment ahead of the stream. The command serves until SIGINT,
-SIGTERM or 'cloudletfs umount MOUNTPOINT', then unmounts and exits 0.`,
+SIGTERM or 'cloudletfs umount MOUNTPOINT', then unmounts and exits 0. Writes are kept
+in the state dir, and a later mount of the same overlay shows them (not with --fresh).`,
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "base", Usage: "base VM, by ID or NAME (default: the overlay's own base ID)"},
 				&cli.PathFlag{Name: "trace-out", Usage: "write the accesses seen, timed from ready, to FILE at unmount"},
 				&cli.DurationFlag{Name: "fetch-timeout", Value: 30 * time.Second, Usage: "longest a read waits for its segment before failing with EIO"},
 				&cli.BoolFlag{Name: "allow-other", Usage: "let users other than the mounting one use the mount"},
+				&cli.BoolFlag{Name: "fresh", Usage: "discard what earlier mounts of the overlay wrote: do this before resuming the overlay's saved VM state again"},
 				policyFlag, headerFlag, caCertFlag, cacheSizeFlag,
 				&cli.BoolFlag{Name: "debug-fuse", Usage: "log every FUSE request"},
 			},
@@ -247,7 +249,11 @@ type session struct {
 // starts; the mount then holds just its overlay's cache, so other commands
 // and mounts of other overlays can run beside it. Everything it opens is
 // released by finish.
-func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*session, error) {
+//
+// With fresh, data written through earlier mounts of the overlay is
+// discarded first: a VM resumed from the overlay's saved state must see
+// the disk that state was saved with.
+func openSession(c *cli.Context, ref, dir string, timeout time.Duration, fresh bool) (*session, error) {
 	s := &session{start: time.Now(), shown: fetch.Redact(ref)}
 	ok := false
 	defer func() {
@@ -317,6 +323,16 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration) (*sessi
 		return nil, err
 	}
 	s.cache = cache
+	if fresh {
+		if written, err := cache.CowChunks(); err != nil {
+			return nil, err
+		} else if len(written) > 0 {
+			if err := cache.DropWritten(); err != nil {
+				return nil, err
+			}
+			log.Warn().Int("chunks", len(written)).Msg("discarded data written by an earlier run of this overlay: the VM resumes from the overlay's saved state, which that data does not match")
+		}
+	}
 	// After the cache is let go: what this mount fetched counts against
 	// the cap too.
 	s.close = append(s.close, func() { collectCaches(c, log, limit) })
@@ -404,7 +420,7 @@ func mountCmd(c *cli.Context) error {
 	}
 	log := logger(c)
 	ref := c.Args().Get(0)
-	s, err := openSession(c, ref, c.Args().Get(1), c.Duration("fetch-timeout"))
+	s, err := openSession(c, ref, c.Args().Get(1), c.Duration("fetch-timeout"), c.Bool("fresh"))
 	if err != nil {
 		return err
 	}

@@ -323,19 +323,8 @@ func overlayCaptureCmd(c *cli.Context) error {
 	}
 	defer closeBase()
 	ident := filepath.Join(work, "base.overlay")
-	identSum, err := buildFromFiles(ident, base, rec.Disk.Path, rec.Memory.Path, rec.State.Path, rec.VMConfig.Path,
+	_, err = buildFromFiles(ident, base, rec.Disk.Path, rec.Memory.Path, rec.State.Path, rec.VMConfig.Path,
 		overlay.BuildOptions{Codec: overlay.CodecZstd, Workers: c.Int("jobs")})
-	if err != nil {
-		return err
-	}
-	// Start from the base as it is, whatever an earlier capture wrote.
-	sizes := [2]int64{rec.Disk.Size, rec.Memory.Size}
-	cache, err := st.OpenCache(identSum.ID, rec.ChunkSize, sizes)
-	if err != nil {
-		return err
-	}
-	err = cache.DropWritten()
-	cache.Close()
 	if err != nil {
 		return err
 	}
@@ -347,7 +336,8 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err := st.Close(); err != nil {
 		return err
 	}
-	s, err := openSession(c, ident, mnt, time.Minute)
+	// Start from the base as it is, whatever an earlier capture wrote.
+	s, err := openSession(c, ident, mnt, time.Minute, true)
 	if err != nil {
 		return err
 	}
@@ -533,7 +523,7 @@ func launchCmd(c *cli.Context) error {
 			return err
 		}
 		defer os.Remove(mnt)
-		if s, err = openSession(c, ref, mnt, c.Duration("fetch-timeout")); err != nil {
+		if s, err = openSession(c, ref, mnt, c.Duration("fetch-timeout"), true); err != nil {
 			return err
 		}
 		defer s.finish()
