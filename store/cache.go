@@ -152,13 +152,13 @@ func (s *Store) moveOldKeys(c *Cache) error {
 	moved := 0
 	for _, prefix := range []string{"cow/", "seg/"} {
 		old := append([]byte(prefix), c.id[:]...)
-		var keys [][]byte
+		found := false
 		err := s.db.View(func(txn *badger.Txn) error {
 			it := txn.NewIterator(badger.IteratorOptions{Prefix: old, PrefetchValues: prefix == "cow/"})
 			defer it.Close()
 			for it.Rewind(); it.Valid(); it.Next() {
-				k := it.Item().KeyCopy(nil)
-				keys = append(keys, k)
+				k := it.Item().Key()
+				found = true
 				if prefix != "cow/" || len(k) != len(old)+5 {
 					continue
 				}
@@ -176,7 +176,7 @@ func (s *Store) moveOldKeys(c *Cache) error {
 		if err != nil {
 			return fmt.Errorf("moving written data out of the registry: %w", err)
 		}
-		if len(keys) == 0 {
+		if !found {
 			continue
 		}
 		// Durable in the overlay's database before the registry forgets it.
