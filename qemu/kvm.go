@@ -42,20 +42,17 @@ func probeKVM() error {
 		return err
 	}
 	defer kvm.Close()
-	ioctl := func(fd uintptr, req, arg uintptr) (uintptr, error) {
-		r, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, req, arg)
-		if errno != 0 {
-			return 0, errno
-		}
-		return r, nil
-	}
-	if v, err := ioctl(kvm.Fd(), kvmGetAPIVersion, 0); err != nil || v != 12 {
+	if v, err := ioctl(kvm.Fd(), kvmGetAPIVersion, nil); err != nil || v != 12 {
 		return fmt.Errorf("KVM API version %d (%v), want 12", v, err)
 	}
-	if err := checkCPUID(ioctl, kvm.Fd()); err != nil {
+	if err := checkCPUID(kvm.Fd()); err != nil {
 		return err
 	}
-	vmfd, err := ioctl(kvm.Fd(), kvmCreateVM, 0)
+	runSize, err := ioctl(kvm.Fd(), kvmGetVCPUMmapSize, nil)
+	if err != nil {
+		return fmt.Errorf("KVM_GET_VCPU_MMAP_SIZE: %w", err)
+	}
+	vmfd, err := ioctl(kvm.Fd(), kvmCreateVM, nil)
 	if err != nil {
 		return fmt.Errorf("KVM_CREATE_VM: %w", err)
 	}
@@ -72,7 +69,7 @@ func probeKVM() error {
 		slot, flags                    uint32
 		guestPhys, size, userspaceAddr uint64
 	}{0, 0, 0x1000, 0x1000, uint64(uintptr(unsafe.Pointer(&mem[0])))}
-	if _, err := ioctl(vmfd, kvmSetUserMemoryRegion, uintptr(unsafe.Pointer(&region))); err != nil {
+	if _, err := ioctl(vmfd, kvmSetUserMemoryRegion, unsafe.Pointer(&region)); err != nil {
 		unix.Close(int(vmfd))
 		unix.Munmap(mem)
 		return fmt.Errorf("KVM_SET_USER_MEMORY_REGION: %w", err)
@@ -80,7 +77,7 @@ func probeKVM() error {
 	done := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		done <- runProbe(ioctl, kvm.Fd(), vmfd)
+		done <- runProbe(vmfd, runSize)
 		unix.Close(int(vmfd))
 		unix.Munmap(mem)
 	}()
@@ -92,43 +89,53 @@ func probeKVM() error {
 	}
 }
 
-// runProbe creates the vCPU, points it at the code and runs it to hlt.
-func runProbe(ioctl func(fd, req, arg uintptr) (uintptr, error), kvm, vmfd uintptr) error {
-	vcpu, err := ioctl(vmfd, kvmCreateVCPU, 0)
+// ioctl calls ioctl(2) with a pointer argument. The pointer is converted
+// in the call itself, which keeps what it points to alive and in place
+// for the call.
+func ioctl(fd, req uintptr, arg unsafe.Pointer) (uintptr, error) {
+	r, _, errno := unix.Syscall(unix.SYS_IOCTL, fd, req, uintptr(arg))
+	if errno != 0 {
+		return 0, errno
+	}
+	return r, nil
+}
+
+// runProbe creates the vCPU of the VM vmfd, points it at the code and
+// runs it to hlt. runSize is the size of the vCPU's shared run area.
+func runProbe(vmfd, runSize uintptr) error {
+	vcpu, err := ioctl(vmfd, kvmCreateVCPU, nil)
 	if err != nil {
 		return fmt.Errorf("KVM_CREATE_VCPU: %w", err)
 	}
 	defer unix.Close(int(vcpu))
-	size, err := ioctl(kvm, kvmGetVCPUMmapSize, 0)
-	if err != nil {
-		return fmt.Errorf("KVM_GET_VCPU_MMAP_SIZE: %w", err)
-	}
-	run, err := unix.Mmap(int(vcpu), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	run, err := unix.Mmap(int(vcpu), 0, int(runSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		return err
 	}
 	defer unix.Munmap(run)
 	// Code segment at 0, real mode; the code at 0x1000.
 	var sregs [0x138]byte
-	if _, err := ioctl(vcpu, kvmGetSregs, uintptr(unsafe.Pointer(&sregs[0]))); err != nil {
+	if _, err := ioctl(vcpu, kvmGetSregs, unsafe.Pointer(&sregs[0])); err != nil {
 		return fmt.Errorf("KVM_GET_SREGS: %w", err)
 	}
 	clear(sregs[0:8])   // cs.base
 	clear(sregs[12:14]) // cs.selector
-	if _, err := ioctl(vcpu, kvmSetSregs, uintptr(unsafe.Pointer(&sregs[0]))); err != nil {
+	if _, err := ioctl(vcpu, kvmSetSregs, unsafe.Pointer(&sregs[0])); err != nil {
 		return fmt.Errorf("KVM_SET_SREGS: %w", err)
 	}
 	var regs [18]uint64
-	if _, err := ioctl(vcpu, kvmGetRegs, uintptr(unsafe.Pointer(&regs[0]))); err != nil {
+	if _, err := ioctl(vcpu, kvmGetRegs, unsafe.Pointer(&regs[0])); err != nil {
 		return fmt.Errorf("KVM_GET_REGS: %w", err)
 	}
 	regs[16], regs[17] = 0x1000, 0x2 // rip, rflags
-	if _, err := ioctl(vcpu, kvmSetRegs, uintptr(unsafe.Pointer(&regs[0]))); err != nil {
+	if _, err := ioctl(vcpu, kvmSetRegs, unsafe.Pointer(&regs[0])); err != nil {
 		return fmt.Errorf("KVM_SET_REGS: %w", err)
 	}
 	outs := 0
 	for range 8 {
-		if _, err := ioctl(vcpu, kvmRun, 0); err != nil && !errors.Is(err, unix.EINTR) {
+		if _, err := ioctl(vcpu, kvmRun, nil); errors.Is(err, unix.EINTR) {
+			continue // a signal: run again
+		} else if err != nil {
 			return fmt.Errorf("KVM_RUN: %w", err)
 		}
 		switch reason := *(*uint32)(unsafe.Pointer(&run[8])); reason {
@@ -163,7 +170,7 @@ var qemu64Features = []cpuFeature{
 // checkCPUID makes sure KVM offers guests the CPU features of qemu64.
 // Some nested hosts open /dev/kvm and run guest code, but hide features
 // such as SSE3 that every x86-64 CPU has; a Linux guest never boots there.
-func checkCPUID(ioctl func(fd, req, arg uintptr) (uintptr, error), kvm uintptr) error {
+func checkCPUID(kvm uintptr) error {
 	const n = 256
 	type entry struct {
 		function, index, flags, eax, ebx, ecx, edx uint32
@@ -174,7 +181,7 @@ func checkCPUID(ioctl func(fd, req, arg uintptr) (uintptr, error), kvm uintptr) 
 		entries [n]entry
 	}
 	buf.nent = n
-	if _, err := ioctl(kvm, kvmGetSupportedCPUID, uintptr(unsafe.Pointer(&buf))); err != nil {
+	if _, err := ioctl(kvm, kvmGetSupportedCPUID, unsafe.Pointer(&buf)); err != nil {
 		return fmt.Errorf("KVM_GET_SUPPORTED_CPUID: %w", err)
 	}
 	var missing []string
