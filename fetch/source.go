@@ -40,10 +40,20 @@ type Source interface {
 // whole file.
 var ErrNoRange = errors.New("the server ignores Range requests; cloudletfs needs one that honours them (any static file server, CDN or S3-compatible store does)")
 
-// Redact returns ref fit to show: a URL's password replaced by xxxxx.
+// Redact returns ref fit to show: a URL's password replaced by xxxxx. A
+// URL that does not parse (a password with a slash, say) loses everything
+// between its scheme and its last @.
 func Redact(ref string) string {
-	if u, err := url.Parse(ref); err == nil && u.User != nil {
-		return u.Redacted()
+	u, err := url.Parse(ref)
+	if err == nil {
+		if u.User != nil {
+			return u.Redacted()
+		}
+		return ref
+	}
+	scheme, rest, ok := strings.Cut(ref, "://")
+	if at := strings.LastIndex(rest, "@"); ok && at >= 0 {
+		return scheme + "://xxxxx" + rest[at:]
 	}
 	return ref
 }
@@ -53,6 +63,10 @@ func Redact(ref string) string {
 // appears in errors or logs, and neither do credentials in the URL.
 func OpenSource(ref string, client *http.Client, header http.Header) (Source, error) {
 	u, err := url.Parse(ref)
+	if err != nil && strings.Contains(ref, "://") {
+		// The parser's message would repeat the URL, password and all.
+		return nil, fmt.Errorf("overlay %s: not a valid URL (a password with / ? # or a space must be percent-encoded)", Redact(ref))
+	}
 	if err == nil && (u.Scheme == "http" || u.Scheme == "https") {
 		if client == nil {
 			client = DefaultClient(nil)

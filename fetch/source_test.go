@@ -140,4 +140,15 @@ func TestCredentialsAndTLS(t *testing.T) {
 	if _, err := ParseHeaders([]string{"Bearer hunter2"}); err == nil || strings.Contains(err.Error(), "hunter2") {
 		t.Fatalf("bad header: %v", err)
 	}
+	// Passwords that keep a URL from parsing are not shown either.
+	for _, ref := range []string{"https://u:hun/ter2@h/x", "https://u:hun ter2@h/x", "https://u:hun%zzter2@h/x", "https://u:hunter2@h/x"} {
+		_, err := OpenSource(ref, nil, nil)
+		shown := Redact(ref)
+		if strings.Contains(shown, "ter2") || !strings.HasSuffix(shown, "@h/x") {
+			t.Errorf("Redact(%q) = %q", ref, shown)
+		}
+		if err != nil && strings.Contains(err.Error(), "ter2") {
+			t.Errorf("OpenSource(%q): %v", ref, err)
+		}
+	}
 }

@@ -244,16 +244,25 @@ type session struct {
 	close []func()
 }
 
+// sessionOptions tune openSession.
+type sessionOptions struct {
+	timeout time.Duration // the fetch timeout
+	// fresh discards data written through earlier mounts of the overlay
+	// first: a VM resumed from the overlay's saved state must see the disk
+	// that state was saved with.
+	fresh bool
+	// check, if set, vets the overlay and its base before anything is
+	// discarded or mounted.
+	check func(o *overlay.Overlay, base *store.Base) error
+}
+
 // openSession fetches an overlay's metadata, checks its base in the
 // registry, and mounts it at dir. It holds the registry only while it
 // starts; the mount then holds just its overlay's cache, so other commands
 // and mounts of other overlays can run beside it. Everything it opens is
 // released by finish.
-//
-// With fresh, data written through earlier mounts of the overlay is
-// discarded first: a VM resumed from the overlay's saved state must see
-// the disk that state was saved with.
-func openSession(c *cli.Context, ref, dir string, timeout time.Duration, fresh bool) (*session, error) {
+func openSession(c *cli.Context, ref, dir string, opt sessionOptions) (*session, error) {
+	timeout := opt.timeout
 	s := &session{start: time.Now(), shown: fetch.Redact(ref)}
 	ok := false
 	defer func() {
@@ -311,6 +320,14 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration, fresh b
 		return nil, err
 	}
 	s.close = append(s.close, closeBase)
+	if err := o.CheckBase(base); err != nil {
+		return nil, fmt.Errorf("overlay %s: %w", s.shown, err)
+	}
+	if opt.check != nil {
+		if err := opt.check(o, s.base); err != nil {
+			return nil, err
+		}
+	}
 	limit, err := parseCacheSize(c)
 	if err != nil {
 		return nil, err
@@ -323,7 +340,7 @@ func openSession(c *cli.Context, ref, dir string, timeout time.Duration, fresh b
 		return nil, err
 	}
 	s.cache = cache
-	if fresh {
+	if opt.fresh {
 		if written, err := cache.CowChunks(); err != nil {
 			return nil, err
 		} else if len(written) > 0 {
@@ -420,7 +437,7 @@ func mountCmd(c *cli.Context) error {
 	}
 	log := logger(c)
 	ref := c.Args().Get(0)
-	s, err := openSession(c, ref, c.Args().Get(1), c.Duration("fetch-timeout"), c.Bool("fresh"))
+	s, err := openSession(c, ref, c.Args().Get(1), sessionOptions{timeout: c.Duration("fetch-timeout"), fresh: c.Bool("fresh")})
 	if err != nil {
 		return err
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 
+	"github.com/cloudletfs/cloudletfs/fetch"
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
@@ -337,7 +338,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 		return err
 	}
 	// Start from the base as it is, whatever an earlier capture wrote.
-	s, err := openSession(c, ident, mnt, time.Minute, true)
+	s, err := openSession(c, ident, mnt, sessionOptions{timeout: time.Minute, fresh: true})
 	if err != nil {
 		return err
 	}
@@ -523,27 +524,32 @@ func launchCmd(c *cli.Context) error {
 			return err
 		}
 		defer os.Remove(mnt)
-		if s, err = openSession(c, ref, mnt, c.Duration("fetch-timeout"), true); err != nil {
+		// The VM must be able to run before earlier writes are discarded.
+		check := func(o *overlay.Overlay, base *store.Base) error {
+			if o.VMConfig == nil {
+				return fmt.Errorf("overlay %s carries no vm.json: build it with `overlay capture`, or pass --vm-config to `overlay create`", fetch.Redact(ref))
+			}
+			var err error
+			if cfg, err = qemu.LoadConfig(o.VMConfig); err != nil {
+				return err
+			}
+			baseCfg, dir, err := baseConfig(base)
+			if err != nil {
+				return err
+			}
+			if a, b := mustJSON(cfg), mustJSON(baseCfg); a != b {
+				return fmt.Errorf("the overlay's vm.json does not match base %s's QEMU configuration:\n overlay: %s\n base:    %s", base.Name, a, b)
+			}
+			baseDir = dir
+			return nil
+		}
+		if s, err = openSession(c, ref, mnt, sessionOptions{timeout: c.Duration("fetch-timeout"), fresh: true, check: check}); err != nil {
 			return err
 		}
 		defer s.finish()
 		limitMemory(s.o.Header)
 		defer s.unmount()
 		mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.o.Header.TotalLen())), len(s.o.Manifest.Segments)))
-		if s.o.VMConfig == nil {
-			return fmt.Errorf("overlay %s carries no vm.json: build it with `overlay capture`, or pass --vm-config to `overlay create`", s.shown)
-		}
-		if cfg, err = qemu.LoadConfig(s.o.VMConfig); err != nil {
-			return err
-		}
-		baseCfg, dir, err := baseConfig(s.base)
-		if err != nil {
-			return err
-		}
-		if a, b := mustJSON(cfg), mustJSON(baseCfg); a != b {
-			return fmt.Errorf("the overlay's vm.json does not match base %s's QEMU configuration:\n overlay: %s\n base:    %s", s.base.Name, a, b)
-		}
-		baseDir = dir
 		memory, disk, state = filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image"), filepath.Join(mnt, "state")
 	}
 	cfg.Extra = append(cfg.Extra, c.Args().Tail()...)
