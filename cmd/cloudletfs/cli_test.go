@@ -27,13 +27,7 @@ func newEnv(t *testing.T) *env {
 	e := &env{t: t, dir: t.TempDir()}
 	e.state = filepath.Join(e.dir, "state-dir")
 	rng := rand.New(rand.NewPCG(3, 4))
-	random := func(n int) []byte {
-		b := make([]byte, n)
-		for i := range b {
-			b[i] = byte(rng.Uint32())
-		}
-		return b
-	}
+	random := func(n int) []byte { return randomBytes(rng, n) }
 	bd, bm := random(64*4096), random(32*4096+100)
 	cd := append([]byte(nil), bd...)
 	copy(cd[4096*3:], random(4096*5)) // new data
@@ -48,6 +42,18 @@ func newEnv(t *testing.T) *env {
 		e.write(name, b)
 	}
 	return e
+}
+
+// randomBytes returns n bytes from rng.
+func randomBytes(rng *rand.Rand, n int) []byte {
+	b := make([]byte, n)
+	for i := 0; i < n; i += 8 {
+		v := rng.Uint64()
+		for j := 0; j < 8 && i+j < n; j++ {
+			b[i+j] = byte(v >> (8 * j))
+		}
+	}
+	return b
 }
 
 // in returns e reporting to t, for use in a subtest.

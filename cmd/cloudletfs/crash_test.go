@@ -21,16 +21,7 @@ func bigEnv(t *testing.T, diskChunks, memChunks int) *env {
 	e := &env{t: t, dir: t.TempDir()}
 	e.state = filepath.Join(e.dir, "state-dir")
 	rng := rand.New(rand.NewPCG(7, 8))
-	random := func(n int) []byte {
-		b := make([]byte, n)
-		for i := 0; i < n; i += 8 {
-			v := rng.Uint64()
-			for j := 0; j < 8 && i+j < n; j++ {
-				b[i+j] = byte(v >> (8 * j))
-			}
-		}
-		return b
-	}
+	random := func(n int) []byte { return randomBytes(rng, n) }
 	files := map[string][]byte{"base/state": []byte("base state"), "app/state": []byte("app state"), "app/vm.json": []byte(`{"m":1}`)}
 	for name, n := range map[string]int{"disk.img": diskChunks, "memory.img": memChunks} {
 		base := random(n * 4096)

@@ -96,12 +96,7 @@ func TestLoadEightMounts(t *testing.T) {
 			b := e.read("base/" + name + ".img")
 			for c := 0; c < len(b)/4096; c++ {
 				if rng.IntN(3) == 0 {
-					for j := c * 4096; j < (c+1)*4096; j += 8 {
-						v := rng.Uint64()
-						for k := range 8 {
-							b[j+k] = byte(v >> (8 * k))
-						}
-					}
+					copy(b[c*4096:], randomBytes(rng, 4096))
 				}
 			}
 			e.write(fmt.Sprintf("app%d/%s.img", i, name), b)
