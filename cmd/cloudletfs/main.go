@@ -6,11 +6,14 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"runtime"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -24,8 +27,13 @@ import (
 var version = "dev"
 
 func main() {
+	// Signals are caught before anything is mounted or started: every
+	// command sees them as the end of c.Context and cleans up after itself.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	app := newApp(os.Stdout, os.Stderr)
-	if err := app.Run(interspersed(app, os.Args)); err != nil {
+	err := app.RunContext(ctx, interspersed(app, os.Args))
+	stop()
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "cloudletfs: %v\n", err)
 		var ec cli.ExitCoder
 		if errors.As(err, &ec) {
