@@ -8,9 +8,11 @@ package fs
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -37,14 +39,15 @@ type Mount struct {
 	f      *fetch.Fetcher
 	rec    *recorder
 	log    zerolog.Logger
+	born   time.Time // the times of everything that never changes
 }
 
 // New mounts the overlay that f serves at dir and returns once the kernel
 // has the mount, which is the moment a VM can start.
 func New(dir string, f *fetch.Fetcher, opt Options) (*Mount, error) {
-	m := &Mount{Dir: dir, f: f, rec: newRecorder(f.Overlay().Header), log: opt.Log}
+	m := &Mount{Dir: dir, f: f, rec: newRecorder(f.Overlay().Header), log: opt.Log, born: time.Now()}
 	f.Observe(m.rec.arrived)
-	root := &dirNode{}
+	root := &dirNode{m: m}
 	sec := time.Second
 	server, err := fusefs.Mount(dir, root, &fusefs.Options{
 		EntryTimeout: &sec,
@@ -57,6 +60,11 @@ func New(dir string, f *fetch.Fetcher, opt Options) (*Mount, error) {
 			DirectMount:   true,
 			MaxReadAhead:  128 << 10,
 			Debug:         opt.Debug,
+			// The images change only through this mount, so the kernel's
+			// page cache is never stale; left to itself, the kernel would
+			// drop an image's whole page cache (and unmap it under QEMU)
+			// each time its mtime moves after a write.
+			ExplicitDataCacheControl: true,
 		},
 		OnAdd: func(ctx context.Context) { m.build(ctx, &root.Inode) },
 	})
@@ -98,31 +106,182 @@ func (m *Mount) build(ctx context.Context, root *fusefs.Inode) {
 		return child
 	}
 	for _, img := range overlay.Images {
-		dir := add(root, img.String(), &dirNode{}, syscall.S_IFDIR)
-		add(dir, "image", &imageNode{m: m, img: img, size: o.Header.ImageSize(img)}, syscall.S_IFREG)
+		dir := add(root, img.String(), &dirNode{m: m}, syscall.S_IFDIR)
+		n := &imageNode{m: m, img: img, size: o.Header.ImageSize(img)}
+		n.mtime.Store(m.born.UnixNano())
+		n.ctime.Store(m.born.UnixNano())
+		add(dir, "image", n, syscall.S_IFREG)
 	}
-	add(root, "state", &fusefs.MemRegularFile{Data: o.State, Attr: fuse.Attr{Mode: 0o444}}, syscall.S_IFREG)
+	add(root, "state", &constNode{m: m, data: o.State}, syscall.S_IFREG)
 	if o.VMConfig != nil {
-		add(root, "vm.json", &fusefs.MemRegularFile{Data: o.VMConfig, Attr: fuse.Attr{Mode: 0o444}}, syscall.S_IFREG)
+		add(root, "vm.json", &constNode{m: m, data: o.VMConfig}, syscall.S_IFREG)
 	}
 	add(root, "stats", &statsNode{m: m}, syscall.S_IFREG)
-	streams := add(root, "streams", &dirNode{}, syscall.S_IFDIR)
+	streams := add(root, "streams", &dirNode{m: m}, syscall.S_IFDIR)
 	for name, l := range map[string]*eventLog{
 		"chunks_accessed": &m.rec.accessed, "chunks_fetched": &m.rec.fetched,
 		"chunks_modified": &m.rec.modifiedLog, "io": &m.rec.io,
 	} {
-		add(streams, name, &streamNode{log: l}, syscall.S_IFREG)
+		add(streams, name, &streamNode{m: m, log: l}, syscall.S_IFREG)
 	}
 }
 
-type dirNode struct{ fusefs.Inode }
+// The tree is fixed: its names, its directories and every file but the
+// images' bytes. go-fuse lets an unlink or rmdir through when the parent
+// does not implement it (it drops the child and answers OK), and the kernel
+// checks no mode bits without default_permissions (nor any for root), so
+// each node refuses every change itself: the directories any change to
+// their entries, the read-only files a write open or a setattr, the images
+// a change of size, mode or owner.
 
-// imageNode is disk/image or memory/image.
-type imageNode struct {
+// errnoOf maps an error from fetch or the store to what the caller of the
+// system call sees: a full or read-only state dir as itself, a request the
+// kernel interrupted (go-fuse cancels its context on FUSE_INTERRUPT) as
+// EINTR, anything else as EIO. A context.Canceled that did not come from
+// the request's own context (the mount shutting down) stays EIO.
+func errnoOf(ctx context.Context, err error) syscall.Errno {
+	switch {
+	case errors.Is(err, syscall.ENOSPC):
+		return syscall.ENOSPC
+	case errors.Is(err, syscall.EROFS):
+		return syscall.EROFS
+	case errors.Is(err, context.Canceled) && ctx.Err() != nil:
+		return syscall.EINTR
+	}
+	return syscall.EIO
+}
+
+// logFailure logs a failed request, quietly if the caller gave up on it.
+func (m *Mount) logFailure(errno syscall.Errno, err error) *zerolog.Event {
+	if errno == syscall.EINTR {
+		return m.log.Debug().Err(err)
+	}
+	return m.log.Error().Err(err)
+}
+
+// readOnly refuses an open for writing. (O_TRUNC never reaches Open: the
+// kernel truncates through Setattr.)
+func readOnly(flags uint32) syscall.Errno {
+	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
+		return syscall.EPERM
+	}
+	return 0
+}
+
+// fileAttr fills what every regular file shows: one link, and atime the
+// mount's start (the kernel does not update it: FUSE mounts are noatime).
+func (m *Mount) fileAttr(out *fuse.AttrOut, mode uint32, size uint64, mtime, ctime time.Time) {
+	out.Mode = mode
+	out.Nlink = 1
+	out.Size = size
+	out.SetTimes(&m.born, &mtime, &ctime)
+}
+
+// dirNode is the root, disk/, memory/ or streams/.
+type dirNode struct {
+	fusefs.Inode
+	m *Mount
+}
+
+var (
+	_ = (fusefs.NodeGetattrer)((*dirNode)(nil))
+	_ = (fusefs.NodeSetattrer)((*dirNode)(nil))
+	_ = (fusefs.NodeUnlinker)((*dirNode)(nil))
+	_ = (fusefs.NodeRmdirer)((*dirNode)(nil))
+	_ = (fusefs.NodeRenamer)((*dirNode)(nil))
+	_ = (fusefs.NodeCreater)((*dirNode)(nil))
+	_ = (fusefs.NodeMkdirer)((*dirNode)(nil))
+	_ = (fusefs.NodeMknoder)((*dirNode)(nil))
+	_ = (fusefs.NodeLinker)((*dirNode)(nil))
+	_ = (fusefs.NodeSymlinker)((*dirNode)(nil))
+)
+
+func (n *dirNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	out.Mode = 0o555
+	out.Nlink = 2 // its name in the parent, and its own "."
+	for _, c := range n.Children() {
+		if c.IsDir() {
+			out.Nlink++ // each subdirectory's ".."
+		}
+	}
+	out.SetTimes(&n.m.born, &n.m.born, &n.m.born)
+	return 0
+}
+
+func (n *dirNode) Setattr(ctx context.Context, fh fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	return syscall.EPERM
+}
+
+func (n *dirNode) Unlink(ctx context.Context, name string) syscall.Errno { return syscall.EPERM }
+func (n *dirNode) Rmdir(ctx context.Context, name string) syscall.Errno  { return syscall.EPERM }
+
+func (n *dirNode) Rename(ctx context.Context, name string, newParent fusefs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
+	return syscall.EPERM
+}
+
+func (n *dirNode) Create(ctx context.Context, name string, flags, mode uint32, out *fuse.EntryOut) (*fusefs.Inode, fusefs.FileHandle, uint32, syscall.Errno) {
+	return nil, nil, 0, syscall.EPERM
+}
+
+func (n *dirNode) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	return nil, syscall.EPERM
+}
+
+func (n *dirNode) Mknod(ctx context.Context, name string, mode, dev uint32, out *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	return nil, syscall.EPERM
+}
+
+func (n *dirNode) Link(ctx context.Context, target fusefs.InodeEmbedder, name string, out *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	return nil, syscall.EPERM
+}
+
+func (n *dirNode) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	return nil, syscall.EPERM
+}
+
+// constNode is state or vm.json: bytes fixed for the life of the mount.
+type constNode struct {
 	fusefs.Inode
 	m    *Mount
-	img  overlay.Image
-	size int64
+	data []byte
+}
+
+var (
+	_ = (fusefs.NodeGetattrer)((*constNode)(nil))
+	_ = (fusefs.NodeSetattrer)((*constNode)(nil))
+	_ = (fusefs.NodeOpener)((*constNode)(nil))
+	_ = (fusefs.NodeReader)((*constNode)(nil))
+)
+
+func (n *constNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.m.fileAttr(out, 0o444, uint64(len(n.data)), n.m.born, n.m.born)
+	return 0
+}
+
+func (n *constNode) Setattr(ctx context.Context, fh fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	return syscall.EPERM
+}
+
+func (n *constNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, uint32, syscall.Errno) {
+	return nil, fuse.FOPEN_KEEP_CACHE, readOnly(flags)
+}
+
+func (n *constNode) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if off >= int64(len(n.data)) {
+		return fuse.ReadResultData(nil), 0
+	}
+	return fuse.ReadResultData(n.data[off:min(int64(len(n.data)), off+int64(len(dest)))]), 0
+}
+
+// imageNode is disk/image or memory/image. Its size is the image's, fixed;
+// its mtime and ctime move with every write and every explicit change of
+// mtime, and otherwise stay at the mount's start.
+type imageNode struct {
+	fusefs.Inode
+	m            *Mount
+	img          overlay.Image
+	size         int64
+	mtime, ctime atomic.Int64 // unix nanoseconds
 
 	// locks serialize read-modify-write of a chunk by concurrent writers.
 	locks [64]sync.Mutex
@@ -139,8 +298,7 @@ var (
 )
 
 func (n *imageNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = 0o644
-	out.Size = uint64(n.size)
+	n.m.fileAttr(out, 0o644, uint64(n.size), time.Unix(0, n.mtime.Load()), time.Unix(0, n.ctime.Load()))
 	out.Blksize = n.m.f.Overlay().Header.ChunkSize
 	out.Blocks = (out.Size + 511) / 512
 	return 0
@@ -154,12 +312,35 @@ func (n *imageNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, 
 	return nil, fuse.FOPEN_KEEP_CACHE, 0
 }
 
-// Setattr accepts only what leaves the image's size as it is.
+// Setattr accepts a truncate to the size the image has and a new mtime
+// (touch); a change of size, mode or owner is refused.
 func (n *imageNode) Setattr(ctx context.Context, fh fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
 	if sz, ok := in.GetSize(); ok && int64(sz) != n.size {
 		return syscall.EPERM
 	}
+	_, mode := in.GetMode()
+	_, uid := in.GetUID()
+	_, gid := in.GetGID()
+	if mode || uid || gid {
+		return syscall.EPERM
+	}
+	now := time.Now()
+	if in.Valid&fuse.FATTR_MTIME != 0 {
+		mt := now
+		if in.Valid&fuse.FATTR_MTIME_NOW == 0 {
+			mt, _ = in.GetMTime()
+		}
+		n.mtime.Store(mt.UnixNano())
+		n.ctime.Store(now.UnixNano())
+	}
 	return n.Getattr(ctx, fh, out)
+}
+
+// modified moves mtime and ctime to now, after a write.
+func (n *imageNode) modified() {
+	now := time.Now().UnixNano()
+	n.mtime.Store(now)
+	n.ctime.Store(now)
 }
 
 func (n *imageNode) chunk(i uint32) overlay.ChunkID { return overlay.ChunkID{Image: n.img, Index: i} }
@@ -172,8 +353,9 @@ func (n *imageNode) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte,
 	t := n.m.rec.since()
 	start := time.Now()
 	if err := n.m.f.ReadAt(ctx, n.img, dest[:end-off], off); err != nil {
-		n.m.log.Error().Err(err).Str("image", n.img.String()).Int64("offset", off).Int("length", len(dest)).Msg("read failed: EIO")
-		return nil, syscall.EIO
+		errno := errnoOf(ctx, err)
+		n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Int("length", len(dest)).Msgf("read failed: %s", errnoName(errno))
+		return nil, errno
 	}
 	cs := int64(n.m.f.Overlay().Header.ChunkSize)
 	n.m.rec.touch(n.img, "read", off, int(end-off), uint32(off/cs), uint32((end-1)/cs), t, time.Since(start).Seconds())
@@ -181,10 +363,15 @@ func (n *imageNode) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte,
 }
 
 // Write stores whole new versions of the chunks it touches. A partial chunk
-// is read first (which may fetch it) and merged.
+// is read first (which may fetch it) and merged. The image cannot grow: a
+// write that starts at or past its end fails with EFBIG, and one that runs
+// over the end stores the bytes up to it and says so by its count.
 func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
-	if off >= n.size || off < 0 {
-		return 0, syscall.ENOSPC
+	if off < 0 {
+		return 0, syscall.EINVAL
+	}
+	if off >= n.size {
+		return 0, syscall.EFBIG
 	}
 	end := min(off+int64(len(data)), n.size)
 	cs := int64(n.m.f.Overlay().Header.ChunkSize)
@@ -199,43 +386,61 @@ func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte
 		if pos != start || end < start+clen {
 			if err := n.m.f.ReadAt(ctx, n.img, chunk, start); err != nil {
 				mu.Unlock()
-				n.m.log.Error().Err(err).Str("image", n.img.String()).Int64("offset", off).Msg("write: reading the chunk to merge into failed: EIO")
-				return n.written(off, pos)
+				errno := errnoOf(ctx, err)
+				n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write: reading the chunk to merge into failed: %s", errnoName(errno))
+				return n.written(off, pos, errno)
 			}
 		}
 		m := copy(chunk[pos-start:], data[pos-off:end-off])
 		err := n.m.f.WriteChunk(n.chunk(uint32(idx)), chunk)
 		mu.Unlock()
 		if err != nil {
-			n.m.log.Error().Err(err).Str("image", n.img.String()).Int64("offset", off).Msg("write failed: EIO")
-			return n.written(off, pos)
+			errno := errnoOf(ctx, err)
+			n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write failed: %s", errnoName(errno))
+			return n.written(off, pos, errno)
 		}
+		n.modified()
 		pos += int64(m)
 	}
 	n.m.rec.touch(n.img, "write", off, int(end-off), uint32(off/cs), uint32((end-1)/cs), n.m.rec.since(), 0)
 	return uint32(end - off), 0
 }
 
-// written is the reply to a write that failed at pos: the bytes stored
-// before it, or EIO if there were none.
-func (n *imageNode) written(off, pos int64) (uint32, syscall.Errno) {
+// written is the reply to a write that failed at pos with errno: the bytes
+// stored before it, or errno if there were none.
+func (n *imageNode) written(off, pos int64, errno syscall.Errno) (uint32, syscall.Errno) {
 	if pos > off {
 		return uint32(pos - off), 0
 	}
-	return 0, syscall.EIO
+	return 0, errno
 }
 
 func (n *imageNode) Fsync(ctx context.Context, fh fusefs.FileHandle, flags uint32) syscall.Errno {
 	if err := n.m.f.Sync(); err != nil {
-		n.m.log.Error().Err(err).Msg("fsync failed")
-		return syscall.EIO
+		errno := errnoOf(ctx, err)
+		n.m.logFailure(errno, err).Msgf("fsync failed: %s", errnoName(errno))
+		return errno
 	}
 	return 0
 }
 
 func (n *imageNode) Flush(ctx context.Context, fh fusefs.FileHandle) syscall.Errno { return 0 }
 
-// statsNode is the stats file: a fresh JSON document at every open.
+// errnoName is the errno's symbol, as in the C headers, for the log.
+func errnoName(e syscall.Errno) string {
+	switch e {
+	case syscall.ENOSPC:
+		return "ENOSPC"
+	case syscall.EROFS:
+		return "EROFS"
+	case syscall.EINTR:
+		return "EINTR"
+	}
+	return "EIO"
+}
+
+// statsNode is the stats file: a fresh JSON document at every open, so its
+// mtime is always now.
 type statsNode struct {
 	fusefs.Inode
 	m *Mount
@@ -244,6 +449,7 @@ type statsNode struct {
 var (
 	_ = (fusefs.NodeOpener)((*statsNode)(nil))
 	_ = (fusefs.NodeGetattrer)((*statsNode)(nil))
+	_ = (fusefs.NodeSetattrer)((*statsNode)(nil))
 )
 
 func (n *statsNode) snapshot() []byte {
@@ -255,13 +461,20 @@ func (n *statsNode) snapshot() []byte {
 }
 
 func (n *statsNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = 0o444
-	out.Size = uint64(len(n.snapshot()))
+	now := time.Now()
+	n.m.fileAttr(out, 0o444, uint64(len(n.snapshot())), now, now)
 	out.SetTimeout(0)
 	return 0
 }
 
+func (n *statsNode) Setattr(ctx context.Context, fh fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	return syscall.EPERM
+}
+
 func (n *statsNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, uint32, syscall.Errno) {
+	if errno := readOnly(flags); errno != 0 {
+		return nil, 0, errno
+	}
 	return &bytesHandle{data: n.snapshot()}, fuse.FOPEN_DIRECT_IO, 0
 }
 
@@ -277,31 +490,40 @@ func (h *bytesHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.Re
 	return fuse.ReadResultData(h.data[off:min(int64(len(h.data)), off+int64(len(dest)))]), 0
 }
 
-// streamNode is one file under streams/: it grows as events happen.
+// streamNode is one file under streams/: it grows as events happen, and
+// each open follows it on its own (see follower).
 type streamNode struct {
 	fusefs.Inode
+	m   *Mount
 	log *eventLog
 }
 
 var (
 	_ = (fusefs.NodeOpener)((*streamNode)(nil))
 	_ = (fusefs.NodeGetattrer)((*streamNode)(nil))
-	_ = (fusefs.NodeReader)((*streamNode)(nil))
+	_ = (fusefs.NodeSetattrer)((*streamNode)(nil))
 )
 
 func (n *streamNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	out.Mode = 0o444
-	out.Size = uint64(n.log.size())
+	size, last := n.log.stat()
+	mtime := n.m.born
+	if !last.IsZero() {
+		mtime = last
+	}
+	n.m.fileAttr(out, 0o444, uint64(size), mtime, mtime)
 	out.SetTimeout(0)
 	return 0
 }
 
-func (n *streamNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, uint32, syscall.Errno) {
-	return nil, fuse.FOPEN_DIRECT_IO, 0
+func (n *streamNode) Setattr(ctx context.Context, fh fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+	return syscall.EPERM
 }
 
-func (n *streamNode) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	return fuse.ReadResultData(dest[:n.log.readAt(dest, off)]), 0
+func (n *streamNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, uint32, syscall.Errno) {
+	if errno := readOnly(flags); errno != 0 {
+		return nil, 0, errno
+	}
+	return &follower{log: n.log}, fuse.FOPEN_DIRECT_IO, 0
 }
 
 // MemoryBound is the resident memory a mount of an overlay with header h
