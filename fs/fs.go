@@ -168,6 +168,11 @@ func readOnly(flags uint32) syscall.Errno {
 	return 0
 }
 
+// fresh is the attribute timeout of files that change on their own (stats,
+// streams/*): one jiffy in the kernel. Zero would not do: go-fuse takes it
+// for "unset" and puts its default second in its place.
+const fresh = time.Nanosecond
+
 // fileAttr fills what every regular file shows: one link, and atime the
 // mount's start (the kernel does not update it: FUSE mounts are noatime).
 func (m *Mount) fileAttr(out *fuse.AttrOut, mode uint32, size uint64, mtime, ctime time.Time) {
@@ -185,6 +190,7 @@ type dirNode struct {
 
 var (
 	_ = (fusefs.NodeGetattrer)((*dirNode)(nil))
+	_ = (fusefs.NodeLookuper)((*dirNode)(nil))
 	_ = (fusefs.NodeSetattrer)((*dirNode)(nil))
 	_ = (fusefs.NodeUnlinker)((*dirNode)(nil))
 	_ = (fusefs.NodeRmdirer)((*dirNode)(nil))
@@ -206,6 +212,25 @@ func (n *dirNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.A
 	}
 	out.SetTimes(&n.m.born, &n.m.born, &n.m.born)
 	return 0
+}
+
+// Lookup answers with the child's attributes and how long they hold:
+// go-fuse's own lookup would let the kernel keep a growing file's size for
+// the default second.
+func (n *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	child := n.GetChild(name)
+	if child == nil {
+		return nil, syscall.ENOENT
+	}
+	if ga, ok := child.Operations().(fusefs.NodeGetattrer); ok {
+		var a fuse.AttrOut
+		if errno := ga.Getattr(ctx, nil, &a); errno != 0 {
+			return nil, errno
+		}
+		out.Attr = a.Attr
+		out.SetAttrTimeout(a.Timeout())
+	}
+	return child, 0
 }
 
 func (n *dirNode) Setattr(ctx context.Context, fh fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
@@ -463,7 +488,7 @@ func (n *statsNode) snapshot() []byte {
 func (n *statsNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	now := time.Now()
 	n.m.fileAttr(out, 0o444, uint64(len(n.snapshot())), now, now)
-	out.SetTimeout(0)
+	out.SetTimeout(fresh)
 	return 0
 }
 
@@ -511,7 +536,7 @@ func (n *streamNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fus
 		mtime = last
 	}
 	n.m.fileAttr(out, 0o444, uint64(size), mtime, mtime)
-	out.SetTimeout(0)
+	out.SetTimeout(fresh)
 	return 0
 }
 

@@ -109,7 +109,7 @@ func newScaledVM(t testing.TB, codec overlay.Codec, segSize, scale, run int) *vm
 	t.Cleanup(closeBase)
 	v.overlay = filepath.Join(v.dir, "srv", "app.overlay")
 	in := &overlay.Input{Images: [2]io.ReaderAt{bytes.NewReader(cd), bytes.NewReader(cm)},
-		Sizes: [2]int64{int64(len(cd)), int64(len(cm))}, State: []byte("app state")}
+		Sizes: [2]int64{int64(len(cd)), int64(len(cm))}, State: []byte("app state"), VMConfig: []byte(`{"memory_mb": 8}` + "\n")}
 	if _, err := overlay.Build(v.overlay, base, in, overlay.BuildOptions{Codec: codec, SegmentSize: segSize}); err != nil {
 		t.Fatal(err)
 	}
