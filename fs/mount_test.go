@@ -22,6 +22,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/rs/zerolog"
 
@@ -655,8 +656,13 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// sharedWrites are where the mmap check writes through its shared mapping,
+// and what.
+var sharedWrites = map[int64]string{4096: "written through a shared mapping", 300 * 4096: "and another page of it"}
+
 // mmapCheck maps path private and shared and compares it with the bytes in
-// wantFile; a write to the private mapping must stay private.
+// wantFile. A write to the private mapping must stay private; writes to the
+// shared one (sharedWrites) are written back by msync.
 func mmapCheck(path, wantFile string) error {
 	want, err := os.ReadFile(wantFile)
 	if err != nil {
@@ -678,14 +684,27 @@ func mmapCheck(path, wantFile string) error {
 		}
 		if flags == syscall.MAP_PRIVATE {
 			b[0] ^= 0xff // copy-on-write in this process only
+		} else {
+			for off, s := range sharedWrites {
+				copy(b[off:], s)
+			}
+			// syscall has no Msync.
+			if _, _, e := syscall.Syscall(syscall.SYS_MSYNC, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), syscall.MS_SYNC); e != 0 {
+				return fmt.Errorf("msync %s: %v", path, e)
+			}
 		}
-		syscall.Munmap(b)
+		if err := syscall.Munmap(b); err != nil {
+			return fmt.Errorf("munmap flags %#x: %v", flags, err)
+		}
 	}
 	return nil
 }
 
 // memory/image serves QEMU's file-backed RAM: it must map shared and
-// private, and a private mapping's writes must stay private.
+// private, a private mapping's writes must stay private, and a shared
+// mapping's writes must reach the store: seen through a fresh descriptor,
+// by the daemon, and after a remount, when no page cache is left to hold
+// them.
 func TestMmapAndStreams(t *testing.T) {
 	v := newVM(t, overlay.CodecZstd, 64<<10)
 	srv := newServer(t, filepath.Dir(v.overlay), mbit(40), 0)
@@ -706,11 +725,36 @@ func TestMmapAndStreams(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("mmap check: %v\n%s", err, out)
 	}
-	if got, err := m.readAt(overlay.Memory, 0, 1); err != nil || got[0] != want[0] {
-		t.Fatalf("a private mapping's write reached the file (%v)", err)
+	want = append([]byte(nil), want...)
+	for off, s := range sharedWrites {
+		copy(want[off:], s)
+	}
+	checkWrites := func(m *mounted, when string) {
+		t.Helper()
+		got, err := os.ReadFile(m.path(overlay.Memory))
+		if err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
+		if got[0] != want[0] {
+			t.Fatalf("%s: a private mapping's write reached the file", when)
+		}
+		for off, s := range sharedWrites {
+			if string(got[off:off+int64(len(s))]) != s {
+				t.Fatalf("%s: at %d the file reads %q, not the shared mapping's write %q", when, off, got[off:off+int64(len(s))], s)
+			}
+		}
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s: memory/image differs from extract plus the shared mapping's writes", when)
+		}
+	}
+	checkWrites(m, "after msync, through a fresh descriptor")
+	for off := range sharedWrites {
+		if id := (overlay.ChunkID{Image: overlay.Memory, Index: uint32(off / 4096)}); !m.f.Modified(id) {
+			t.Fatalf("after msync the daemon has no write of %s chunk %d", id.Image, id.Index)
+		}
 	}
 	// streams/ show what happened, one event a line.
-	for name, wantSub := range map[string]string{"chunks_accessed": " memory ", "chunks_fetched": "segment=", "io": " read memory "} {
+	for name, wantSub := range map[string]string{"chunks_accessed": " memory ", "chunks_fetched": "segment=", "io": " read memory ", "chunks_modified": " memory 1\n"} {
 		b, err := os.ReadFile(filepath.Join(m.dir, "streams", name))
 		if err != nil || !strings.Contains(string(b), wantSub) {
 			t.Fatalf("streams/%s: %v, %.200q", name, err, b)
@@ -721,7 +765,13 @@ func TestMmapAndStreams(t *testing.T) {
 	if err == nil {
 		err = json.Unmarshal(b, &st)
 	}
-	if err != nil || st.Memory.Total != len(v.want[overlay.Memory])/4096+1 || st.BytesFetched == 0 {
+	if err != nil || st.Memory.Total != len(v.want[overlay.Memory])/4096+1 || st.BytesFetched == 0 || st.Memory.Modified != len(sharedWrites) {
 		t.Fatalf("stats: %v %+v", err, st)
 	}
+	m.unmount()
+	m2, err := v.mount(t, srv.URL+"/app.overlay", 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkWrites(m2, "after a remount")
 }
