@@ -1,11 +1,15 @@
 package fs
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/rs/zerolog"
 
 	"github.com/cloudletfs/cloudletfs/fetch"
 )
@@ -34,5 +38,27 @@ func TestErrnoOf(t *testing.T) {
 		if got := errnoOf(c.ctx, c.err); got != c.want {
 			t.Errorf("errnoOf(%v) with the request's context %v: %v, want %v", c.err, c.ctx.Err(), got, c.want)
 		}
+	}
+}
+
+// A full or read-only state dir fails every write until it is fixed: the
+// log says so once, at error level, and no more.
+func TestStateDirFailureLoggedOnce(t *testing.T) {
+	var out bytes.Buffer
+	m := &Mount{log: zerolog.New(&out).Level(zerolog.InfoLevel)}
+	for range 3 {
+		for _, errno := range []syscall.Errno{syscall.ENOSPC, syscall.EROFS} {
+			m.logFailure(errno, errno).Msg("write failed")
+		}
+	}
+	if n := strings.Count(out.String(), `"level":"error"`); n != 1 {
+		t.Fatalf("%d error lines for six failed writes on a full state dir, want 1:\n%s", n, out.String())
+	}
+	if !strings.Contains(out.String(), "free space") {
+		t.Fatalf("the line does not say what to do: %s", out.String())
+	}
+	m.logFailure(syscall.EIO, errors.New("sha256 mismatch")).Msg("read failed")
+	if n := strings.Count(out.String(), `"level":"error"`); n != 2 {
+		t.Fatalf("an EIO after the state dir's line was not logged:\n%s", out.String())
 	}
 }

@@ -40,6 +40,8 @@ type Mount struct {
 	rec    *recorder
 	log    zerolog.Logger
 	born   time.Time // the times of everything that never changes
+
+	stateDirReported atomic.Bool // a write failed on a full or read-only state dir, and the log said so
 }
 
 // New mounts the overlay that f serves at dir and returns once the kernel
@@ -151,10 +153,19 @@ func errnoOf(ctx context.Context, err error) syscall.Errno {
 	return syscall.EIO
 }
 
-// logFailure logs a failed request, quietly if the caller gave up on it.
+// logFailure starts the log line of a failed request: at debug level if the
+// caller gave up on it, or if it is a full or read-only state dir that an
+// earlier line reported (such a dir fails every write until it is fixed,
+// and one line says so), else at error level.
 func (m *Mount) logFailure(errno syscall.Errno, err error) *zerolog.Event {
-	if errno == syscall.EINTR {
+	switch errno {
+	case syscall.EINTR:
 		return m.log.Debug().Err(err)
+	case syscall.ENOSPC, syscall.EROFS:
+		if m.stateDirReported.Swap(true) {
+			return m.log.Debug().Err(err)
+		}
+		return m.log.Error().Err(err).Str("fix", "free space in the state dir or make it writable; reads go on, and further failed writes are logged at debug level")
 	}
 	return m.log.Error().Err(err)
 }
@@ -390,7 +401,8 @@ func (n *imageNode) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte,
 // Write stores whole new versions of the chunks it touches. A partial chunk
 // is read first (which may fetch it) and merged. The image cannot grow: a
 // write that starts at or past its end fails with EFBIG, and one that runs
-// over the end stores the bytes up to it and says so by its count.
+// over the end stores the bytes up to it and returns their count (the
+// kernel then asks for the rest, and reports the EFBIG).
 func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
 	if off < 0 {
 		return 0, syscall.EINVAL
