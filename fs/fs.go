@@ -52,8 +52,10 @@ func New(dir string, f *fetch.Fetcher, opt Options) (*Mount, error) {
 	root := &dirNode{m: m}
 	sec := time.Second
 	server, err := fusefs.Mount(dir, root, &fusefs.Options{
+		// No AttrTimeout: go-fuse would put it in place of every zero,
+		// and the files that change on their own (stats, streams/*)
+		// need zero; each node sets its own (attrTimeout or zero).
 		EntryTimeout: &sec,
-		AttrTimeout:  &sec,
 		MountOptions: fuse.MountOptions{
 			FsName:        "cloudletfs",
 			Name:          "cloudletfs",
@@ -179,18 +181,21 @@ func readOnly(flags uint32) syscall.Errno {
 	return 0
 }
 
-// fresh is the attribute timeout of files that change on their own (stats,
-// streams/*): one jiffy in the kernel. Zero would not do: go-fuse takes it
-// for "unset" and puts its default second in its place.
-const fresh = time.Nanosecond
+// attrTimeout is how long the kernel keeps the attributes of what changes
+// only through it (directories, state, vm.json, the images, whose writes
+// the kernel sees). stats and streams/* change on their own: the kernel
+// keeps theirs not at all.
+const attrTimeout = time.Second
 
-// fileAttr fills what every regular file shows: one link, and atime the
-// mount's start (the kernel does not update it: FUSE mounts are noatime).
+// fileAttr fills what every regular file shows: one link, atime the mount's
+// start (the kernel does not update it: FUSE mounts are noatime), and
+// attrTimeout.
 func (m *Mount) fileAttr(out *fuse.AttrOut, mode uint32, size uint64, mtime, ctime time.Time) {
 	out.Mode = mode
 	out.Nlink = 1
 	out.Size = size
 	out.SetTimes(&m.born, &mtime, &ctime)
+	out.SetTimeout(attrTimeout)
 }
 
 // dirNode is the root, disk/, memory/ or streams/.
@@ -222,12 +227,12 @@ func (n *dirNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.A
 		}
 	}
 	out.SetTimes(&n.m.born, &n.m.born, &n.m.born)
+	out.SetTimeout(attrTimeout)
 	return 0
 }
 
-// Lookup answers with the child's attributes and how long they hold:
-// go-fuse's own lookup would let the kernel keep a growing file's size for
-// the default second.
+// Lookup answers with the child's attributes and how long they hold, which
+// go-fuse's own lookup leaves out.
 func (n *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
 	child := n.GetChild(name)
 	if child == nil {
@@ -500,7 +505,7 @@ func (n *statsNode) snapshot() []byte {
 func (n *statsNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	now := time.Now()
 	n.m.fileAttr(out, 0o444, uint64(len(n.snapshot())), now, now)
-	out.SetTimeout(fresh)
+	out.SetTimeout(0)
 	return 0
 }
 
@@ -548,7 +553,7 @@ func (n *streamNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fus
 		mtime = last
 	}
 	n.m.fileAttr(out, 0o444, uint64(size), mtime, mtime)
-	out.SetTimeout(fresh)
+	out.SetTimeout(0)
 	return 0
 }
 
