@@ -182,9 +182,9 @@ type Result struct {
 	// the network; WaitTotal is the sum of every read's wait, which counts
 	// an instant twice when two reads wait in it. They are stall_ms and
 	// wait_total_ms in a mount's stats.
-	Stall     float64
-	WaitTotal float64
-	BytesFetched  int64
+	Stall        float64
+	WaitTotal    float64
+	BytesFetched int64
 	// Needed is the compressed bytes of the chunks the VM read before its
 	// first response (all of them without a mark): with one RTT, the
 	// physical limit of any fetch order on this link.
