@@ -86,26 +86,32 @@ func flagWidth(flags []cli.Flag, a string) int {
 	return 1
 }
 
-// positional is how many positional arguments each command takes, by its
-// path below the program's name: at least min, at most max (-1: no limit).
-// A command not listed takes none.
-var positional = map[string]struct{ min, max int }{
-	"base create":     {0, -1}, // extra QEMU arguments after --
-	"base rm":         {1, 1},
-	"base verify":     {1, 1},
-	"overlay info":    {1, 1},
-	"overlay verify":  {1, 1},
-	"overlay extract": {1, 1},
-	"overlay reorder": {1, 1},
-	"serve":           {1, 1},
-	"mount":           {2, 2},
-	"umount":          {1, 1},
-	"status":          {1, 1},
-	"launch":          {1, -1}, // extra QEMU arguments after --
-	"trace show":      {1, 1},
-	"trace merge":     {1, -1},
-	"cache verify":    {0, -1},
-	"cache rm":        {1, 1},
+// positional says which positional arguments each command takes, by its
+// path below the program's name: at least min, at most max (-1: no
+// limit), and what they are. A command not listed takes none.
+var positional = map[string]args{
+	"base create":     {0, -1, ""}, // extra QEMU arguments after --
+	"base rm":         {1, 1, "one base ID or NAME"},
+	"base verify":     {1, 1, "one base ID or NAME"},
+	"overlay info":    {1, 1, "one overlay FILE"},
+	"overlay verify":  {1, 1, "one overlay FILE"},
+	"overlay extract": {1, 1, "one overlay FILE"},
+	"overlay reorder": {1, 1, "one overlay IN"},
+	"serve":           {1, 1, "one DIR to serve"},
+	"mount":           {2, 2, "OVERLAY and MOUNTPOINT"},
+	"umount":          {1, 1, "one MOUNTPOINT"},
+	"status":          {1, 1, "one MOUNTPOINT"},
+	"launch":          {1, -1, "an OVERLAY or DIR, then -- and extra QEMU arguments if any"},
+	"trace show":      {1, 1, "one TRACE"},
+	"trace merge":     {1, -1, "one TRACE or more"},
+	"cache verify":    {0, -1, ""},
+	"cache rm":        {1, 1, "one OVERLAY-ID (see cloudletfs cache ls)"},
+}
+
+// args is what a command takes as positional arguments.
+type args struct {
+	min, max int
+	what     string
 }
 
 // zeroDuration names the duration flags for which zero means something
@@ -214,7 +220,7 @@ func groupAction(group ...string) cli.ActionFunc {
 // checked wraps a command's action so that it first refuses bad usage:
 // positional arguments too many or too few, a required flag not given, or
 // a flag value out of range.
-func checked(name string, pos struct{ min, max int }, flags []cli.Flag, action cli.ActionFunc) cli.ActionFunc {
+func checked(name string, pos args, flags []cli.Flag, action cli.ActionFunc) cli.ActionFunc {
 	var required []string
 	for _, f := range flags {
 		if unrequire(f) {
@@ -227,13 +233,13 @@ func checked(name string, pos struct{ min, max int }, flags []cli.Flag, action c
 		}
 		switch n := c.NArg(); {
 		case n > pos.max && pos.max >= 0:
-			extra := c.Args().Slice()[pos.max:]
-			return fail("unexpected argument %q", strings.Join(extra, " "))
-		case n < pos.min:
-			if n == 0 {
-				return fail("missing argument")
+			takes := "no arguments"
+			if pos.what != "" {
+				takes = pos.what
 			}
-			return fail("want %d arguments, got %d", pos.min, n)
+			return fail("unexpected argument %q (it takes %s)", c.Args().Get(pos.max), takes)
+		case n < pos.min:
+			return fail("want %s", pos.what)
 		}
 		for _, r := range required {
 			if !c.IsSet(r) {
