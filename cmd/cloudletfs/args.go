@@ -237,7 +237,7 @@ func checked(name string, pos args, flags []cli.Flag, action cli.ActionFunc) cli
 			if pos.what != "" {
 				takes = pos.what
 			}
-			return fail("unexpected argument %q (it takes %s)", c.Args().Get(pos.max), takes)
+			return fail("unexpected argument %q; it takes %s", c.Args().Get(pos.max), takes)
 		case n < pos.min:
 			return fail("want %s", pos.what)
 		}

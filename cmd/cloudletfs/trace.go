@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"sort"
 	"text/tabwriter"
@@ -161,6 +160,9 @@ func traceMerge(c *cli.Context) error {
 	}
 	var runs []*order.Trace
 	for _, p := range c.Args().Slice() {
+		if c.Context.Err() != nil {
+			return fmt.Errorf("interrupted: %s not written", c.Path("output"))
+		}
 		t, err := order.ParseFile(p)
 		if err != nil {
 			return err
@@ -172,7 +174,11 @@ func traceMerge(c *cli.Context) error {
 		return err
 	}
 	out := c.Path("output")
-	if err := overlay.WriteFile(c.Context, out, func(w io.Writer) error { return order.Write(w, m) }); err != nil {
+	write := func(w io.Writer) error {
+		fmt.Fprintf(w, "# cloudletfs trace: %d runs merged (%s)\n", len(runs), s)
+		return order.Write(w, m)
+	}
+	if err := overlay.WriteFile(c.Context, out, write); err != nil {
 		if c.Context.Err() != nil && errors.Is(err, context.Canceled) {
 			return fmt.Errorf("interrupted: %s not written", out)
 		}
@@ -293,13 +299,9 @@ func replayCmd(c *cli.Context) error {
 		}
 	}
 	if path := c.Path("plot"); path != "" {
-		pf, err := os.Create(path)
-		if err != nil {
-			return err
-		}
-		defer pf.Close()
-		if err := order.Plot(pf, r, fmt.Sprintf("%s, %s, %s", filepath.Base(c.Path("overlay")), c.String("rate"), p)); err != nil {
-			return err
+		title := fmt.Sprintf("%s, %s, %s", filepath.Base(c.Path("overlay")), c.String("rate"), p)
+		if err := overlay.WriteFile(c.Context, path, func(w io.Writer) error { return order.Plot(w, r, title) }); err != nil {
+			return fmt.Errorf("--plot %s: %w", path, err)
 		}
 		fmt.Fprintf(w, "  timeline                 %s\n", path)
 	}
