@@ -241,14 +241,14 @@ func checked(name string, pos args, flags []cli.Flag, action cli.ActionFunc) cli
 		case n < pos.min:
 			return fail("want %s", pos.what)
 		}
-		for _, r := range required {
-			if !c.IsSet(r) {
-				return fail("--%s is required", r)
-			}
-		}
 		for _, f := range flags {
 			if err := checkValue(c, f); err != nil {
 				return fail("%v", err)
+			}
+		}
+		for _, r := range required {
+			if !c.IsSet(r) {
+				return fail("--%s is required", r)
 			}
 		}
 		return action(c)
