@@ -3,9 +3,12 @@ package main
 import (
 	"bytes"
 	"errors"
+	"io"
 	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/urfave/cli/v2"
 )
 
 // runAll runs cloudletfs in-process and returns all it printed and its
@@ -170,6 +173,27 @@ func TestTraceFlagOneName(t *testing.T) {
 	for _, cmd := range [][]string{{"overlay", "create"}, {"overlay", "reorder"}, {"replay"}} {
 		if out := e.ok(append(cmd, "--help")...); !strings.Contains(out, "--trace ") {
 			t.Errorf("%s --help does not show --trace:\n%s", strings.Join(cmd, " "), out)
+		}
+	}
+}
+
+// TestPositionalTableNamesCommands keeps the table of positional arguments
+// in step with the commands: a name in it that no command has would leave
+// the command it meant refusing its arguments.
+func TestPositionalTableNamesCommands(t *testing.T) {
+	names := map[string]bool{}
+	var walk func(path string, cmds []*cli.Command)
+	walk = func(path string, cmds []*cli.Command) {
+		for _, c := range cmds {
+			full := strings.TrimSpace(path + " " + c.Name)
+			names[full] = true
+			walk(full, c.Subcommands)
+		}
+	}
+	walk("", newApp(io.Discard, io.Discard).Commands)
+	for name := range positional {
+		if !names[name] {
+			t.Errorf("positional names %q, which is not a command", name)
 		}
 	}
 }
