@@ -59,14 +59,16 @@ func statusCmd(c *cli.Context) error {
 	defer tick.Stop()
 	for seen := false; ; seen = true {
 		s, err := readStats(path)
-		if err != nil {
-			if seen && (errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ENOTCONN)) {
-				if tty {
-					fmt.Fprintln(w)
-				}
-				fmt.Fprintf(w, "%s is no longer mounted\n", mnt)
-				return nil
-			}
+		if err != nil && seen && tty {
+			fmt.Fprintln(w)
+		}
+		switch {
+		case err != nil && seen && errors.Is(err, os.ErrNotExist):
+			fmt.Fprintf(w, "%s is no longer mounted\n", mnt)
+			return nil
+		case err != nil && seen && errors.Is(err, syscall.ENOTCONN):
+			return fmt.Errorf("status: the daemon behind %s stopped without unmounting; 'cloudletfs umount %s' cleans it up", mnt, mnt)
+		case err != nil:
 			return fmt.Errorf("status: %w (is a cloudletfs overlay mounted on %s?)", err, mnt)
 		}
 		lines := statusLines(s, rate.add(time.Now(), s.BytesFetched))
