@@ -178,8 +178,12 @@ func statusLines(s *fetch.Stats, rate float64) []string {
 			lines = append(lines, fmt.Sprintf("and %d more failing segments", len(s.FailingSegments)-maxFailing))
 			break
 		}
-		lines = append(lines, fmt.Sprintf("failing segment %d: %d failures, retry in %.0f s: %s",
-			f.Segment, f.Failures, f.RetryInS, oneLine(f.LastError)))
+		retry := fmt.Sprintf("retry in %.0f s", f.RetryInS)
+		if f.RetryInS < 0 {
+			retry = "given up until remount"
+		}
+		lines = append(lines, fmt.Sprintf("failing segment %d: %d failures, %s: %s",
+			f.Segment, f.Failures, retry, oneLine(f.LastError)))
 	}
 	for i, l := range lines {
 		lines[i] = clipWidth(l, statusWidth)

@@ -21,7 +21,7 @@ func TestStatusLines(t *testing.T) {
 		FailingSegments: []fetch.SegmentFailure{
 			{Segment: 17, Failures: 5, LastError: "GET http://127.0.0.1:8080/app.overlay: 500 Internal Server Error\nwith a body over lines", RetryInS: 42},
 			{Segment: 123455, Failures: 123, LastError: strings.Repeat("corrupt ", 40), RetryInS: 300},
-			{Segment: 3, Failures: 2, LastError: "wrong Content-Range"},
+			{Segment: 3, Failures: 2, LastError: "wrong Content-Range", RetryInS: -1},
 			{Segment: 4, Failures: 2, LastError: "404 Not Found"},
 			{Segment: 5, Failures: 2, LastError: "403 Forbidden"},
 		},
@@ -35,7 +35,8 @@ func TestStatusLines(t *testing.T) {
 	}
 	for _, want := range []string{"99999/123456 segments", "TiB/s", "stall 12.3 s", "wait total 98.8 s", "p99 4.3 s",
 		"failing segment 17: 5 failures, retry in 42 s: GET http://127.0.0.1:8080/app.ov",
-		"failing segment 123455", "and 2 more failing segments", "errors 123456789"} {
+		"failing segment 123455", "failing segment 3: 2 failures, given up until remount: wrong Content-Range",
+		"and 2 more failing segments", "errors 123456789"} {
 		if !strings.Contains(text, want) {
 			t.Errorf("status does not show %q:\n%s", want, text)
 		}
