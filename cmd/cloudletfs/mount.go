@@ -474,20 +474,10 @@ func resolveBase(st *store.Store, ref string, o *overlay.Overlay, src string) (*
 
 // writeTrace writes a trace atomically.
 func writeTrace(path string, write func(io.Writer) error) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	fmt.Fprintf(tmp, "# cloudletfs trace: <seconds since ready> <disk|memory> <chunk index> <bytes read> <seconds the read took>\n")
-	if err := write(tmp); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return overlay.WriteFile(context.Background(), path, func(w io.Writer) error {
+		fmt.Fprintf(w, "# cloudletfs trace: <seconds since ready> <disk|memory> <chunk index> <bytes read> <seconds the read took>\n")
+		return write(w)
+	})
 }
 
 func umountCmd(c *cli.Context) error {
