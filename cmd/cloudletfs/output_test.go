@@ -208,3 +208,31 @@ func TestErrorsHideTempFiles(t *testing.T) {
 		noTemps(t, full)
 	}
 }
+
+// TestTraceOutFollowsTheRule: the trace a mount records at unmount is
+// written like every other output: its directories made, umask honoured.
+func TestTraceOutFollowsTheRule(t *testing.T) {
+	requireFUSE(t)
+	old := syscall.Umask(0o022)
+	defer syscall.Umask(old)
+	e := newEnv(t)
+	e.importBase("base", "base")
+	e.create("app.overlay")
+	mnt := e.path("mnt")
+	os.MkdirAll(mnt, 0o755)
+	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
+	trace := e.path("traces/new/run.trace")
+	m := e.mount("--trace-out", trace, e.path("app.overlay"), mnt)
+	if _, err := os.ReadFile(filepath.Join(mnt, "disk", "image")); err != nil {
+		t.Fatal(err)
+	}
+	e.ok("umount", mnt)
+	if err := m.wait(t); err != nil {
+		t.Fatalf("mount: %v; stderr:\n%s", err, m.errText())
+	}
+	st, err := os.Stat(trace)
+	if err != nil || st.Mode().Perm() != 0o644 {
+		t.Fatalf("--trace-out: %v, mode %v; want a 0644 file", err, st)
+	}
+	noTemps(t, e.path("traces"))
+}
