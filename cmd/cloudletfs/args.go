@@ -169,6 +169,8 @@ func usageError(c *cli.Context, err error, _ bool) error {
 		}
 	} else if m := unknownFlag.FindStringSubmatch(msg); m != nil {
 		msg = "unknown flag " + dashes(m[1])
+	} else if m := noValue.FindStringSubmatch(msg); m != nil {
+		msg = dashes(m[1]) + " needs a value"
 	}
 	name := c.Command.HelpName
 	if name == c.App.Name {
@@ -189,6 +191,7 @@ func dashes(name string) string {
 var (
 	badValue    = regexp.MustCompile(`^invalid value "(.*)" for flag -+([^:]+): (.*)$`)
 	unknownFlag = regexp.MustCompile(`^flag provided but not defined: -+(.*)$`)
+	noValue     = regexp.MustCompile(`^flag needs an argument: -+(.*)$`)
 )
 
 // groupAction runs for a command that only holds others (and for the

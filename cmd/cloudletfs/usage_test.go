@@ -40,6 +40,7 @@ func TestUsageErrorsAreOneLine(t *testing.T) {
 		{replay("--rtt", "abc"), `replay: --rtt "abc": want a duration`},
 		{replay("--startup", "-1s"), `--startup -1s`},
 		{replay("--bogus"), `replay: unknown flag --bogus`},
+		{replay("--rate"), `replay: --rate needs a value`},
 		{replay("extra"), `replay: unexpected argument "extra"`},
 		{[]string{"replay", "--trace", tr}, `replay: --overlay is required`},
 		{[]string{"status", "--interval", "0", e.dir}, `status: --interval 0s: want a duration above zero`},
