@@ -602,6 +602,21 @@ type Stats struct {
 	FailedFetches     int64      `json:"failed_fetches"`
 	Timeouts          int64      `json:"timeouts"`
 	Complete          bool       `json:"complete"`
+
+	Waits           int              `json:"waits"`
+	WaitTotalMs     float64          `json:"wait_total_ms"`
+	WaitP50Ms       float64          `json:"wait_p50_ms"`
+	WaitP99Ms       float64          `json:"wait_p99_ms"`
+	StallMs         float64          `json:"stall_ms"`
+	FailingSegments []SegmentFailure `json:"failing_segments"`
+}
+
+// SegmentFailure is a segment whose fetches keep failing.
+type SegmentFailure struct {
+	Segment   int     `json:"segment"`
+	Failures  int     `json:"failures"`
+	LastError string  `json:"last_error"`
+	RetryInS  float64 `json:"retry_in_s"`
 }
 
 // Stats returns a snapshot.

@@ -178,8 +178,13 @@ type Result struct {
 	Issued        []float64 // per access of the trace, in time order
 	Served        []float64
 	FirstResponse float64 // -1 if the trace has no first-response mark
-	Stall         float64
-	BytesFetched  int64
+	// Stall is the wall-clock time in which at least one read waited for
+	// the network; WaitTotal is the sum of every read's wait, which counts
+	// an instant twice when two reads wait in it. They are stall_ms and
+	// wait_total_ms in a mount's stats.
+	Stall        float64
+	WaitTotal    float64
+	BytesFetched int64
 	// Needed is the compressed bytes of the chunks the VM read before its
 	// first response (all of them without a mark): with one RTT, the
 	// physical limit of any fetch order on this link.
@@ -297,9 +302,9 @@ func Replay(l *Layout, t *Trace, m Model, p Policy) Result {
 				served = present[s]
 			}
 		}
-		stall := served - issue
-		res.Stall += stall
-		shift += max(0, stall-a.Wait)
+		wait := served - issue
+		res.WaitTotal += wait
+		shift += max(0, wait-a.Wait)
 		res.Issued = append(res.Issued, issue)
 		res.Served = append(res.Served, served)
 		res.Accesses = append(res.Accesses, a)
@@ -307,6 +312,25 @@ func Replay(l *Layout, t *Trace, m Model, p Policy) Result {
 	if mark >= 0 && res.FirstResponse < 0 {
 		res.FirstResponse = res.Ready + mark + shift
 	}
+	res.Stall = covered(res.Issued, res.Served)
 	sort.Slice(res.Fetches, func(i, j int) bool { return res.Fetches[i].Start < res.Fetches[j].Start })
 	return res
+}
+
+// covered is the length of the union of the intervals [from[i], to[i]].
+func covered(from, to []float64) float64 {
+	idx := make([]int, len(from))
+	for i := range idx {
+		idx[i] = i
+	}
+	sort.Slice(idx, func(a, b int) bool { return from[idx[a]] < from[idx[b]] })
+	total, end := 0.0, math.Inf(-1)
+	for _, i := range idx {
+		start := max(from[i], end)
+		if to[i] > start {
+			total += to[i] - start
+		}
+		end = max(end, to[i])
+	}
+	return total
 }

@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/cloudletfs/cloudletfs/overlay"
 )
@@ -59,6 +60,36 @@ var ErrEmpty = errors.New("trace has no accesses")
 // maxLine bounds one trace line; real lines are under 40 bytes.
 const maxLine = 4096
 
+// ErrNotText is returned for a file that is not text, such as an overlay
+// or an image given where a trace belongs.
+var ErrNotText = errors.New("not text: a trace is a text file (docs/FORMAT.md)")
+
+// isText reports whether a line is UTF-8 without control characters other
+// than tab and carriage return.
+func isText(b []byte) bool {
+	if !utf8.Valid(b) {
+		return false
+	}
+	for _, c := range b {
+		if c < 0x20 && c != '\t' && c != '\r' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// clip shortens text quoted in an error to what a terminal line can hold.
+func clip(s string) string {
+	if len(s) <= 60 {
+		return s
+	}
+	i := 60
+	for !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i] + "…"
+}
+
 // Parse reads a trace: one access a line, "<seconds> <disk|memory> <chunk
 // index>", optionally followed by "<bytes read> <seconds the read took>";
 // or a mark, "<seconds> mark <name>". Blank lines and lines starting with '#'
@@ -70,13 +101,16 @@ func Parse(r io.Reader) (*Trace, error) {
 	line := 0
 	for sc.Scan() {
 		line++
+		if !isText(sc.Bytes()) {
+			return nil, fmt.Errorf("line %d: %w", line, ErrNotText)
+		}
 		text := strings.TrimSpace(sc.Text())
 		if text == "" || text[0] == '#' {
 			continue
 		}
 		f := strings.Fields(text)
 		if len(f) != 3 && len(f) != 5 {
-			return nil, fmt.Errorf("line %d: want \"<seconds> <disk|memory> <chunk index> [<bytes> <wait>]\" or \"<seconds> mark <name>\", got %q", line, text)
+			return nil, fmt.Errorf("line %d: want \"<seconds> <disk|memory> <chunk index> [<bytes> <wait>]\" or \"<seconds> mark <name>\", got %q", line, clip(text))
 		}
 		tm, err := strconv.ParseFloat(f[0], 64)
 		if err != nil || tm < 0 || math.IsInf(tm, 0) || math.IsNaN(tm) {
@@ -107,7 +141,7 @@ func Parse(r io.Reader) (*Trace, error) {
 	}
 	if err := sc.Err(); err != nil {
 		if errors.Is(err, bufio.ErrTooLong) {
-			return nil, fmt.Errorf("line %d: longer than %d bytes", line+1, maxLine)
+			return nil, fmt.Errorf("line %d: longer than %d bytes: is this a trace file?", line+1, maxLine)
 		}
 		return nil, err
 	}

@@ -76,6 +76,26 @@ func TestParseErrors(t *testing.T) {
 	}
 }
 
+// A binary file given as a trace, here the start of an overlay, is refused
+// in one short line that neither dumps its bytes nor runs on.
+func TestParseBinary(t *testing.T) {
+	bin := append([]byte("CLOUDLET\x01\x00\x00\x00\x00\x10\x00\x00"), bytes.Repeat([]byte{0x8f, 0xfe, 0x03, 'a'}, 40)...)
+	long := strings.Repeat("0.1 disk 1 ", 20) + "\n"
+	for name, in := range map[string]string{"binary": string(bin), "long line": long} {
+		_, err := Parse(strings.NewReader(in))
+		if err == nil {
+			t.Fatalf("%s: parsed", name)
+		}
+		msg := err.Error()
+		if len(msg) > 200 || strings.ContainsAny(msg, "\x00\x01\x03") || strings.Contains(msg, "\\x") {
+			t.Errorf("%s: error of %d bytes: %q", name, len(msg), msg)
+		}
+	}
+	if _, err := Parse(bytes.NewReader(bin)); !errors.Is(err, ErrNotText) {
+		t.Errorf("binary: %v is not ErrNotText", err)
+	}
+}
+
 func FuzzParse(f *testing.F) {
 	f.Add("0.000 memory 5\n0.010 disk 2\n")
 	f.Add("# c\n\n1e3 disk 4294967295\n")

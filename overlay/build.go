@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"runtime"
 	"sync"
@@ -32,6 +31,9 @@ type BuildOptions struct {
 	// Progress, if set, is told how many input bytes each step finished.
 	// phase is "hash" or "compress"; total is that phase's size.
 	Progress func(phase string, n, total int64)
+	// Context, if set, interrupts the build when done: it fails with the
+	// context's error and leaves nothing behind.
+	Context context.Context
 }
 
 // Summary describes a built overlay.
@@ -46,8 +48,21 @@ type Summary struct {
 
 // Build writes the overlay of in against base to the file out. It writes to a
 // temporary file beside out and renames it into place only when complete, so
-// a failure leaves nothing behind.
+// a failure leaves nothing behind. It creates the directories above out
+// that are missing, and removes them again on failure.
 func Build(out string, base *Base, in *Input, opt BuildOptions) (*Summary, error) {
+	sum, err := buildOverlay(out, base, in, opt)
+	return sum, hideTemp(err)
+}
+
+func buildOverlay(out string, base *Base, in *Input, opt BuildOptions) (*Summary, error) {
+	if opt.Context == nil {
+		opt.Context = context.Background()
+	}
+	in = &Input{Images: in.Images, Sizes: in.Sizes, State: in.State, VMConfig: in.VMConfig}
+	for _, img := range Images {
+		in.Images[img] = ctxReaderAt{opt.Context, in.Images[img]}
+	}
 	if opt.SegmentSize <= 0 {
 		opt.SegmentSize = DefaultSegment
 	}
@@ -174,23 +189,30 @@ func Build(out string, base *Base, in *Input, opt BuildOptions) (*Summary, error
 		m.Segments = append(m.Segments, s)
 	}
 
-	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
-		return nil, err
-	}
-	f, err := tempFile(out)
+	undo, err := mkdirs(filepath.Dir(out))
 	if err != nil {
 		return nil, err
 	}
 	ok := false
 	defer func() {
 		if !ok {
+			undo()
+		}
+	}()
+	f, err := tempFile(out)
+	if err != nil {
+		return nil, err
+	}
+	committed := false
+	defer func() {
+		if !committed {
 			discard(f)
 		}
 	}()
 
 	// Segments go to a second temporary file: their sizes and digests belong
 	// in the manifest, which the overlay carries before them.
-	segs, err := tempFile(out + ".segments")
+	segs, err := tempFile(out + segmentsSuffix)
 	if err != nil {
 		return nil, err
 	}
@@ -230,7 +252,7 @@ func Build(out string, base *Base, in *Input, opt BuildOptions) (*Summary, error
 	if err := commit(f, out); err != nil {
 		return nil, err
 	}
-	ok = true
+	committed, ok = true, true
 	if err := syncDir(filepath.Dir(out)); err != nil {
 		return nil, err
 	}

@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -39,25 +40,40 @@ func (o *Overlay) CheckBase(base *Base) error {
 }
 
 // Extract writes the custom VM an overlay describes into dir: disk.img,
-// memory.img, state and, when present, vm.json. Every file is written beside
-// its final name and renamed into place only after all of them are complete;
-// on failure nothing is left behind, not even dir if Extract created it.
-func Extract(o *Overlay, base *Base, dir string, workers int, progress func(n, total int64)) (err error) {
+// memory.img, state and, when present, vm.json. An older vm.json in dir is
+// removed when the overlay carries none, so that dir holds this VM and no
+// part of another. Every file is written beside its final name and renamed
+// into place only after all of them are complete; on failure nothing is
+// left behind, not even dir or the parents of it that Extract created.
+func Extract(o *Overlay, base *Base, dir string, workers int, progress func(n, total int64)) error {
+	return ExtractContext(context.Background(), o, base, dir, workers, progress)
+}
+
+// ExtractContext is Extract that a done ctx interrupts, leaving nothing
+// behind.
+func ExtractContext(ctx context.Context, o *Overlay, base *Base, dir string, workers int, progress func(n, total int64)) error {
+	return hideTemp(extract(ctx, o, base, dir, workers, progress))
+}
+
+func extract(ctx context.Context, o *Overlay, base *Base, dir string, workers int, progress func(n, total int64)) (err error) {
 	if err := o.CheckBase(base); err != nil {
 		return err
 	}
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
-	if _, serr := os.Stat(dir); errors.Is(serr, os.ErrNotExist) {
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			return err
+	undo, err := mkdirs(dir)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			undo()
 		}
-		defer func() {
-			if err != nil {
-				os.Remove(dir)
-			}
-		}()
+	}()
+	src := &Base{ID: base.ID, Index: base.Index}
+	for i, img := range base.Images {
+		src.Images[i] = ctxReaderAt{ctx, img}
 	}
 
 	names := []string{DiskFile, MemoryFile, StateFile}
@@ -65,9 +81,10 @@ func Extract(o *Overlay, base *Base, dir string, workers int, progress func(n, t
 		names = append(names, VMConfigFile)
 	}
 	files := make([]*os.File, len(names))
+	committed := 0
 	defer func() {
 		if err != nil {
-			for _, f := range files {
+			for _, f := range files[committed:] {
 				if f != nil {
 					discard(f)
 				}
@@ -97,6 +114,9 @@ func Extract(o *Overlay, base *Base, dir string, workers int, progress func(n, t
 	prog := lockedProgress(progress, o.rawTotal())
 	out := [2]*os.File{files[Disk], files[Memory]}
 	if err := o.eachSegment(workers, func(i int) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		if err := o.writeSegment(out, i); err != nil {
 			return err
 		}
@@ -107,12 +127,22 @@ func Extract(o *Overlay, base *Base, dir string, workers int, progress func(n, t
 	}); err != nil {
 		return err
 	}
-	if err := o.writeRefs(out, base); err != nil {
+	if err := o.writeRefs(out, src); err != nil {
+		return err
+	}
+	// The last moment to stop: from here on, dir changes.
+	if err := ctx.Err(); err != nil {
 		return err
 	}
 	for i, f := range files {
 		if err := commit(f, filepath.Join(dir, names[i])); err != nil {
 			return err
+		}
+		committed++
+	}
+	if o.VMConfig == nil {
+		if err := os.Remove(filepath.Join(dir, VMConfigFile)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("removing the vm.json of an earlier VM: %w", err)
 		}
 	}
 	return syncDir(dir)

@@ -1,6 +1,7 @@
 package overlay
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -64,8 +65,9 @@ func (v *view) ReadAt(p []byte, off int64) (int, error) {
 // Unpack decodes every segment of o once into a temporary file in dir and
 // returns the custom VM as an Input for Build: the same bytes Extract would
 // write, without writing the images. Call the returned function to remove
-// the temporary file.
-func (o *Overlay) Unpack(base *Base, dir string, workers int) (*Input, func(), error) {
+// the temporary file. A segment that cannot be read fails it with a
+// *SourceError; a done ctx stops it.
+func (o *Overlay) Unpack(ctx context.Context, base *Base, dir string, workers int) (*Input, func(), error) {
 	if err := o.CheckBase(base); err != nil {
 		return nil, nil, err
 	}
@@ -85,9 +87,12 @@ func (o *Overlay) Unpack(base *Base, dir string, workers int) (*Input, func(), e
 		}
 	}
 	err = o.eachSegment(workers, func(i int) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		raw, err := o.ReadSegment(i)
 		if err != nil {
-			return err
+			return &SourceError{err}
 		}
 		_, err = f.WriteAt(raw, segOff[i])
 		return err
@@ -107,26 +112,52 @@ func (o *Overlay) Unpack(base *Base, dir string, workers int) (*Input, func(), e
 	return in, cleanup, nil
 }
 
+// SourceError is a failure to read the overlay Reorder was given, as
+// opposed to one writing the new overlay: the caller names the input file.
+type SourceError struct{ Err error }
+
+func (e *SourceError) Error() string { return e.Err.Error() }
+func (e *SourceError) Unwrap() error { return e.Err }
+
 // Reorder writes o again to out with a new stream order and segmentation:
 // the chunks in first come first, in that order; the rest keep the order
 // they had in o. The VM it describes is the same, byte for byte, and it
-// needs nothing but o and its base.
+// needs nothing but o and its base. A segment of o that cannot be read or
+// is corrupt fails it with a *SourceError. It decodes o into a scratch
+// directory beside out, removed on every return.
 func Reorder(out string, o *Overlay, base *Base, first []ChunkID, opt BuildOptions) (*Summary, error) {
+	sum, err := reorder(out, o, base, first, opt)
+	return sum, hideTemp(err)
+}
+
+func reorder(out string, o *Overlay, base *Base, first []ChunkID, opt BuildOptions) (sum *Summary, err error) {
 	for _, c := range first {
 		if int(c.Index) >= o.Header.Chunks(c.Image) {
 			return nil, fmt.Errorf("order names %s, beyond the image's %d chunks", c, o.Header.Chunks(c.Image))
 		}
 	}
-	dir, err := os.MkdirTemp(filepath.Dir(out), ".reorder-*")
+	if opt.Context == nil {
+		opt.Context = context.Background()
+	}
+	undo, err := mkdirs(filepath.Dir(out))
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			undo()
+		}
+	}()
+	dir, err := os.MkdirTemp(filepath.Dir(out), scratchMark+"*")
 	if err != nil {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	in, cleanup, err := o.Unpack(base, dir, opt.Workers)
+	in, cleanup, err := o.Unpack(opt.Context, base, dir, opt.Workers)
 	if err != nil {
 		return nil, err
 	}
 	defer cleanup()
 	opt.Order = append(append([]ChunkID(nil), first...), o.Manifest.Order...)
-	return Build(out, base, in, opt)
+	return buildOverlay(out, base, in, opt)
 }

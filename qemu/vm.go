@@ -235,20 +235,21 @@ func (v *VM) Tail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// WaitConsole waits until a console line kept matches re (see ClearConsole). On timeout
-// or exit it reports the last console lines.
+// WaitConsole waits until a console line kept matches re (see ClearConsole),
+// with its terminal escape sequences removed. On timeout or exit it reports
+// the last console lines.
 func (v *VM) WaitConsole(ctx context.Context, re *regexp.Regexp, timeout time.Duration) error {
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	for {
 		v.mu.Lock()
 		for _, l := range v.lines {
-			if re.MatchString(l) {
+			if re.MatchString(plain(l)) {
 				v.mu.Unlock()
 				return nil
 			}
 		}
-		if re.MatchString(v.partial) {
+		if re.MatchString(plain(v.partial)) {
 			v.mu.Unlock()
 			return nil
 		}

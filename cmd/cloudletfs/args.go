@@ -1,7 +1,11 @@
 package main
 
 import (
+	"fmt"
+	"regexp"
+	"slices"
 	"strings"
+	"sync"
 
 	"github.com/urfave/cli/v2"
 )
@@ -80,4 +84,234 @@ func flagWidth(flags []cli.Flag, a string) int {
 		}
 	}
 	return 1
+}
+
+// positional says which positional arguments each command takes, by its
+// path below the program's name: at least min, at most max (-1: no
+// limit), and what they are. A command not listed takes none.
+var positional = map[string]args{
+	"base create":     {0, -1, ""}, // extra QEMU arguments after --
+	"base rm":         {1, 1, "one base ID or NAME"},
+	"base verify":     {1, 1, "one base ID or NAME"},
+	"overlay info":    {1, 1, "one overlay FILE"},
+	"overlay verify":  {1, 1, "one overlay FILE"},
+	"overlay extract": {1, 1, "one overlay FILE"},
+	"overlay reorder": {1, 1, "one overlay IN"},
+	"serve":           {1, 1, "one DIR to serve"},
+	"mount":           {2, 2, "OVERLAY and MOUNTPOINT"},
+	"umount":          {1, 1, "one MOUNTPOINT"},
+	"status":          {1, 1, "one MOUNTPOINT"},
+	"launch":          {1, -1, "an OVERLAY or DIR, then -- and extra QEMU arguments if any"},
+	"trace show":      {1, 1, "one TRACE"},
+	"trace merge":     {1, -1, "one TRACE or more"},
+	"cache verify":    {0, -1, ""},
+	"cache rm":        {1, 1, "one OVERLAY-ID (see cloudletfs cache ls)"},
+}
+
+// args is what a command takes as positional arguments.
+type args struct {
+	min, max int
+	what     string
+}
+
+// zeroDuration names the duration flags for which zero means something
+// (no delay, not set); every other duration must be positive.
+var zeroDuration = map[string]bool{"rtt": true, "startup": true, "ready-after": true}
+
+// zeroInt names the whole-number flags for which zero means something; every
+// other one counts something and must be positive.
+var zeroInt = map[string]bool{"guest-port": true}
+
+// wasRequired remembers the flags checkUsage took the Required mark off,
+// since the flag values are shared by every app built in one process.
+var wasRequired sync.Map // cli.Flag -> true
+
+// checkUsage makes app refuse bad usage in one line, as other tools do:
+// a flag that does not parse, a missing required flag, a value out of
+// range, a positional argument too many or too few, and an unknown command
+// each give one line that ends in where to read more, never the whole
+// help. `cloudletfs help [COMMAND...]` prints the help and exits 0.
+func checkUsage(app *cli.App) *cli.App {
+	app.OnUsageError = usageError
+	app.Action = groupAction()
+	var walk func(path string, cmds []*cli.Command)
+	walk = func(path string, cmds []*cli.Command) {
+		for _, cmd := range cmds {
+			full := strings.TrimSpace(path + " " + cmd.Name)
+			cmd.OnUsageError = usageError
+			if len(cmd.Subcommands) > 0 {
+				cmd.Action = groupAction(strings.Fields(full)...)
+				walk(full, cmd.Subcommands)
+				continue
+			}
+			cmd.Action = checked(app.Name+" "+full, positional[full], cmd.Flags, cmd.Action)
+		}
+	}
+	walk("", app.Commands)
+	return app
+}
+
+// usageError turns a flag that did not parse into one line.
+func usageError(c *cli.Context, err error, _ bool) error {
+	msg := err.Error()
+	if m := badValue.FindStringSubmatch(msg); m != nil {
+		flag := dashes(m[2])
+		msg = fmt.Sprintf("%s %q: %s", flag, m[1], m[3])
+		for _, f := range c.Command.Flags {
+			if slices.Contains(f.Names(), m[2]) {
+				switch f.(type) {
+				case *cli.DurationFlag:
+					msg = fmt.Sprintf("%s %q: want a duration such as 20ms or 1m30s", flag, m[1])
+				case *cli.IntFlag:
+					msg = fmt.Sprintf("%s %q: want a whole number", flag, m[1])
+				}
+			}
+		}
+	} else if m := unknownFlag.FindStringSubmatch(msg); m != nil {
+		msg = "unknown flag " + dashes(m[1])
+	} else if m := noValue.FindStringSubmatch(msg); m != nil {
+		msg = dashes(m[1]) + " needs a value"
+	}
+	name := c.Command.HelpName
+	if name == c.App.Name {
+		return fmt.Errorf("%s (see %s --help)", msg, name)
+	}
+	return fmt.Errorf("%s: %s (see %s --help)", strings.TrimPrefix(name, c.App.Name+" "), msg, name)
+}
+
+// dashes spells a flag name as it is typed: -j, --jobs.
+func dashes(name string) string {
+	if len(name) == 1 {
+		return "-" + name
+	}
+	return "--" + name
+}
+
+// The messages of package flag, which urfave/cli passes on.
+var (
+	badValue    = regexp.MustCompile(`^invalid value "(.*)" for flag -+([^:]+): (.*)$`)
+	unknownFlag = regexp.MustCompile(`^flag provided but not defined: -+(.*)$`)
+	noValue     = regexp.MustCompile(`^flag needs an argument: -+(.*)$`)
+)
+
+// groupAction runs for a command that only holds others (and for the
+// program itself), group being its path below the program's name: without
+// arguments, or with "help", it prints the help; anything else is an
+// unknown command.
+func groupAction(group ...string) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		if c.NArg() == 0 {
+			return cli.ShowSubcommandHelp(c)
+		}
+		words := c.Args().Slice()
+		if words[0] == "help" {
+			if len(words) == 1 {
+				return cli.ShowSubcommandHelp(c)
+			}
+			if c.Command.Command(words[1]) != nil {
+				// The command's own --help, wherever it sits in the tree.
+				args := append(append(append([]string{c.App.Name}, group...), words[1:]...), "--help")
+				return c.App.RunContext(c.Context, args)
+			}
+			words = words[1:]
+		}
+		here := strings.Join(append([]string{c.App.Name}, group...), " ")
+		return fmt.Errorf("unknown command %q; see %s --help", strings.Join(append(append([]string(nil), group...), words[0]), " "), here)
+	}
+}
+
+// checked wraps a command's action so that it first refuses bad usage:
+// positional arguments too many or too few, a required flag not given, or
+// a flag value out of range.
+func checked(name string, pos args, flags []cli.Flag, action cli.ActionFunc) cli.ActionFunc {
+	var required []string
+	for _, f := range flags {
+		if unrequire(f) {
+			required = append(required, f.Names()[0])
+		}
+	}
+	return func(c *cli.Context) error {
+		fail := func(format string, a ...any) error {
+			return fmt.Errorf("%s: %s (see %s --help)", strings.TrimPrefix(name, c.App.Name+" "), fmt.Sprintf(format, a...), name)
+		}
+		switch n := c.NArg(); {
+		case n > pos.max && pos.max >= 0:
+			takes := "no arguments"
+			if pos.what != "" {
+				takes = pos.what
+			}
+			return fail("unexpected argument %q; it takes %s", c.Args().Get(pos.max), takes)
+		case n < pos.min:
+			return fail("want %s", pos.what)
+		}
+		for _, f := range flags {
+			if err := checkValue(c, f); err != nil {
+				return fail("%v", err)
+			}
+		}
+		for _, r := range required {
+			if !c.IsSet(r) {
+				return fail("--%s is required", r)
+			}
+		}
+		return action(c)
+	}
+}
+
+// unrequire takes the Required mark off a flag, so that urfave/cli does
+// not answer its absence with the whole help, and reports whether the flag
+// is required.
+func unrequire(f cli.Flag) bool {
+	if _, ok := wasRequired.Load(f); ok {
+		return true
+	}
+	var req *bool
+	switch f := f.(type) {
+	case *cli.StringFlag:
+		req = &f.Required
+	case *cli.PathFlag:
+		req = &f.Required
+	case *cli.StringSliceFlag:
+		req = &f.Required
+	case *cli.IntFlag:
+		req = &f.Required
+	case *cli.DurationFlag:
+		req = &f.Required
+	default:
+		return false
+	}
+	if !*req {
+		return false
+	}
+	wasRequired.Store(f, true)
+	*req = false
+	return true
+}
+
+// checkValue refuses a value no command could mean: a negative duration,
+// a zero one where zero means nothing, a count of zero or less, a chunk size
+// that is not a power of two.
+func checkValue(c *cli.Context, f cli.Flag) error {
+	name := f.Names()[0]
+	switch f.(type) {
+	case *cli.DurationFlag:
+		d := c.Duration(name)
+		switch {
+		case d < 0:
+			return fmt.Errorf("--%s %s: want a duration of zero or more, such as 20ms", name, d)
+		case d == 0 && !zeroDuration[name]:
+			return fmt.Errorf("--%s %s: want a duration above zero, such as 500ms", name, d)
+		}
+	case *cli.IntFlag:
+		n := c.Int(name)
+		switch {
+		case name == "guest-port" && (n < 0 || n > 65535):
+			return fmt.Errorf("--%s %d: want a TCP port from 1 to 65535, or 0 for none", name, n)
+		case n < 0 || n == 0 && !zeroInt[name]:
+			return fmt.Errorf("--%s %d: want a whole number above zero", name, n)
+		case name == "chunk-size" && n&(n-1) != 0:
+			return fmt.Errorf("--%s %d: want a power of two, such as 4096", name, n)
+		}
+	}
+	return nil
 }

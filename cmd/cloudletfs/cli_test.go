@@ -192,7 +192,7 @@ func TestOrderTrace(t *testing.T) {
 	e := newEnv(t)
 	e.importBase("base", "base")
 	e.write("trace", []byte("# resumed\n0.5 disk 7\n0.1 disk 5\n0.2 memory 1\n0.3 disk 5\n"))
-	e.create("app.overlay", "--order", e.path("trace"))
+	e.create("app.overlay", "--trace", e.path("trace"))
 	o, f, err := openOverlay(e.path("app.overlay"))
 	if err != nil {
 		t.Fatal(err)
@@ -280,12 +280,12 @@ func TestBadInput(t *testing.T) {
 	})
 	t.Run("empty trace", func(t *testing.T) {
 		e := e.in(t)
-		e.fails([]string{"empty.trace", "no accesses"}, createArgs("out/a.overlay", "--order", e.path("empty.trace"))...)
+		e.fails([]string{"empty.trace", "no accesses"}, createArgs("out/a.overlay", "--trace", e.path("empty.trace"))...)
 		e.nothingAt("out/a.overlay")
 	})
 	t.Run("trace beyond image", func(t *testing.T) {
 		e := e.in(t)
-		e.fails([]string{"beyond.trace", "memory chunk 999", "beyond the image"}, createArgs("out/a.overlay", "--order", e.path("beyond.trace"))...)
+		e.fails([]string{"beyond.trace", "memory chunk 999", "beyond the image"}, createArgs("out/a.overlay", "--trace", e.path("beyond.trace"))...)
 		e.nothingAt("out/a.overlay")
 	})
 	for name, want := range map[string][]string{

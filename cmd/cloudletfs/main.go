@@ -46,7 +46,7 @@ func main() {
 // newApp builds the command tree. Output goes to stdout and stderr so tests
 // can run commands in-process.
 func newApp(stdout, stderr io.Writer) *cli.App {
-	return &cli.App{
+	return checkUsage(&cli.App{
 		Name:    "cloudletfs",
 		Usage:   "resume custom VMs on a cloudlet from small VM overlays",
 		Version: version,
@@ -82,7 +82,7 @@ Typical use:
 			return nil
 		},
 		Commands: append(append([]*cli.Command{baseCommand(), overlayCommand()}, runtimeCommands()...), append(append(vmCommands(), orderCommands()...), cacheCommand())...),
-	}
+	})
 }
 
 func logger(c *cli.Context) zerolog.Logger {

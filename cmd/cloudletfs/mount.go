@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -83,16 +82,7 @@ in the state dir, and a later mount of the same overlay shows them (not with --f
 			ArgsUsage: "MOUNTPOINT",
 			Action:    umountCmd,
 		},
-		{
-			Name:      "status",
-			Usage:     "show a mount's progress until the overlay is complete",
-			ArgsUsage: "MOUNTPOINT",
-			Flags: []cli.Flag{
-				&cli.BoolFlag{Name: "once", Usage: "print the current state once and exit"},
-				&cli.DurationFlag{Name: "interval", Value: 500 * time.Millisecond, Usage: "refresh interval"},
-			},
-			Action: statusCmd,
-		},
+		statusCommand(),
 	}
 }
 
@@ -484,20 +474,10 @@ func resolveBase(st *store.Store, ref string, o *overlay.Overlay, src string) (*
 
 // writeTrace writes a trace atomically.
 func writeTrace(path string, write func(io.Writer) error) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	fmt.Fprintf(tmp, "# cloudletfs trace: <seconds since ready> <disk|memory> <chunk index> <bytes read> <seconds the read took>\n")
-	if err := write(tmp); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return overlay.WriteFile(context.Background(), path, func(w io.Writer) error {
+		fmt.Fprintf(w, "# cloudletfs trace: <seconds since ready> <disk|memory> <chunk index> <bytes read> <seconds the read took>\n")
+		return write(w)
+	})
 }
 
 func umountCmd(c *cli.Context) error {
@@ -530,59 +510,4 @@ func umountCmd(c *cli.Context) error {
 	}
 	fmt.Fprintf(c.App.Writer, "unmounted %s\n", abs)
 	return nil
-}
-
-func statusCmd(c *cli.Context) error {
-	if err := need(c, 1, "one MOUNTPOINT"); err != nil {
-		return err
-	}
-	path := filepath.Join(c.Args().First(), "stats")
-	w := c.App.Writer
-	var lastBytes int64
-	lastT, first := time.Now(), true
-	tty := newProgress(c.App.Writer) != nil
-	for {
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return fmt.Errorf("status: %w (is a cloudletfs overlay mounted there?)", err)
-		}
-		var s fetch.Stats
-		if err := json.Unmarshal(b, &s); err != nil {
-			return fmt.Errorf("status: %s: %w", path, err)
-		}
-		now := time.Now()
-		rate := -1.0
-		if !first {
-			rate = float64(s.BytesFetched-lastBytes) / now.Sub(lastT).Seconds()
-		}
-		first = false
-		lastBytes, lastT = s.BytesFetched, now
-		share := 1.0
-		if s.Segments > 0 {
-			share = float64(s.SegmentsPresent) / float64(s.Segments)
-		}
-		const width = 30
-		bar := strings.Repeat("#", int(share*width)) + strings.Repeat("-", width-int(share*width))
-		line := fmt.Sprintf("[%s] %5.1f%%  %d/%d segments  %s fetched  %d demand fetches  stall %.0f ms (p99 %.0f ms)",
-			bar, 100*share, s.SegmentsPresent, s.Segments, humanize.IBytes(uint64(s.BytesFetched)),
-			s.DemandFetches, s.StallTotalMs, s.StallP99Ms)
-		if rate >= 0 {
-			line += fmt.Sprintf("  %s/s", humanize.IBytes(uint64(rate)))
-		}
-		if s.FetchErrors > 0 || s.Timeouts > 0 {
-			line += fmt.Sprintf("  errors %d, timeouts %d", s.FetchErrors, s.Timeouts)
-		}
-		if tty {
-			fmt.Fprintf(w, "\r\033[K%s", line)
-		} else {
-			fmt.Fprintln(w, line)
-		}
-		if s.Complete || c.Bool("once") {
-			if tty {
-				fmt.Fprintln(w)
-			}
-			return nil
-		}
-		time.Sleep(c.Duration("interval"))
-	}
 }

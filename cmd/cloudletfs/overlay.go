@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -28,12 +30,12 @@ func overlayCommand() *cli.Command {
 			{
 				Name:      "create",
 				Usage:     "build an overlay of a custom VM against a registered base",
-				UsageText: "cloudletfs overlay create --base ID|NAME --disk FILE --memory FILE --state FILE [--vm-config FILE] [--segment-size SIZE] [--codec xz|zstd] [--order TRACE]... -o OUT",
+				UsageText: "cloudletfs overlay create --base ID|NAME --disk FILE --memory FILE --state FILE [--vm-config FILE] [--segment-size SIZE] [--codec xz|zstd] [--trace TRACE]... -o OUT",
 				Description: `Each chunk of the custom disk and memory images becomes the cheapest of: zero; a
 chunk of the base disk or base memory at any offset; a repeat of another chunk of this
 overlay; or data. Only data travels in segments, compressed in parallel.
 
-Segments stream in this order: the chunks named by the --order traces, in order of
+Segments stream in this order: the chunks named by the --trace traces, in order of
 first access (trace after trace), then the remaining memory chunks by offset, then
 the remaining disk chunks by offset. docs/FORMAT.md describes the trace format.`,
 				Flags: []cli.Flag{
@@ -44,7 +46,7 @@ the remaining disk chunks by offset. docs/FORMAT.md describes the trace format.`
 					&cli.PathFlag{Name: "vm-config", Usage: "vm.json to carry in the overlay"},
 					&cli.StringFlag{Name: "segment-size", Value: "1MiB", Usage: "uncompressed bytes per segment, rounded to whole chunks"},
 					&cli.StringFlag{Name: "codec", Value: "xz", Usage: "segment codec: xz (smallest) or zstd (fastest to decode)"},
-					&cli.StringSliceFlag{Name: "order", Usage: "access trace whose chunks stream first (repeatable)"},
+					traceFlag("access trace whose chunks stream first (repeatable)", "order"),
 					&cli.PathFlag{Name: "output", Aliases: []string{"o"}, Required: true, Usage: "overlay file to write"},
 					jobsFlag,
 				},
@@ -165,7 +167,7 @@ func overlayCreate(c *cli.Context) error {
 		chunks[img] = int((in.Sizes[img] + int64(rec.ChunkSize) - 1) / int64(rec.ChunkSize))
 	}
 	var seq []overlay.ChunkID
-	for _, path := range c.StringSlice("order") {
+	for _, path := range c.StringSlice("trace") {
 		tr, err := order.ParseFile(path)
 		if err != nil {
 			return err
@@ -184,13 +186,29 @@ func overlayCreate(c *cli.Context) error {
 		Workers:     c.Int("jobs"),
 		Order:       seq,
 		Progress:    p.add,
+		Context:     c.Context,
 	})
 	p.done()
 	if err != nil {
-		return fmt.Errorf("overlay %s: %w", out, err)
+		return outputError(c, out, err)
 	}
 	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
 	return nil
+}
+
+// traceFlag is the flag that names the access traces a command reads:
+// one name for every command, with the name it had before as an alias.
+func traceFlag(usage string, aliases ...string) cli.Flag {
+	return &cli.StringSliceFlag{Name: "trace", Aliases: aliases, Usage: usage}
+}
+
+// outputError describes a failure to write the overlay out: an
+// interruption in one line, and anything else with the file's name.
+func outputError(c *cli.Context, out string, err error) error {
+	if c.Context.Err() != nil && errors.Is(err, context.Canceled) {
+		return fmt.Errorf("interrupted: %s not written", out)
+	}
+	return fmt.Errorf("overlay %s: %w", out, err)
 }
 
 func printSummary(w io.Writer, out string, s *overlay.Summary, codec overlay.Codec, took time.Duration) {
@@ -389,9 +407,12 @@ func overlayExtract(c *cli.Context) error {
 	dir := c.Path("output")
 	p := newProgress(c.App.ErrWriter)
 	start := time.Now()
-	err = overlay.Extract(o, base, dir, c.Int("jobs"), func(n, total int64) { p.add("extracting", n, total) })
+	err = overlay.ExtractContext(c.Context, o, base, dir, c.Int("jobs"), func(n, total int64) { p.add("extracting", n, total) })
 	p.done()
 	if err != nil {
+		if c.Context.Err() != nil {
+			return fmt.Errorf("interrupted: %s left as it was", dir)
+		}
 		return fmt.Errorf("overlay %s: %w", path, err)
 	}
 	fmt.Fprintf(c.App.Writer, "extracted %s into %s in %s\n", path, dir, time.Since(start).Round(time.Millisecond))

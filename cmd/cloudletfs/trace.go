@@ -1,9 +1,10 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"sort"
 	"text/tabwriter"
@@ -55,7 +56,8 @@ dropped. Each mark is the median over the runs that have it.`,
 			Description: `Replays the accesses of a trace, with the think time between them, against the
 overlay's segments on a modelled link: one shared link, a round trip per request,
 decode time per codec. Prints the predicted time to ready, first response (the
-first-response mark that 'launch --probe' records), total stall and bytes fetched.
+first-response mark that 'launch --probe' records), the stall (wall-clock time in which
+at least one read waited), the wait total (every read's wait, summed) and bytes fetched.
 --tune tries segment sizes from 64 KiB to 4 MiB, each with the overlay's own order and
 with the order of the --order-trace runs merged by each strategy (earliest, median,
 weighted), and ranks them by predicted first response.`,
@@ -85,7 +87,7 @@ func overlayReorderCommand() *cli.Command {
 the traces touched first come first (traces combined as by 'trace merge'); the rest keep
 the order they had in IN. Needs only IN and its base.`,
 		Flags: []cli.Flag{
-			&cli.StringSliceFlag{Name: "trace", Required: true, Usage: "trace of a run (repeatable)"},
+			traceFlag("trace of a run (repeatable)"),
 			&cli.StringFlag{Name: "strategy", Value: string(order.Weighted), Usage: "how to combine several traces: earliest, median or weighted"},
 			&cli.StringFlag{Name: "segment-size", Value: "1MiB", Usage: "uncompressed bytes per segment"},
 			&cli.StringFlag{Name: "codec", Usage: "segment codec (default: that of IN)"},
@@ -158,6 +160,9 @@ func traceMerge(c *cli.Context) error {
 	}
 	var runs []*order.Trace
 	for _, p := range c.Args().Slice() {
+		if c.Context.Err() != nil {
+			return fmt.Errorf("interrupted: %s not written", c.Path("output"))
+		}
 		t, err := order.ParseFile(p)
 		if err != nil {
 			return err
@@ -169,8 +174,15 @@ func traceMerge(c *cli.Context) error {
 		return err
 	}
 	out := c.Path("output")
-	if err := writeTrace(out, func(w io.Writer) error { return order.Write(w, m) }); err != nil {
-		return err
+	write := func(w io.Writer) error {
+		fmt.Fprintf(w, "# cloudletfs trace: %d runs merged (%s)\n", len(runs), s)
+		return order.Write(w, m)
+	}
+	if err := overlay.WriteFile(c.Context, out, write); err != nil {
+		if c.Context.Err() != nil && errors.Is(err, context.Canceled) {
+			return fmt.Errorf("interrupted: %s not written", out)
+		}
+		return fmt.Errorf("trace %s: %w", out, err)
 	}
 	fmt.Fprintf(c.App.Writer, "merged %d runs (%s) into %s: %d chunks\n", len(runs), s, out, len(m.Accesses))
 	return nil
@@ -182,6 +194,9 @@ func overlayReorder(c *cli.Context) error {
 		return err
 	}
 	defer f.Close()
+	if len(c.StringSlice("trace")) == 0 {
+		return fmt.Errorf("overlay reorder: --trace is required (see cloudletfs overlay reorder --help)")
+	}
 	t, err := readTraces(c.StringSlice("trace"), c.String("strategy"), o)
 	if err != nil {
 		return err
@@ -216,9 +231,12 @@ func overlayReorder(c *cli.Context) error {
 	out := c.Path("output")
 	start := time.Now()
 	sum, err := overlay.Reorder(out, o, base, order.FirstAccess(t.Accesses), overlay.BuildOptions{
-		SegmentSize: int(segSize), Codec: codec, Workers: c.Int("jobs")})
+		SegmentSize: int(segSize), Codec: codec, Workers: c.Int("jobs"), Context: c.Context})
+	if se := (*overlay.SourceError)(nil); errors.As(err, &se) {
+		return fmt.Errorf("overlay %s: %w: run 'cloudletfs overlay verify %s'", path, err, path)
+	}
 	if err != nil {
-		return fmt.Errorf("overlay %s: %w", out, err)
+		return outputError(c, out, err)
 	}
 	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
 	return nil
@@ -271,22 +289,19 @@ func replayCmd(c *cli.Context) error {
 		fmt.Fprintf(w, "  last access served       %8.3f s  (%d accesses)\n", r.Served[n-1], n)
 	}
 	fmt.Fprintf(w, "  physical limit           %8.3f s  (%s needed before the first response, + 1 RTT)\n", r.Limit(m), humanize.IBytes(uint64(r.Needed)))
-	fmt.Fprintf(w, "  total stall              %8.3f s\n", r.Stall)
+	fmt.Fprintf(w, "  stall                    %8.3f s  (wall-clock time in which a read waited)\n", r.Stall)
+	fmt.Fprintf(w, "  wait total               %8.3f s  (every read's wait, summed)\n", r.WaitTotal)
 	fmt.Fprintf(w, "  bytes fetched            %8s of %s\n", humanize.IBytes(uint64(r.BytesFetched)), humanize.IBytes(uint64(o.Header.TotalLen())))
 	if c.Bool("accesses") {
-		fmt.Fprintln(w, "  issued (s)  served (s)  stall (s)  chunk")
+		fmt.Fprintln(w, "  issued (s)  served (s)   wait (s)  chunk")
 		for i, a := range r.Accesses {
 			fmt.Fprintf(w, "  %10.4f  %10.4f  %9.4f  %s\n", r.Issued[i], r.Served[i], r.Served[i]-r.Issued[i], a.Chunk)
 		}
 	}
 	if path := c.Path("plot"); path != "" {
-		pf, err := os.Create(path)
-		if err != nil {
-			return err
-		}
-		defer pf.Close()
-		if err := order.Plot(pf, r, fmt.Sprintf("%s, %s, %s", filepath.Base(c.Path("overlay")), c.String("rate"), p)); err != nil {
-			return err
+		title := fmt.Sprintf("%s, %s, %s", filepath.Base(c.Path("overlay")), c.String("rate"), p)
+		if err := overlay.WriteFile(c.Context, path, func(w io.Writer) error { return order.Plot(w, r, title) }); err != nil {
+			return fmt.Errorf("--plot %s: %w", path, err)
 		}
 		fmt.Fprintf(w, "  timeline                 %s\n", path)
 	}
