@@ -323,7 +323,7 @@ func TestConcurrentReadersWhileStreaming(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := m.f.Stats()
-	if st.DemandFetches == 0 || st.Stalls == 0 {
+	if st.DemandFetches == 0 || st.Waits == 0 {
 		t.Fatalf("readers never waited on a fetch: %+v", st)
 	}
 	// Every segment arrives once, and the whole images then match.

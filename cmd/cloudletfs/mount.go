@@ -563,9 +563,9 @@ func statusCmd(c *cli.Context) error {
 		}
 		const width = 30
 		bar := strings.Repeat("#", int(share*width)) + strings.Repeat("-", width-int(share*width))
-		line := fmt.Sprintf("[%s] %5.1f%%  %d/%d segments  %s fetched  %d demand fetches  stall %.0f ms (p99 %.0f ms)",
+		line := fmt.Sprintf("[%s] %5.1f%%  %d/%d segments  %s fetched  %d demand fetches  stall %.0f ms (wait p99 %.0f ms)",
 			bar, 100*share, s.SegmentsPresent, s.Segments, humanize.IBytes(uint64(s.BytesFetched)),
-			s.DemandFetches, s.StallTotalMs, s.StallP99Ms)
+			s.DemandFetches, s.StallMs, s.WaitP99Ms)
 		if rate >= 0 {
 			line += fmt.Sprintf("  %s/s", humanize.IBytes(uint64(rate)))
 		}
