@@ -150,6 +150,7 @@ type Fetcher struct {
 	flights   map[int]*flight
 	demanding int // demand flights running
 	complete  chan struct{}
+	completed bool // complete is closed
 	gaveUp    []giveUp // reads that timed out within the last repeatWindow
 
 	verifyMu sync.Mutex // one cache verification at a time
@@ -294,9 +295,7 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 		}
 	}
 	f.st.init(o)
-	if f.nPresent == len(f.segs) {
-		close(f.complete)
-	}
+	f.closeCompleteLocked()
 	return f, nil
 }
 
@@ -475,7 +474,14 @@ func (f *Fetcher) markPresentLocked(seg int) {
 	}
 	*st = segState{present: true, verified: true, corrupt: st.corrupt}
 	f.nPresent++
-	if f.nPresent == len(f.segs) {
+	f.closeCompleteLocked()
+}
+
+// closeCompleteLocked closes f.complete once every segment is present, the
+// first time.
+func (f *Fetcher) closeCompleteLocked() {
+	if f.nPresent == len(f.segs) && !f.completed {
+		f.completed = true
 		close(f.complete)
 	}
 }
@@ -670,7 +676,7 @@ func (f *Fetcher) requestLocked(seg int) (*flight, error) {
 	case st.dead:
 		return nil, fmt.Errorf("segment %d: %w", seg, st.lastErr)
 	case st.permanent && time.Now().Before(st.retryAt):
-		return nil, fmt.Errorf("segment %d: %w: it failed %d times, tried again in %s (last error: %v)",
+		return nil, fmt.Errorf("segment %d: %w: it failed %d times, next try in %s (last error: %v)",
 			seg, ErrFailing, st.failures, time.Until(st.retryAt).Round(time.Millisecond), st.lastErr)
 	default:
 		fl = f.startLocked(seg, true)

@@ -20,6 +20,8 @@ import (
 // rig is an overlay of random data against a random base, opened through
 // a source the test can tamper with.
 type rig struct {
+	path  string // the overlay file
+	st    *store.Store
 	o     *overlay.Overlay
 	base  *overlay.Base
 	cache *store.Cache
@@ -86,7 +88,7 @@ func newRig(t *testing.T) *rig {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cache.Close() })
-	return &rig{o: o, base: base, cache: cache, src: &hookSource{Source: src}}
+	return &rig{path: path, st: st, o: o, base: base, cache: cache, src: &hookSource{Source: src}}
 }
 
 func (r *rig) fetcher(t *testing.T, timeout time.Duration) *fetch.Fetcher {
