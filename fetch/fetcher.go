@@ -150,7 +150,7 @@ type Fetcher struct {
 	flights   map[int]*flight
 	demanding int // demand flights running
 	complete  chan struct{}
-	completed bool // complete is closed
+	completed bool     // complete is closed
 	gaveUp    []giveUp // reads that timed out within the last repeatWindow
 
 	verifyMu sync.Mutex // one cache verification at a time
