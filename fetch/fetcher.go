@@ -561,7 +561,7 @@ func (f *Fetcher) fetch(ctx context.Context, fl *flight) (map[overlay.ChunkID][]
 		permanent := Permanent(err)
 		f.mu.Lock()
 		f.failLocked(seg, err, permanent, retryAfter(err))
-		demand := fl.demand
+		demand := fl.waiters > 0
 		fl.movedOn = !permanent && !demand
 		pause := min(time.Until(f.segs[seg].retryAt), demandRetry)
 		f.mu.Unlock()
@@ -762,6 +762,14 @@ func (f *Fetcher) ensure(ctx context.Context, rk readKey, segs ...int) (map[int]
 	var mem map[int]map[overlay.ChunkID][]byte
 	for {
 		f.mu.Lock()
+		missing := false
+		for _, seg := range segs {
+			missing = missing || mem[seg] == nil && !f.segs[seg].present
+		}
+		if !missing {
+			f.mu.Unlock()
+			return mem, nil
+		}
 		if err := f.repeatLocked(rk); err != nil {
 			f.mu.Unlock()
 			return nil, err

@@ -391,14 +391,20 @@ func OpenOverlay(ctx context.Context, src Source) (*overlay.Overlay, error) {
 // ctx ends.
 func readRetrying(ctx context.Context, src Source, off, n int64) ([]byte, error) {
 	delay := 50 * time.Millisecond
+	var prev error
 	for tries := 1; ; tries++ {
 		b, err := src.ReadRange(ctx, off, n)
 		if err == nil {
 			return b, nil
 		}
 		if ctx.Err() != nil {
+			if prev != nil {
+				// The try ctx cut says less than the one before it.
+				err = prev
+			}
 			return nil, fmt.Errorf("gave up after %d tries: %w (last error: %v)", tries, ctx.Err(), err)
 		}
+		prev = err
 		if Permanent(err) {
 			return nil, err
 		}
