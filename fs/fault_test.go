@@ -168,7 +168,7 @@ var faultCases = []faultCase{
 			}
 			return true
 		},
-		transient: 3, blockAt: 2,
+		transient: 3, blockAt: 1,
 		recovered: errorsCounted, failed: erredAndTimedOut,
 	},
 	{
