@@ -130,7 +130,7 @@ func TestStreamGetsPastAFailingSegment(t *testing.T) {
 			http.Error(w, "injected", http.StatusInternalServerError)
 			return true
 		}},
-		{"403", "permissions on the server", func(w http.ResponseWriter, r *http.Request, body []byte) bool {
+		{"403", "permissions on the server do not let it read the file", func(w http.ResponseWriter, r *http.Request, body []byte) bool {
 			http.Error(w, "injected", http.StatusForbidden)
 			return true
 		}},
@@ -394,5 +394,38 @@ func TestCachedSegmentReverified(t *testing.T) {
 	st := f2.Stats()
 	if st.CacheBadSegments != 1 || st.SegmentsDemanded != 1 || st.BytesFetched != int64(r.o.Manifest.Segments[2].Stored) || !st.Complete {
 		t.Fatalf("stats of the second mount: %+v, want segment 2 alone fetched again", st)
+	}
+}
+
+// A 503 with Retry-After holds the next request of that segment back for
+// as long as the server asked, and a reader waiting on it is then served.
+func TestRetryAfterHonoured(t *testing.T) {
+	r := newRig(t)
+	const bad = 2
+	var mu sync.Mutex
+	var times []time.Time
+	srv := newFaultServer(t, r, bad, func(w http.ResponseWriter, req *http.Request, body []byte) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		times = append(times, time.Now())
+		if len(times) > 1 {
+			return false
+		}
+		w.Header().Set("Retry-After", "1")
+		http.Error(w, "injected", http.StatusServiceUnavailable)
+		return true
+	})
+	f := r.httpFetcher(t, srv, fetch.Options{Timeout: 5 * time.Second})
+	img, off := r.firstChunk(bad)
+	if err := f.ReadAt(context.Background(), img, make([]byte, 100), off); err != nil {
+		t.Fatalf("read after a 503 with Retry-After: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(times) != 2 {
+		t.Fatalf("%d requests of the segment, want 2", len(times))
+	}
+	if gap := times[1].Sub(times[0]); gap < time.Second {
+		t.Fatalf("asked again %s after a Retry-After of 1 s", gap)
 	}
 }
