@@ -347,9 +347,10 @@ func (f *Fetcher) stream() {
 			return
 		}
 		if f.demanding > 0 || seg < 0 {
+			demanding := f.demanding > 0
 			f.mu.Unlock()
 			var retry <-chan time.Time
-			if f.demanding == 0 && sleep > 0 {
+			if !demanding && sleep > 0 {
 				timer.Reset(sleep)
 				retry = timer.C
 			}
