@@ -28,12 +28,13 @@ import (
 //     if not. The streamer treats it as present.
 //   - in flight: f.flights[seg] holds the one flight of it; every reader
 //     that needs it waits on that flight (flight.done). A stream flight
-//     (demand false) is one attempt. A demand flight, or a stream flight a
-//     reader joined (which makes it demand), retries errors that may pass
-//     for as long as any reader waits on it (flight.waiters > 0).
+//     (demand false) is one attempt (two if the first arrives corrupt). A
+//     demand flight, or a stream flight a reader joined (which makes it
+//     demand), retries errors that may pass for as long as any reader
+//     waits on it (flight.waiters > 0).
 //   - preempted: a stream flight cancelled because a demand flight started
-//     (preemptLocked). It ends within one read of the network; the segment
-//     goes back to absent with no failure counted. A reader that finds it
+//     (preemptLocked). Its request is cut at once; the segment goes back
+//     to absent with no failure counted. A reader that finds it
 //     waits for it to end and asks again.
 //   - abandoned: a flight whose last waiting reader gave up (its deadline,
 //     or the kernel interrupted it) is cancelled (leaveLocked), so no fetch
@@ -44,10 +45,11 @@ import (
 //     arrived corrupt twice, a cache that cannot store it) counts one and
 //     moves retryAt out by a backoff that doubles per failure from
 //     Options.Backoff to Options.MaxBackoff, or to the server's
-//     Retry-After. The streamer skips the segment until retryAt and comes
-//     back for it. A reader starts a fetch at once, unless the last error
-//     was permanent (Permanent, or corrupt): then, until retryAt, it fails
-//     at once with that error.
+//     Retry-After (notBefore). The streamer skips the segment until then
+//     and comes back for it. A reader starts a fetch at once, ignoring the
+//     backoff but not Retry-After, unless the last error was permanent
+//     (Permanent, or corrupt): then, until retryAt, it fails at once with
+//     that error.
 //   - dead: arrived corrupt maxCorrupt times in this mount. Never fetched
 //     again until the overlay is mounted again; reads fail at once with
 //     the reason.
@@ -64,12 +66,15 @@ import (
 // f.ctx: every flight, the streamer and every waiting reader return.
 //
 // What bounds each wait: a reader waits at most Options.Timeout for all
-// the segments of its read (one deadline), then gives up, which cancels
-// flights no one else waits on. A single request waits at most the
-// source's no-progress limit for each byte (HTTPSource.SetNoProgress). A
-// stream flight makes one attempt. A demand flight lives only while a
-// reader waits on it. A retry within a flight waits at most a second, or
-// the server's Retry-After.
+// the segments of its read (one deadline; a read within the range of one
+// that timed out less than repeatWindow ago fails at once), then gives up,
+// which cancels flights no one else waits on. A single request waits at
+// most the source's no-progress limit for each byte
+// (HTTPSource.SetNoProgress), so a stream flight, one attempt, ends unless
+// bytes keep arriving. A demand flight lives only while a reader waits on
+// it. A retry within a flight waits at most demandRetry, or the server's
+// Retry-After (at most MaxBackoff). The streamer's sleep ends at the
+// earliest retry time, a flight's end, or Close.
 
 // Cache is where verified chunks and written chunks live; store.Cache is
 // the real one. Cached chunks are read at their image offsets.
