@@ -19,11 +19,13 @@ func TestRepeatAfterTimeoutFailsAtOnce(t *testing.T) {
 	r := newRig(t)
 	stall := make(chan struct{})
 	defer close(stall)
+	cut := make(chan struct{}, 8)
 	r.src.hook = func(ctx context.Context, off int64, b []byte) ([]byte, error) {
 		select {
 		case <-stall:
 			return b, nil
 		case <-ctx.Done():
+			cut <- struct{}{}
 			return nil, ctx.Err()
 		}
 	}
@@ -38,6 +40,12 @@ func TestRepeatAfterTimeoutFailsAtOnce(t *testing.T) {
 	read := func() (time.Duration, error) { return readAt(0, 4096) }
 	if took, err := readAt(0, 8192); !errors.Is(err, fetch.ErrTimeout) || took < timeout {
 		t.Fatalf("first read: %v after %s, want a timeout after %s", err, took, timeout)
+	}
+	// The fetch no reader waits on any more is cancelled.
+	select {
+	case <-cut:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the fetch was not cancelled when its only reader gave up")
 	}
 	if took, err := read(); !errors.Is(err, fetch.ErrTimeout) || took > timeout/3 {
 		t.Fatalf("repeated read within the same range: %v after %s, want a timeout at once", err, took)
