@@ -109,6 +109,10 @@ func DefaultClient(tlsConfig *tls.Config) *http.Client {
 		ResponseHeaderTimeout: 15 * time.Second,
 		MaxIdleConnsPerHost:   8,
 		IdleConnTimeout:       60 * time.Second,
+		// An HTTP/2 connection carries every request: one that goes
+		// silent is found out by a ping and closed, so retries do not
+		// queue on it.
+		HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 5 * time.Second},
 	}}
 }
 
