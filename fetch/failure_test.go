@@ -150,9 +150,9 @@ func TestStreamGetsPastAFailingSegment(t *testing.T) {
 		}},
 	}
 	const (
-		backoff, maxBackoff = 20 * time.Millisecond, 200 * time.Millisecond
+		backoff, maxBackoff = 20 * time.Millisecond, 100 * time.Millisecond
 		timeout             = time.Second
-		window              = 2 * time.Second
+		window              = 1500 * time.Millisecond
 	)
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -170,7 +170,7 @@ func TestStreamGetsPastAFailingSegment(t *testing.T) {
 			before := srv.requests(bad)
 			<-time.After(window)
 			tries := srv.requests(bad) - before
-			if limit := int(window/maxBackoff) + 4; tries > limit || tries == 0 {
+			if limit := int(window/maxBackoff) + 8; tries > limit || tries == 0 {
 				t.Fatalf("segment %d requested %d times in %s, want 1 to %d (backoff up to %s)", bad, tries, window, limit, maxBackoff)
 			}
 			st := f.Stats()
