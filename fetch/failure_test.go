@@ -331,7 +331,7 @@ func TestCacheFullServesFromMemory(t *testing.T) {
 func (r *rig) image(t *testing.T, img overlay.Image) []byte {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "x")
-	if err := overlay.Extract(r.o2(t), r.base, out, 1, nil); err != nil {
+	if err := overlay.Extract(r.openFile(t), r.base, out, 1, nil); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(filepath.Join(out, []string{overlay.DiskFile, overlay.MemoryFile}[img]))
@@ -341,8 +341,8 @@ func (r *rig) image(t *testing.T, img overlay.Image) []byte {
 	return b
 }
 
-// o2 opens the overlay file itself, for extraction.
-func (r *rig) o2(t *testing.T) *overlay.Overlay {
+// openFile opens the overlay file itself, for extraction.
+func (r *rig) openFile(t *testing.T) *overlay.Overlay {
 	f, err := os.Open(r.path)
 	if err != nil {
 		t.Fatal(err)
@@ -380,14 +380,14 @@ func TestCachedSegmentReverified(t *testing.T) {
 	}
 	fh.Close()
 	f2 := r.fetcher(t, 5*time.Second)
-	want := r.image(t, img)
+	want := [2][]byte{r.image(t, overlay.Disk), r.image(t, overlay.Memory)}
 	for seg := range r.o.Manifest.Segments {
 		img, off := r.firstChunk(seg)
 		got := make([]byte, 4096)
 		if err := f2.ReadAt(context.Background(), img, got, off); err != nil {
 			t.Fatal(err)
 		}
-		if img == overlay.Disk && !bytes.Equal(got, want[off:off+4096]) || seg == 2 && !bytes.Equal(got, want[off:off+4096]) {
+		if !bytes.Equal(got, want[img][off:off+4096]) {
 			t.Fatalf("segment %d: wrong bytes", seg)
 		}
 	}
