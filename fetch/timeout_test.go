@@ -65,3 +65,44 @@ func TestRepeatAfterTimeoutFailsAtOnce(t *testing.T) {
 		t.Fatalf("want three timeouts, each cancelling its own fetch: %+v", st)
 	}
 }
+
+// A reader that joins the stream's fetch of a segment waits no longer than
+// its own timeout, and when it gives up the stream's fetch, which no one
+// waits on any more, is cancelled rather than left hanging.
+func TestJoinedStreamFetchTakesReadersDeadline(t *testing.T) {
+	r := newRig(t)
+	first := r.o.Manifest.Segments[0]
+	entered := make(chan struct{}, 8)
+	cut := make(chan struct{}, 8)
+	r.src.hook = func(ctx context.Context, off int64, b []byte) ([]byte, error) {
+		if off != first.Offset {
+			return b, nil
+		}
+		entered <- struct{}{}
+		<-ctx.Done()
+		cut <- struct{}{}
+		return nil, ctx.Err()
+	}
+	const timeout = 300 * time.Millisecond
+	f := r.fetcher(t, timeout)
+	f.Start()
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream did not start on segment 0 within 5 s")
+	}
+	id := r.o.Manifest.Order[first.First]
+	start := time.Now()
+	err := f.ReadAt(context.Background(), id.Image, make([]byte, 100), int64(id.Index)*4096)
+	if took := time.Since(start); !errors.Is(err, fetch.ErrTimeout) || took > timeout+time.Second {
+		t.Fatalf("read joined to a stalled stream fetch: %v after %s, want a timeout after %s", err, took, timeout)
+	}
+	select {
+	case <-cut:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream's fetch was not cancelled when the reader that joined it gave up")
+	}
+	if st := f.Stats(); st.DemandJoins != 1 || st.DemandFetches != 0 || st.AbandonedFetches != 1 {
+		t.Fatalf("want one join and one abandoned fetch: %+v", st)
+	}
+}
