@@ -15,11 +15,76 @@ import (
 	"github.com/cloudletfs/cloudletfs/store"
 )
 
+// The scheduler, in one place.
+//
+// A segment is in one of these states; f.mu guards them all (f.segs,
+// f.flights, f.demanding).
+//
+//   - absent: not cached, not in flight. The streamer (stream, in overlay
+//     order) or a reader (requestLocked, via ensure) starts a flight for it.
+//   - unverified: cached by an earlier mount. The first read in this mount
+//     that needs it re-checks the cache's copy against its digest
+//     (verifyCached): present if it holds, absent (and the marker dropped)
+//     if not. The streamer treats it as present.
+//   - in flight: f.flights[seg] holds the one flight of it; every reader
+//     that needs it waits on that flight (flight.done). A stream flight
+//     (demand false) is one attempt (two if the first arrives corrupt). A
+//     demand flight, or a stream flight a reader joined (which makes it
+//     demand), retries errors that may pass for as long as any reader
+//     waits on it (flight.waiters > 0).
+//   - preempted: a stream flight cancelled because a demand flight started
+//     (preemptLocked). Its request is cut at once; the segment goes back
+//     to absent with no failure counted. A reader that finds it
+//     waits for it to end and asks again.
+//   - abandoned: a flight whose last waiting reader gave up (its deadline,
+//     or the kernel interrupted it) is cancelled (leaveLocked), so no fetch
+//     is left hanging with no one to serve; the next reader starts anew,
+//     on a new connection.
+//   - failing: segState.failures > 0. Each failed attempt (an error of the
+//     network or the server, a stall, a wrong Content-Range, a segment that
+//     arrived corrupt twice, a cache that cannot store it) counts one and
+//     moves retryAt out by a backoff that doubles per failure from
+//     Options.Backoff to Options.MaxBackoff, or to the server's
+//     Retry-After (notBefore). The streamer skips the segment until then
+//     and comes back for it. A reader starts a fetch at once, ignoring the
+//     backoff but not Retry-After, unless the last error was permanent
+//     (Permanent, or corrupt): then, until retryAt, it fails at once with
+//     that error.
+//   - dead: arrived corrupt maxCorrupt times in this mount. Never fetched
+//     again until the overlay is mounted again; reads fail at once with
+//     the reason.
+//   - present: verified and cached. Final. A segment that verified but
+//     could not be cached is handed to the readers waiting on its flight
+//     from memory (flight.mem) and counts as failing, so it is fetched
+//     again later.
+//
+// Who wakes whom: a flight's goroutine (run) closes flight.done when it
+// ends, waking every reader on it, and pokes f.wake, waking the streamer.
+// The streamer stands aside while any demand flight runs (f.demanding > 0),
+// so the stream never competes with a waiting reader, and sleeps until the
+// earliest retryAt when every segment left is backing off. Close cancels
+// f.ctx: every flight, the streamer and every waiting reader return.
+//
+// What bounds each wait: a reader waits at most Options.Timeout for all
+// the segments of its read (one deadline; a read within the range of one
+// that timed out less than repeatWindow ago fails at once), then gives up,
+// which cancels flights no one else waits on. A single request waits at
+// most the source's no-progress limit for each byte
+// (HTTPSource.SetNoProgress), so a stream flight, one attempt, ends unless
+// bytes keep arriving. A demand flight lives only while a reader waits on
+// it. A retry within a flight waits at most demandRetry, or the server's
+// Retry-After (at most MaxBackoff). The streamer's sleep ends at the
+// earliest retry time, a flight's end, or Close.
+
 // Cache is where verified chunks and written chunks live; store.Cache is
 // the real one. Cached chunks are read at their image offsets.
 type Cache interface {
 	WriteSegment(seg int, chunks []store.ChunkData) error
 	Segments() ([]int, error)
+	// VerifySegment re-reads a cached segment's chunks and checks them
+	// against the digest recorded when they were cached; a segment that
+	// fails is forgotten.
+	VerifySegment(seg int) (bool, error)
 	ReadAt(img overlay.Image, p []byte, off int64) error
 	PutCow(id overlay.ChunkID, data []byte) error
 	Cow(id overlay.ChunkID, dst []byte) (bool, error)
@@ -34,7 +99,11 @@ type Options struct {
 	Timeout time.Duration
 	// MaxDemand bounds demand fetches running at once. Default 8.
 	MaxDemand int
-	Log       zerolog.Logger
+	// Backoff is the first delay before the stream tries a failed segment
+	// again; it doubles with each failure of that segment up to
+	// MaxBackoff. Defaults 50 ms and 2 minutes.
+	Backoff, MaxBackoff time.Duration
+	Log                 zerolog.Logger
 }
 
 // Observer is told of every segment fetched, verified and cached, with the
@@ -45,7 +114,23 @@ type Observer func(seg int, chunks []overlay.ChunkID, demand bool)
 var (
 	ErrTimeout = errors.New("timed out waiting for the segment")
 	ErrClosed  = errors.New("the mount is shutting down")
+	// ErrFailing: the segment's last fetch failed in a way that will not
+	// pass by asking again at once; the error says why and when it is
+	// tried again.
+	ErrFailing = errors.New("the segment cannot be fetched now")
 )
+
+// maxCorrupt is how many times a segment may arrive corrupt in one mount:
+// once may be a fault on the way, and is fetched again at once; twice is a
+// failure, tried again after a backoff; the third time the overlay on the
+// server is taken to be corrupt, and the segment is not fetched again.
+const maxCorrupt = 3
+
+// demandRetry bounds the pause between tries of a flight a reader waits on.
+const demandRetry = time.Second
+
+// errAbandoned ends a flight that every waiting reader gave up on.
+var errAbandoned = errors.New("every reader waiting on the fetch gave up")
 
 // Fetcher supplies the chunks of one mounted overlay. A streamer pulls the
 // segments in overlay order; a read of a chunk whose segment has not
@@ -65,11 +150,15 @@ type Fetcher struct {
 	wake   chan struct{} // wakes the streamer when a flight ends
 
 	mu        sync.Mutex
-	present   []bool // per segment: verified and cached
+	segs      []segState
 	nPresent  int
 	flights   map[int]*flight
-	demanding int // demand flights running or waited on
+	demanding int // demand flights running
 	complete  chan struct{}
+	completed bool     // complete is closed
+	gaveUp    []giveUp // reads that timed out within the last repeatWindow
+
+	verifyMu sync.Mutex // one cache verification at a time
 
 	// segOf maps each data or self chunk to the segment that carries its
 	// bytes (-1 for zero and base chunks); selfOf lists, per data chunk,
@@ -81,8 +170,32 @@ type Fetcher struct {
 	cow    [2][]bool
 	anyCow atomic.Bool
 
+	cacheFailing atomic.Bool // the cache refused a segment; logged once until it takes one again
+
 	st       counters
 	observer atomic.Pointer[Observer]
+}
+
+// segState is what the scheduler knows of one segment (see the states at
+// the top of this file).
+type segState struct {
+	present   bool
+	verified  bool // present and known good in this mount
+	dead      bool
+	failures  int
+	corrupt   int   // downloads that failed verification, this mount
+	lastErr   error // of the last failure
+	permanent bool  // lastErr will not pass by asking again at once
+	retryAt   time.Time
+	notBefore time.Time // the server's Retry-After: no request before it
+}
+
+// nextTry is when the stream may try the segment again.
+func (st *segState) nextTry() time.Time {
+	if st.notBefore.After(st.retryAt) {
+		return st.notBefore
+	}
+	return st.retryAt
 }
 
 // Observe sets the function told of every fetched segment.
@@ -91,28 +204,50 @@ func (f *Fetcher) Observe(fn Observer) { f.observer.Store(&fn) }
 // flight is one fetch of one segment; everyone who needs the segment waits
 // on it.
 type flight struct {
+	seg       int
 	done      chan struct{}
 	err       error
-	demand    bool // a reader waits on it: never preempt
-	preempted bool
-	cancel    context.CancelFunc
-	gaveUp    time.Time // when a reader last stopped waiting on it at its deadline
+	mem       map[overlay.ChunkID][]byte // the chunks, when the cache could not keep them
+	demand    bool                       // a reader waits or waited on it: never preempt
+	cancelled bool                       // preempted or abandoned: waited out, never joined
+	movedOn   bool                       // a stream attempt failed with no reader on it: a reader asks again
+	waiters   int                        // readers waiting on it
+	cancel    context.CancelCauseFunc
 }
 
-// repeatWindow is how long after a reader gives up on a flight that new
-// readers of it fail at once. The kernel answers a failed read-ahead by
+// giveUp is a read that timed out.
+type giveUp struct {
+	rk readKey
+	at time.Time
+}
+
+// readKey is the part of an image a read asked for.
+type readKey struct {
+	img      overlay.Image
+	off, end int64
+}
+
+// repeatWindow is how long after a read times out that a read within the
+// same range fails at once. The kernel answers a failed read-ahead by
 // reading the one page the caller wants, at once: that is the same read to
-// the caller, and must not wait a second timeout.
+// the caller, and must not wait a second timeout. Other reads of the same
+// segment wait as usual.
 const repeatWindow = time.Second
 
-// New prepares a fetcher. Segments already in the cache count as present
-// and are never fetched again.
+// New prepares a fetcher. Segments already in the cache count as present;
+// each is re-verified the first time a read needs it.
 func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Options) (*Fetcher, error) {
 	if opt.Timeout <= 0 {
 		opt.Timeout = 30 * time.Second
 	}
 	if opt.MaxDemand <= 0 {
 		opt.MaxDemand = 8
+	}
+	if opt.Backoff <= 0 {
+		opt.Backoff = 50 * time.Millisecond
+	}
+	if opt.MaxBackoff <= 0 {
+		opt.MaxBackoff = 2 * time.Minute
 	}
 	if err := o.CheckBase(base); err != nil {
 		return nil, err
@@ -121,7 +256,7 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 		src: src, o: o, base: base, cache: cache, opt: opt,
 		demand:   make(chan struct{}, opt.MaxDemand),
 		wake:     make(chan struct{}, 1),
-		present:  make([]bool, len(o.Manifest.Segments)),
+		segs:     make([]segState, len(o.Manifest.Segments)),
 		flights:  map[int]*flight{},
 		selfOf:   map[overlay.ChunkID][]overlay.ChunkID{},
 		complete: make(chan struct{}),
@@ -149,8 +284,8 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 		return nil, fmt.Errorf("cache: %w", err)
 	}
 	for _, s := range segs {
-		if s < len(f.present) && !f.present[s] {
-			f.present[s] = true
+		if s < len(f.segs) && !f.segs[s].present {
+			f.segs[s].present = true
 			f.nPresent++
 		}
 	}
@@ -165,9 +300,7 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 		}
 	}
 	f.st.init(o)
-	if f.nPresent == len(f.present) {
-		close(f.complete)
-	}
+	f.closeCompleteLocked()
 	return f, nil
 }
 
@@ -191,89 +324,107 @@ func (f *Fetcher) Close() {
 	f.wg.Wait()
 }
 
-// Complete is closed when every segment is present.
+// Complete is closed when every segment is present. A cached segment
+// found bad on re-verification is fetched again when read, but Complete
+// stays closed.
 func (f *Fetcher) Complete() <-chan struct{} { return f.complete }
 
-// stream walks the segments in order, skipping those present, and fetches
-// one at a time. It stands aside while any demand is outstanding, so the
-// stream's bytes in flight never exceed one segment and never compete with
-// a waiting reader.
+// stream walks the segments in order, skipping those present, in flight,
+// failed for good or backing off, and fetches one at a time. It stands
+// aside while any demand is outstanding, so the stream's bytes in flight
+// never exceed one segment and never compete with a waiting reader. It
+// ends when every segment is present or failed for good.
 func (f *Fetcher) stream() {
 	defer f.wg.Done()
-	backoff := newBackoff()
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
 	next := 0
 	for {
 		f.mu.Lock()
-		for next < len(f.present) && f.present[next] {
-			next++
-		}
-		if next == len(f.present) {
-			// Everything before next is present, but a segment after a
-			// failed one may not be: start over until all are in.
-			if f.nPresent == len(f.present) {
-				f.mu.Unlock()
-				return
-			}
-			next = 0
-			f.mu.Unlock()
-			continue
-		}
 		if f.ctx.Err() != nil {
 			f.mu.Unlock()
 			return
 		}
-		if f.demanding > 0 || f.flights[next] != nil {
+		seg, sleep, finished := f.pickLocked(next)
+		if finished {
 			f.mu.Unlock()
+			return
+		}
+		if f.demanding > 0 || seg < 0 {
+			demanding := f.demanding > 0
+			f.mu.Unlock()
+			var retry <-chan time.Time
+			if !demanding && sleep > 0 {
+				timer.Reset(sleep)
+				retry = timer.C
+			}
 			select {
 			case <-f.wake:
+			case <-retry:
 			case <-f.ctx.Done():
 				return
 			}
+			timer.Stop()
 			continue
 		}
-		fl := f.startLocked(next, false)
+		fl := f.startLocked(seg, false)
 		f.mu.Unlock()
 		select {
 		case <-fl.done:
 		case <-f.ctx.Done():
 			return
 		}
-		if fl.err != nil && !fl.preempted {
-			// Move on; the segment is tried again when the stream wraps
-			// around, or sooner if a reader asks for it.
-			f.opt.Log.Warn().Err(fl.err).Int("segment", next).Msg("stream: fetch failed; moving on")
-			next++
-			if !backoff.wait(f.ctx) {
-				return
+		next = seg + 1
+	}
+}
+
+// pickLocked returns the first segment from next on (wrapping around) that
+// the stream may fetch now, or -1 and how long until a backing-off segment
+// may be tried again (0 if none is backing off: only a flight ending can
+// give the stream work). finished is true when nothing is left to fetch.
+func (f *Fetcher) pickLocked(next int) (seg int, sleep time.Duration, finished bool) {
+	now := time.Now()
+	var soonest time.Time
+	finished = true
+	n := len(f.segs)
+	for i := range n {
+		s := (next + i) % n
+		st := &f.segs[s]
+		if st.present || st.dead {
+			continue
+		}
+		finished = false
+		if f.flights[s] != nil {
+			continue
+		}
+		at := st.nextTry()
+		if at.After(now) {
+			if soonest.IsZero() || at.Before(soonest) {
+				soonest = at
 			}
 			continue
 		}
-		backoff.reset()
+		return s, 0, false
 	}
+	if !soonest.IsZero() {
+		sleep = max(soonest.Sub(now), time.Millisecond)
+	}
+	return -1, sleep, finished
 }
 
 // startLocked starts a flight for segment seg. A demand flight preempts the
 // stream's flight, which will be fetched again later.
 func (f *Fetcher) startLocked(seg int, demand bool) *flight {
-	// Readers' waits have their own deadline; a fetch may take longer
-	// (a big segment on a slow link) and keeps going for later readers.
-	// A demand fetch gives up after a few timeouts with no one served; the
-	// stream's fetch only when cancelled.
-	var ctx context.Context
-	var cancel context.CancelFunc
-	if demand {
-		ctx, cancel = context.WithTimeout(f.ctx, 4*f.opt.Timeout)
-	} else {
-		ctx, cancel = context.WithCancel(f.ctx)
-	}
-	fl := &flight{done: make(chan struct{}), demand: demand, cancel: cancel}
+	ctx, cancel := context.WithCancelCause(f.ctx)
+	fl := &flight{seg: seg, done: make(chan struct{}), demand: demand, cancel: cancel}
 	f.flights[seg] = fl
 	if demand {
 		f.demanding++
 		f.preemptLocked(fl)
 	}
 	f.wg.Add(1)
-	go f.run(ctx, seg, fl, demand)
+	go f.run(ctx, fl, demand)
 	return fl
 }
 
@@ -281,19 +432,22 @@ func (f *Fetcher) startLocked(seg int, demand bool) *flight {
 // reader is about to wait on.
 func (f *Fetcher) preemptLocked(keep *flight) {
 	for _, fl := range f.flights {
-		if fl != keep && !fl.demand && !fl.preempted {
-			fl.preempted = true
-			fl.cancel()
+		if fl != keep && !fl.demand && !fl.cancelled {
+			fl.cancelled = true
+			fl.cancel(errPreempted)
 			f.st.preempted.Add(1)
 		}
 	}
 }
 
+// errPreempted ends a stream flight that a demand displaced.
+var errPreempted = errors.New("preempted by a demand read")
+
 // run performs a flight. A flight started by a demand takes one of the
 // demand slots; a stream flight never needs one.
-func (f *Fetcher) run(ctx context.Context, seg int, fl *flight, demand bool) {
+func (f *Fetcher) run(ctx context.Context, fl *flight, demand bool) {
 	defer f.wg.Done()
-	defer fl.cancel()
+	defer fl.cancel(nil)
 	if demand {
 		select {
 		case f.demand <- struct{}{}:
@@ -301,20 +455,16 @@ func (f *Fetcher) run(ctx context.Context, seg int, fl *flight, demand bool) {
 		case <-ctx.Done():
 		}
 	}
-	err := f.fetch(ctx, seg, fl)
+	mem, err := f.fetch(ctx, fl)
 	f.mu.Lock()
-	delete(f.flights, seg)
-	if err == nil && !f.present[seg] {
-		f.present[seg] = true
-		f.nPresent++
-		if f.nPresent == len(f.present) {
-			close(f.complete)
-		}
+	delete(f.flights, fl.seg)
+	if err == nil && mem == nil {
+		f.markPresentLocked(fl.seg)
 	}
 	if fl.demand {
 		f.demanding--
 	}
-	fl.err = err
+	fl.err, fl.mem = err, mem
 	close(fl.done)
 	f.mu.Unlock()
 	select {
@@ -323,16 +473,65 @@ func (f *Fetcher) run(ctx context.Context, seg int, fl *flight, demand bool) {
 	}
 }
 
-// fetch gets, verifies and caches one segment. Network errors are retried
-// with backoff until ctx ends; a segment that fails verification is fetched
-// once more and then given up.
-func (f *Fetcher) fetch(ctx context.Context, seg int, fl *flight) error {
+func (f *Fetcher) markPresentLocked(seg int) {
+	st := &f.segs[seg]
+	if st.present {
+		return
+	}
+	*st = segState{present: true, verified: true, corrupt: st.corrupt}
+	f.nPresent++
+	f.closeCompleteLocked()
+}
+
+// closeCompleteLocked closes f.complete once every segment is present, the
+// first time.
+func (f *Fetcher) closeCompleteLocked() {
+	if f.nPresent == len(f.segs) && !f.completed {
+		f.completed = true
+		close(f.complete)
+	}
+}
+
+// failLocked counts a failure of segment seg and sets when the stream may
+// try it again.
+func (f *Fetcher) failLocked(seg int, err error, permanent bool, after time.Duration) {
+	st := &f.segs[seg]
+	st.failures++
+	st.lastErr, st.permanent = err, permanent
+	d := f.opt.Backoff
+	for i := 1; i < st.failures && d < f.opt.MaxBackoff; i++ {
+		d *= 2
+	}
+	now := time.Now()
+	st.retryAt = now.Add(min(d, f.opt.MaxBackoff))
+	if after > 0 {
+		st.notBefore = now.Add(min(after, f.opt.MaxBackoff))
+	}
+}
+
+// endCause says why a flight's context ended, in the words a reader
+// should see.
+func (f *Fetcher) endCause(ctx context.Context) error {
+	if f.ctx.Err() != nil {
+		return ErrClosed
+	}
+	return context.Cause(ctx)
+}
+
+// fetch gets, verifies and caches one segment. It returns the chunks
+// themselves when the cache could not keep them. A stream flight makes
+// one attempt; a flight readers wait on tries again after errors that may
+// pass, until they give up. A segment that arrives corrupt is fetched again
+// at once, once.
+func (f *Fetcher) fetch(ctx context.Context, fl *flight) (map[overlay.ChunkID][]byte, error) {
+	seg := fl.seg
 	s := f.o.Manifest.Segments[seg]
-	backoff := newBackoff()
-	corrupt := 0
 	for {
-		if ctx.Err() != nil {
-			return ctx.Err()
+		f.mu.Lock()
+		wait := time.Until(f.segs[seg].notBefore)
+		f.mu.Unlock()
+		if !sleep(ctx, wait) {
+			return nil, f.endCause(ctx)
 		}
 		stored, err := f.src.ReadRange(ctx, s.Offset, int64(s.Stored))
 		if err == nil {
@@ -342,37 +541,72 @@ func (f *Fetcher) fetch(ctx context.Context, seg int, fl *flight) error {
 				return f.keep(seg, s, raw, fl)
 			}
 			f.st.corrupt.Add(1)
-			f.opt.Log.Error().Err(err).Int("segment", seg).Msg("segment failed verification")
-			if corrupt++; corrupt > 1 {
-				f.st.failed.Add(1)
-				return err
+			f.mu.Lock()
+			st := &f.segs[seg]
+			st.corrupt++
+			n := st.corrupt
+			if n >= 2 {
+				if n >= maxCorrupt {
+					st.dead = true
+					err = fmt.Errorf("%w: it arrived corrupt %d times and is not fetched again until the overlay is mounted again (last: %w)", ErrFailing, n, err)
+				}
+				f.failLocked(seg, err, true, 0)
 			}
-			continue
+			f.mu.Unlock()
+			f.opt.Log.Error().Err(err).Int("segment", seg).Int("downloads_corrupt", n).Msg("segment failed verification")
+			if n < 2 {
+				continue
+			}
+			f.st.failed.Add(1)
+			return nil, err
 		}
 		if ctx.Err() != nil {
-			f.mu.Lock()
-			preempted := fl.preempted
-			f.mu.Unlock()
-			if preempted {
-				return ctx.Err()
-			}
-			return fmt.Errorf("segment %d: %w (last error: %v)", seg, ErrTimeout, err)
+			return nil, f.endCause(ctx)
 		}
 		f.st.errors.Add(1)
-		if errors.Is(err, ErrNoRange) {
+		permanent := Permanent(err)
+		f.mu.Lock()
+		f.failLocked(seg, err, permanent, retryAfter(err))
+		demand := fl.waiters > 0
+		fl.movedOn = !permanent && !demand
+		pause := min(time.Until(f.segs[seg].retryAt), demandRetry)
+		f.mu.Unlock()
+		if permanent {
 			f.st.failed.Add(1)
-			return err
+			f.opt.Log.Error().Err(err).Int("segment", seg).Str("source", f.src.String()).Msg("fetch failed")
+			return nil, err
+		}
+		if !demand {
+			f.opt.Log.Warn().Err(err).Int("segment", seg).Str("source", f.src.String()).Msg("stream: fetch failed; moving on")
+			return nil, err
 		}
 		f.opt.Log.Warn().Err(err).Int("segment", seg).Str("source", f.src.String()).Msg("fetch failed; retrying")
-		if !backoff.wait(ctx) {
-			return fmt.Errorf("segment %d: %w (last error: %v)", seg, ErrTimeout, err)
+		if !sleep(ctx, pause) {
+			return nil, f.endCause(ctx)
 		}
 	}
 }
 
+// sleep waits for d, or less if ctx ends first; false if it did.
+func sleep(ctx context.Context, d time.Duration) bool {
+	if d <= 0 {
+		return ctx.Err() == nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
 // keep caches a verified segment's chunks, and the chunks that repeat
-// them, at their offsets.
-func (f *Fetcher) keep(seg int, s overlay.Segment, raw []byte, fl *flight) error {
+// them, at their offsets. When the cache cannot take them, it returns them
+// for the waiting readers and counts a failure, so the segment is fetched
+// again later.
+func (f *Fetcher) keep(seg int, s overlay.Segment, raw []byte, fl *flight) (map[overlay.ChunkID][]byte, error) {
 	ids := f.o.Manifest.Order[s.First : s.First+s.Count]
 	chunks := make([]store.ChunkData, 0, len(ids))
 	off := int64(0)
@@ -390,8 +624,21 @@ func (f *Fetcher) keep(seg int, s overlay.Segment, raw []byte, fl *flight) error
 		}
 	}
 	if err := f.cache.WriteSegment(seg, chunks); err != nil {
-		return fmt.Errorf("segment %d: cache: %w", seg, err)
+		err = fmt.Errorf("segment %d: cache: %w", seg, err)
+		if !f.cacheFailing.Swap(true) {
+			f.opt.Log.Error().Err(err).Msg("the cache cannot store fetched segments; serving them from memory and fetching them again later (free space in the state dir, or make it writable)")
+		}
+		f.st.uncached.Add(1)
+		mem := make(map[overlay.ChunkID][]byte, len(chunks))
+		for _, c := range chunks {
+			mem[c.ID] = c.Data
+		}
+		f.mu.Lock()
+		f.failLocked(seg, err, false, 0)
+		f.mu.Unlock()
+		return mem, nil
 	}
+	f.cacheFailing.Store(false)
 	f.mu.Lock()
 	demand := fl.demand
 	f.mu.Unlock()
@@ -406,14 +653,16 @@ func (f *Fetcher) keep(seg int, s overlay.Segment, raw []byte, fl *flight) error
 	if fn := f.observer.Load(); fn != nil {
 		(*fn)(seg, ids, demand)
 	}
-	return nil
+	return nil, nil
 }
 
-// request makes sure a fetch of segment seg is under way or done, for a
+// requestLocked makes sure a fetch of segment seg is under way, for a
 // reader about to wait on it, and returns that flight (nil if the segment
-// is present).
+// is present). A segment failed for good, or failing with a permanent
+// error until its retry time, fails at once.
 func (f *Fetcher) requestLocked(seg int) (*flight, error) {
-	if f.present[seg] {
+	st := &f.segs[seg]
+	if st.present {
 		return nil, nil
 	}
 	if f.ctx.Err() != nil {
@@ -421,114 +670,221 @@ func (f *Fetcher) requestLocked(seg int) (*flight, error) {
 	}
 	fl := f.flights[seg]
 	switch {
-	case fl == nil:
-		fl = f.startLocked(seg, true)
-		f.st.demandFetches.Add(1)
-	case fl.preempted:
-		// The stream's fetch is being cancelled: the caller waits for it
-		// to end, then asks again.
-	case !fl.demand:
+	case fl != nil && fl.cancelled:
+		// Being cancelled: the caller waits for it to end, then asks again.
+	case fl != nil && !fl.demand:
 		fl.demand = true
 		f.demanding++
 		f.preemptLocked(fl)
 		f.st.demandJoins.Add(1)
-	default:
+	case fl != nil:
 		f.st.demandJoins.Add(1)
+	case st.dead:
+		return nil, fmt.Errorf("segment %d: %w", seg, st.lastErr)
+	case st.permanent && time.Now().Before(st.retryAt):
+		return nil, fmt.Errorf("segment %d: %w: it failed %d times, next try in %s (last error: %v)",
+			seg, ErrFailing, st.failures, time.Until(st.retryAt).Round(time.Millisecond), st.lastErr)
+	default:
+		fl = f.startLocked(seg, true)
+		f.st.demandFetches.Add(1)
 	}
 	return fl, nil
 }
 
-// ensure returns once every segment in segs is present, or with an error
-// when a fetch fails, the wait outlasts the timeout, a reader gave up on
-// one of the fetches less than repeatWindow ago, or the fetcher closes.
-// All the fetches are requested before any is waited on, and one deadline
-// covers them all.
-func (f *Fetcher) ensure(ctx context.Context, segs ...int) error {
+// leaveLocked takes a reader that stops waiting off the flights it waited
+// on; a flight left with no reader is cancelled (abandoned).
+func (f *Fetcher) leaveLocked(fls []*flight) {
+	for _, fl := range fls {
+		select {
+		case <-fl.done:
+			continue
+		default:
+		}
+		if fl.cancelled {
+			continue
+		}
+		if fl.waiters--; fl.waiters == 0 {
+			fl.cancelled = true
+			fl.cancel(errAbandoned)
+			f.st.abandoned.Add(1)
+		}
+	}
+}
+
+// verifyCached re-checks, once per mount, the cache's copy of each of segs
+// that an earlier mount cached; a bad copy makes the segment absent, so it
+// is fetched again.
+func (f *Fetcher) verifyCached(segs []int) error {
+	unverified := func(seg int) bool {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return f.segs[seg].present && !f.segs[seg].verified
+	}
+	for _, seg := range segs {
+		if !unverified(seg) {
+			continue
+		}
+		f.verifyMu.Lock()
+		if unverified(seg) {
+			ok, err := f.cache.VerifySegment(seg)
+			if err != nil {
+				f.verifyMu.Unlock()
+				return fmt.Errorf("segment %d: verifying the cache: %w", seg, err)
+			}
+			f.mu.Lock()
+			st := &f.segs[seg]
+			st.verified = true
+			if !ok {
+				st.present, st.verified = false, false
+				f.nPresent--
+				f.st.cacheBad.Add(1)
+				f.opt.Log.Warn().Int("segment", seg).Msg("cached segment does not match its digest; fetching it again")
+			}
+			f.mu.Unlock()
+		}
+		f.verifyMu.Unlock()
+	}
+	return nil
+}
+
+// ensure returns once every segment in segs is present, or served from
+// memory (returned, by segment), or with an error when a fetch fails, the
+// wait outlasts the timeout, a read of the same range timed out less than
+// repeatWindow ago, or the fetcher closes. All the fetches are requested
+// before any is waited on, and one deadline covers them all.
+func (f *Fetcher) ensure(ctx context.Context, rk readKey, segs ...int) (map[int]map[overlay.ChunkID][]byte, error) {
+	if err := f.verifyCached(segs); err != nil {
+		return nil, err
+	}
 	deadline := time.NewTimer(f.opt.Timeout)
 	defer deadline.Stop()
 	start := time.Now()
-	stalled := false
+	waited := false
 	defer func() {
-		if stalled {
-			f.st.stall(time.Since(start))
+		if waited {
+			f.st.endWait(time.Since(start))
 		}
 	}()
+	var mem map[int]map[overlay.ChunkID][]byte
 	for {
 		f.mu.Lock()
+		missing := false
+		for _, seg := range segs {
+			missing = missing || mem[seg] == nil && !f.segs[seg].present
+		}
+		if !missing {
+			f.mu.Unlock()
+			return mem, nil
+		}
+		if err := f.repeatLocked(rk); err != nil {
+			f.mu.Unlock()
+			return nil, err
+		}
 		var wait []*flight
 		for _, seg := range segs {
+			if mem[seg] != nil {
+				continue
+			}
 			fl, err := f.requestLocked(seg)
 			if err != nil {
+				f.leaveLocked(wait)
 				f.mu.Unlock()
-				return err
+				return nil, err
 			}
 			if fl == nil {
 				continue
 			}
-			if !fl.gaveUp.IsZero() && time.Since(fl.gaveUp) < min(f.opt.Timeout, repeatWindow) {
-				f.mu.Unlock()
-				return fmt.Errorf("segment %d: %w: a read gave up on it %s ago", seg, ErrTimeout, time.Since(fl.gaveUp).Round(time.Millisecond))
+			if !fl.cancelled {
+				fl.waiters++
 			}
 			wait = append(wait, fl)
 		}
 		f.mu.Unlock()
 		if len(wait) == 0 {
-			return nil
+			return mem, nil
 		}
-		stalled = true
-		for _, fl := range wait {
+		if !waited {
+			waited = true
+			f.st.beginWait()
+		}
+		for i, fl := range wait {
 			select {
 			case <-fl.done:
-				if fl.err != nil && !fl.preempted {
-					return fl.err
+				if fl.err != nil && !fl.cancelled && !fl.movedOn {
+					f.mu.Lock()
+					f.leaveLocked(wait[i+1:])
+					f.mu.Unlock()
+					return nil, fmt.Errorf("segment %d: %w", fl.seg, fl.err)
+				}
+				if fl.mem != nil {
+					if mem == nil {
+						mem = map[int]map[overlay.ChunkID][]byte{}
+					}
+					mem[fl.seg] = fl.mem
 				}
 			case <-deadline.C:
 				f.st.timeouts.Add(1)
 				f.mu.Lock()
-				now := time.Now()
-				for _, w := range wait {
-					w.gaveUp = now
+				f.leaveLocked(wait[i:])
+				f.gaveUp = append(f.gaveUp, giveUp{rk, time.Now()})
+				var last error
+				if st := f.segs[fl.seg]; st.lastErr != nil {
+					last = st.lastErr
 				}
 				f.mu.Unlock()
-				return fmt.Errorf("%w after %s", ErrTimeout, f.opt.Timeout)
+				if last != nil {
+					return nil, fmt.Errorf("segment %d: %w after %s (last error: %v)", fl.seg, ErrTimeout, f.opt.Timeout, last)
+				}
+				return nil, fmt.Errorf("segment %d: %w after %s", fl.seg, ErrTimeout, f.opt.Timeout)
 			case <-ctx.Done():
-				return ctx.Err()
+				f.mu.Lock()
+				f.leaveLocked(wait[i:])
+				f.mu.Unlock()
+				return nil, ctx.Err()
 			case <-f.ctx.Done():
-				return ErrClosed
+				return nil, ErrClosed
 			}
 		}
 	}
 }
 
-// backoff doubles a wait from 50 ms up to 2 s.
-type backoff struct{ d time.Duration }
-
-func newBackoff() *backoff { return &backoff{d: 50 * time.Millisecond} }
-func (b *backoff) reset()  { b.d = 50 * time.Millisecond }
-
-// wait sleeps for the current delay and doubles it; false if ctx ended.
-func (b *backoff) wait(ctx context.Context) bool {
-	t := time.NewTimer(b.d)
-	defer t.Stop()
-	b.d = min(2*b.d, 2*time.Second)
-	select {
-	case <-t.C:
-		return true
-	case <-ctx.Done():
-		return false
+// repeatLocked fails a read within the range of a read that timed out less
+// than repeatWindow (or the timeout, if shorter) ago, and forgets older
+// timeouts.
+func (f *Fetcher) repeatLocked(rk readKey) error {
+	window := min(f.opt.Timeout, repeatWindow)
+	kept := f.gaveUp[:0]
+	var hit *giveUp
+	for _, g := range f.gaveUp {
+		if time.Since(g.at) >= window {
+			continue
+		}
+		kept = append(kept, g)
+		if g.rk.img == rk.img && g.rk.off <= rk.off && rk.end <= g.rk.end {
+			hit = &g
+		}
 	}
+	f.gaveUp = kept
+	if hit != nil {
+		return fmt.Errorf("%s bytes %d-%d: %w: the same read timed out %s ago", rk.img, rk.off, rk.end-1, ErrTimeout, time.Since(hit.at).Round(time.Millisecond))
+	}
+	return nil
 }
 
 // counters are the fetcher's running totals.
 type counters struct {
 	bytesFetched, corrupt, errors, failed, timeouts atomic.Int64
 	demandFetches, demandJoins, preempted           atomic.Int64
+	abandoned, uncached, cacheBad                   atomic.Int64
 	demandSegments, streamSegments                  atomic.Int64
 	fetched                                         [2]atomic.Int64 // chunks, per image
 
-	mu     sync.Mutex
-	stalls []time.Duration
-	total  time.Duration
+	mu      sync.Mutex
+	waits   []time.Duration
+	total   time.Duration
+	waiting int       // readers waiting now
+	since   time.Time // when waiting last rose from 0
+	stalled time.Duration
 
 	// per image: chunks that need no network, and per segment the chunks
 	// of each image that it supplies
@@ -537,16 +893,30 @@ type counters struct {
 	base   [2]int
 }
 
-const maxStalls = 1 << 16
+const maxWaits = 1 << 16
 
-func (c *counters) stall(d time.Duration) {
+// beginWait notes that a reader started waiting.
+func (c *counters) beginWait() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.waiting == 0 {
+		c.since = time.Now()
+	}
+	c.waiting++
+}
+
+// endWait notes that a reader waited d and stopped.
+func (c *counters) endWait(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.waiting--; c.waiting == 0 {
+		c.stalled += time.Since(c.since)
+	}
 	c.total += d
-	if len(c.stalls) < maxStalls {
-		c.stalls = append(c.stalls, d)
+	if len(c.waits) < maxWaits {
+		c.waits = append(c.waits, d)
 	} else {
-		c.stalls[int(c.total)%maxStalls] = d
+		c.waits[int(c.total)%maxWaits] = d
 	}
 }
 
@@ -580,6 +950,16 @@ type ImageStats struct {
 	Modified int `json:"modified"`
 }
 
+// SegmentFailure is a segment not present whose fetches have failed.
+type SegmentFailure struct {
+	Segment   int    `json:"segment"`
+	Failures  int    `json:"failures"`
+	LastError string `json:"last_error"`
+	// RetryInS is how long until the stream tries it again; -1 if it is
+	// not tried again in this mount.
+	RetryInS float64 `json:"retry_in_s"`
+}
+
 // Stats is a snapshot of a fetcher, as the mount's stats file shows it.
 type Stats struct {
 	Disk              ImageStats `json:"disk"`
@@ -591,50 +971,52 @@ type Stats struct {
 	DemandFetches     int64      `json:"demand_fetches"`
 	DemandJoins       int64      `json:"demand_joins"`
 	StreamPreemptions int64      `json:"stream_preemptions"`
-	BytesFetched      int64      `json:"bytes_fetched"`
-	OverlayBytes      int64      `json:"overlay_bytes"`
-	Stalls            int        `json:"stalls"`
-	StallTotalMs      float64    `json:"stall_total_ms"`
-	StallP50Ms        float64    `json:"stall_p50_ms"`
-	StallP99Ms        float64    `json:"stall_p99_ms"`
-	FetchErrors       int64      `json:"fetch_errors"`
-	CorruptSegments   int64      `json:"corrupt_segments"`
-	FailedFetches     int64      `json:"failed_fetches"`
-	Timeouts          int64      `json:"timeouts"`
-	Complete          bool       `json:"complete"`
-
-	Waits           int              `json:"waits"`
-	WaitTotalMs     float64          `json:"wait_total_ms"`
-	WaitP50Ms       float64          `json:"wait_p50_ms"`
-	WaitP99Ms       float64          `json:"wait_p99_ms"`
-	StallMs         float64          `json:"stall_ms"`
-	FailingSegments []SegmentFailure `json:"failing_segments"`
-}
-
-// SegmentFailure is a segment whose fetches keep failing.
-type SegmentFailure struct {
-	Segment   int     `json:"segment"`
-	Failures  int     `json:"failures"`
-	LastError string  `json:"last_error"`
-	RetryInS  float64 `json:"retry_in_s"`
+	// AbandonedFetches counts fetches cancelled because every reader
+	// waiting on them gave up.
+	AbandonedFetches int64 `json:"abandoned_fetches"`
+	BytesFetched     int64 `json:"bytes_fetched"`
+	OverlayBytes     int64 `json:"overlay_bytes"`
+	// Waits counts reads that waited for the network; WaitTotalMs sums
+	// their waits, so overlapping waits count twice.
+	Waits       int     `json:"waits"`
+	WaitTotalMs float64 `json:"wait_total_ms"`
+	WaitP50Ms   float64 `json:"wait_p50_ms"`
+	WaitP99Ms   float64 `json:"wait_p99_ms"`
+	// StallMs is wall-clock time in which at least one reader waited.
+	StallMs         float64 `json:"stall_ms"`
+	FetchErrors     int64   `json:"fetch_errors"`
+	CorruptSegments int64   `json:"corrupt_segments"`
+	FailedFetches   int64   `json:"failed_fetches"`
+	Timeouts        int64   `json:"timeouts"`
+	// UncachedSegments counts segments served from memory because the
+	// cache could not store them; CacheBadSegments those cached by an
+	// earlier mount that failed re-verification.
+	UncachedSegments int64            `json:"uncached_segments"`
+	CacheBadSegments int64            `json:"cache_bad_segments"`
+	FailingSegments  []SegmentFailure `json:"failing_segments"`
+	Complete         bool             `json:"complete"`
 }
 
 // Stats returns a snapshot.
 func (f *Fetcher) Stats() Stats {
 	c := &f.st
 	s := Stats{
-		Segments:          len(f.present),
+		Segments:          len(f.segs),
 		SegmentsStreamed:  c.streamSegments.Load(),
 		SegmentsDemanded:  c.demandSegments.Load(),
 		DemandFetches:     c.demandFetches.Load(),
 		DemandJoins:       c.demandJoins.Load(),
 		StreamPreemptions: c.preempted.Load(),
+		AbandonedFetches:  c.abandoned.Load(),
 		BytesFetched:      c.bytesFetched.Load(),
 		OverlayBytes:      f.o.Header.TotalLen(),
 		FetchErrors:       c.errors.Load(),
 		CorruptSegments:   c.corrupt.Load(),
 		FailedFetches:     c.failed.Load(),
 		Timeouts:          c.timeouts.Load(),
+		UncachedSegments:  c.uncached.Load(),
+		CacheBadSegments:  c.cacheBad.Load(),
+		FailingSegments:   []SegmentFailure{},
 	}
 	imgs := [2]*ImageStats{&s.Disk, &s.Memory}
 	f.mu.Lock()
@@ -645,11 +1027,20 @@ func (f *Fetcher) Stats() Stats {
 		is.FromBase = c.base[img]
 		is.Present = c.static[img]
 	}
-	for seg, p := range f.present {
-		if p {
+	now := time.Now()
+	for seg, st := range f.segs {
+		if st.present {
 			for _, img := range overlay.Images {
 				imgs[img].Present += c.perSeg[seg][img]
 			}
+			continue
+		}
+		if st.failures > 0 {
+			retry := -1.0
+			if !st.dead {
+				retry = max(st.nextTry().Sub(now).Seconds(), 0)
+			}
+			s.FailingSegments = append(s.FailingSegments, SegmentFailure{Segment: seg, Failures: st.failures, LastError: st.lastErr.Error(), RetryInS: retry})
 		}
 	}
 	f.mu.Unlock()
@@ -666,14 +1057,19 @@ func (f *Fetcher) Stats() Stats {
 		imgs[img].Fetched = int(c.fetched[img].Load())
 	}
 	c.mu.Lock()
-	stalls := append([]time.Duration(nil), c.stalls...)
-	s.StallTotalMs = ms(c.total)
+	waits := append([]time.Duration(nil), c.waits...)
+	s.WaitTotalMs = ms(c.total)
+	stalled := c.stalled
+	if c.waiting > 0 {
+		stalled += time.Since(c.since)
+	}
+	s.StallMs = ms(stalled)
 	c.mu.Unlock()
-	s.Stalls = len(stalls)
-	if len(stalls) > 0 {
-		sort.Slice(stalls, func(i, j int) bool { return stalls[i] < stalls[j] })
-		s.StallP50Ms = ms(stalls[len(stalls)/2])
-		s.StallP99Ms = ms(stalls[len(stalls)*99/100])
+	s.Waits = len(waits)
+	if len(waits) > 0 {
+		sort.Slice(waits, func(i, j int) bool { return waits[i] < waits[j] })
+		s.WaitP50Ms = ms(waits[len(waits)/2])
+		s.WaitP99Ms = ms(waits[len(waits)*99/100])
 	}
 	s.Complete = s.SegmentsPresent == s.Segments
 	return s

@@ -7,8 +7,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -22,6 +20,8 @@ import (
 // rig is an overlay of random data against a random base, opened through
 // a source the test can tamper with.
 type rig struct {
+	path  string // the overlay file
+	st    *store.Store
 	o     *overlay.Overlay
 	base  *overlay.Base
 	cache *store.Cache
@@ -88,7 +88,7 @@ func newRig(t *testing.T) *rig {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cache.Close() })
-	return &rig{o: o, base: base, cache: cache, src: &hookSource{Source: src}}
+	return &rig{path: path, st: st, o: o, base: base, cache: cache, src: &hookSource{Source: src}}
 }
 
 func (r *rig) fetcher(t *testing.T, timeout time.Duration) *fetch.Fetcher {
@@ -100,11 +100,12 @@ func (r *rig) fetcher(t *testing.T, timeout time.Duration) *fetch.Fetcher {
 	return f
 }
 
-// Closing the fetcher while readers wait, and while new reads arrive, wakes
-// every reader with an error and never panics.
+// Closing the fetcher while readers wait wakes every one of them with
+// ErrClosed at once, and never panics.
 func TestCloseWhileReading(t *testing.T) {
 	r := newRig(t)
 	stall := make(chan struct{})
+	defer close(stall)
 	r.src.hook = func(ctx context.Context, off int64, b []byte) ([]byte, error) {
 		select {
 		case <-stall:
@@ -114,33 +115,44 @@ func TestCloseWhileReading(t *testing.T) {
 		return b, nil
 	}
 	f := r.fetcher(t, time.Minute)
-	var wg sync.WaitGroup
-	var failed atomic.Int32
-	for i := range 8 {
-		wg.Add(1)
+	const readers = 8
+	errs := make(chan error, readers)
+	for i := range readers {
 		go func() {
-			defer wg.Done()
-			for j := range 20 {
-				buf := make([]byte, 4096)
-				if err := f.ReadAt(context.Background(), overlay.Disk, buf, int64((i*8+j)%64)*4096); err != nil {
-					failed.Add(1)
-					return
-				}
-			}
+			buf := make([]byte, 4096)
+			errs <- f.ReadAt(context.Background(), overlay.Disk, buf, int64(i*8)*4096)
 		}()
 	}
-	f.Close()
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
+	// Every reader is waiting on a fetch before the close.
+	deadline := time.Now().Add(10 * time.Second)
+	for f.Waiting() < readers {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d readers waiting after 10 s", f.Waiting(), readers)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	closed := make(chan struct{})
+	go func() { f.Close(); close(closed) }()
+	limit := time.After(5 * time.Second)
+	for range readers {
+		select {
+		case err := <-errs:
+			if !errors.Is(err, fetch.ErrClosed) {
+				t.Fatalf("a waiting reader returned %v, want ErrClosed", err)
+			}
+		case <-limit:
+			t.Fatal("readers still waiting 5 s after Close")
+		}
+	}
 	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("readers still waiting 10 s after Close")
+	case <-closed:
+	case <-limit:
+		t.Fatal("Close not done 5 s after it began")
 	}
-	if failed.Load() != 8 {
-		t.Fatalf("%d of 8 readers failed after Close", failed.Load())
+	// A read after the close fails at once too.
+	if err := f.ReadAt(context.Background(), overlay.Disk, make([]byte, 10), 0); !errors.Is(err, fetch.ErrClosed) {
+		t.Fatalf("read after Close: %v, want ErrClosed", err)
 	}
-	close(stall)
 }
 
 // A segment that never verifies does not stop the stream: every other

@@ -16,6 +16,7 @@ const (
 	srcBase         // the base image, at the ref's chunk
 	srcCache        // the cache file, at the chunk's own offset
 	srcCow          // a written chunk, one at a time
+	srcMem          // a fetched chunk the cache could not keep, one at a time
 )
 
 // ReadAt fills dest with the bytes of image img at off, which must lie
@@ -34,18 +35,19 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 	if len(dest) == 0 {
 		return nil
 	}
-	if err := f.await(ctx, img, off/cs, (end-1)/cs); err != nil {
+	mem, err := f.await(ctx, readKey{img, off, end}, off/cs, (end-1)/cs)
+	if err != nil {
 		return err
 	}
 	refs := f.o.Manifest.Refs[img]
 	for pos := off; pos < end; {
 		idx := pos / cs
-		src, r := f.sourceOf(img, idx)
+		src, r := f.sourceOf(img, idx, mem)
 		// Extend the run over chunks that continue it.
 		n := int64(1)
 		for idx+n <= (end-1)/cs {
-			s2, r2 := f.sourceOf(img, idx+n)
-			if s2 != src || src == srcCow || src == srcBase && (r2.Kind != r.Kind || r2.Index != r.Index+uint32(n)) {
+			s2, r2 := f.sourceOf(img, idx+n, mem)
+			if s2 != src || src == srcCow || src == srcMem || src == srcBase && (r2.Kind != r.Kind || r2.Index != r.Index+uint32(n)) {
 				break
 			}
 			n++
@@ -68,6 +70,8 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 				err = fmt.Errorf("written data missing from the store")
 			}
 			copy(part, buf[skip:])
+		case srcMem:
+			copy(part, mem[int(f.segOf[img][idx])][overlay.ChunkID{Image: img, Index: uint32(idx)}][skip:])
 		}
 		if err != nil {
 			return fmt.Errorf("%s chunk %d: %w", img, idx, err)
@@ -78,8 +82,9 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 }
 
 // sourceOf says where chunk idx of img is read from now. Data and self
-// chunks are read from the cache, which await has made sure of.
-func (f *Fetcher) sourceOf(img overlay.Image, idx int64) (source, overlay.Ref) {
+// chunks are read from the cache, which await has made sure of, or from
+// mem when the cache could not keep their segment.
+func (f *Fetcher) sourceOf(img overlay.Image, idx int64, mem map[int]map[overlay.ChunkID][]byte) (source, overlay.Ref) {
 	if f.Modified(overlay.ChunkID{Image: img, Index: uint32(idx)}) {
 		return srcCow, overlay.Ref{}
 	}
@@ -90,12 +95,17 @@ func (f *Fetcher) sourceOf(img overlay.Image, idx int64) (source, overlay.Ref) {
 	case overlay.BaseDisk, overlay.BaseMemory:
 		return srcBase, r
 	}
+	if mem[int(f.segOf[img][idx])] != nil {
+		return srcMem, r
+	}
 	return srcCache, r
 }
 
 // await makes sure every segment that chunks first..last of img need has
-// arrived, fetching those that have not, all at once.
-func (f *Fetcher) await(ctx context.Context, img overlay.Image, first, last int64) error {
+// arrived, fetching those that have not, all at once. It returns the
+// chunks of segments the cache could not keep.
+func (f *Fetcher) await(ctx context.Context, rk readKey, first, last int64) (map[int]map[overlay.ChunkID][]byte, error) {
+	img := rk.img
 	var segs []int
 	prev := int32(-1)
 	for i := first; i <= last; i++ {
@@ -107,9 +117,9 @@ func (f *Fetcher) await(ctx context.Context, img overlay.Image, first, last int6
 		segs = append(segs, int(seg))
 	}
 	if len(segs) == 0 {
-		return nil
+		return nil, nil
 	}
-	return f.ensure(ctx, segs...)
+	return f.ensure(ctx, rk, segs...)
 }
 
 // readBase reads dst from the base at the position of ref plus skip bytes;

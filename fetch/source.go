@@ -93,17 +93,26 @@ func OpenSource(ref string, client *http.Client, header http.Header) (Source, er
 	return &FileSource{f: f, size: st.Size()}, nil
 }
 
-// DefaultClient bounds connection set-up and waiting for headers; bodies
-// are bounded by each request's context. tlsConfig may add trusted roots.
+// DefaultClient bounds connection set-up; each read's no-progress limit
+// bounds waiting for headers and body. It speaks HTTP/2 where an https
+// server offers it (one connection carries every request) and otherwise
+// opens several connections per host, so a demand read never queues behind
+// the stream's transfer. tlsConfig may add trusted roots.
 func DefaultClient(tlsConfig *tls.Config) *http.Client {
 	return &http.Client{Transport: &http.Transport{
-		TLSClientConfig:       tlsConfig,
+		TLSClientConfig: tlsConfig,
+		// A custom TLS config or dialer turns HTTP/2 off unless asked for.
+		ForceAttemptHTTP2:     true,
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSHandshakeTimeout:   5 * time.Second,
 		ResponseHeaderTimeout: 15 * time.Second,
 		MaxIdleConnsPerHost:   8,
 		IdleConnTimeout:       60 * time.Second,
+		// An HTTP/2 connection carries every request: one that goes
+		// silent is found out by a ping and closed, so retries do not
+		// queue on it.
+		HTTP2: &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 5 * time.Second},
 	}}
 }
 
@@ -113,13 +122,18 @@ func (h *HTTPSource) Close() error {
 	return nil
 }
 
+// DefaultNoProgress is how long an HTTP response may stop arriving before
+// the read is cut.
+const DefaultNoProgress = 5 * time.Second
+
 // HTTPSource reads ranges with HTTP Range requests.
 type HTTPSource struct {
-	url    string
-	shown  string // the URL without credentials, for messages
-	header http.Header
-	client *http.Client
-	size   atomic.Int64 // from Content-Range; -1 until the first response
+	url        string
+	shown      string // the URL without credentials, for messages
+	header     http.Header
+	client     *http.Client
+	size       atomic.Int64 // from Content-Range; -1 until the first response
+	noProgress atomic.Int64 // a time.Duration
 }
 
 func (h *HTTPSource) String() string { return h.shown }
@@ -127,10 +141,85 @@ func (h *HTTPSource) String() string { return h.shown }
 // Size returns the file length the server reported, or -1 before any read.
 func (h *HTTPSource) Size() int64 { return h.size.Load() }
 
+// SetNoProgress sets how long a response (its headers, then each part of
+// its body) may keep the read waiting with no byte arriving; the read is
+// then cut with ErrStalled, and the next one goes out on a new
+// connection. Default DefaultNoProgress.
+func (h *HTTPSource) SetNoProgress(d time.Duration) { h.noProgress.Store(int64(d)) }
+
+// Errors a range read can fail with, besides those of the network.
+var (
+	// ErrStalled: the server stopped sending for longer than the
+	// no-progress limit.
+	ErrStalled = errors.New("no data arrived")
+	// ErrWrongRange: the server answered with other bytes than asked for.
+	ErrWrongRange = errors.New("the server answered with the wrong bytes")
+	// ErrTruncated: the file ends before the range.
+	ErrTruncated = errors.New("the overlay is truncated")
+)
+
+// HTTPError is a reply other than 206 (or 200) to a Range request.
+type HTTPError struct {
+	Status int
+	// RetryAfter is the server's Retry-After, 0 if none.
+	RetryAfter time.Duration
+	msg        string
+}
+
+func (e *HTTPError) Error() string { return e.msg }
+
+// Temporary reports whether the same request may succeed later: 408, 429
+// and 5xx. Any other 4xx will not pass by asking again soon.
+func (e *HTTPError) Temporary() bool {
+	return e.Status == http.StatusRequestTimeout || e.Status == http.StatusTooManyRequests || e.Status >= 500
+}
+
+// Permanent reports whether err, from a ReadRange, will not pass by asking
+// again at once: the server ignores Range, answered with the wrong bytes,
+// refused with a 4xx other than 408 and 429, or the file is too short.
+func Permanent(err error) bool {
+	var he *HTTPError
+	if errors.As(err, &he) {
+		return !he.Temporary()
+	}
+	return errors.Is(err, ErrNoRange) || errors.Is(err, ErrWrongRange) || errors.Is(err, ErrTruncated)
+}
+
+// retryAfter returns the Retry-After that err carries, 0 if none.
+func retryAfter(err error) time.Duration {
+	var he *HTTPError
+	if errors.As(err, &he) {
+		return he.RetryAfter
+	}
+	return 0
+}
+
+// errBodyLimit bounds how much of an error reply is read, so the connection
+// can be used again, before it is closed.
+const errBodyLimit = 64 << 10
+
 // ReadRange fetches [off, off+n) and insists on a 206 whose Content-Range
-// matches.
+// matches. No wait is unbounded: a response that stops arriving for the
+// no-progress limit is cut.
 func (h *HTTPSource) ReadRange(ctx context.Context, off, n int64) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.url, nil)
+	limit := time.Duration(h.noProgress.Load())
+	if limit <= 0 {
+		limit = DefaultNoProgress
+	}
+	actx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	watch := time.AfterFunc(limit, func() { cancel(ErrStalled) })
+	defer watch.Stop()
+	stalled := func(err error) error {
+		if context.Cause(actx) != ErrStalled || ctx.Err() != nil {
+			return err
+		}
+		// The stalled connection is closed with its request; idle ones to
+		// the same server are suspect too, so the next try dials afresh.
+		h.client.CloseIdleConnections()
+		return fmt.Errorf("%s: bytes %d-%d: %w for %s; the connection stalled", h.shown, off, off+n-1, ErrStalled, limit)
+	}
+	req, err := http.NewRequestWithContext(actx, http.MethodGet, h.url, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -140,6 +229,9 @@ func (h *HTTPSource) ReadRange(ctx context.Context, off, n int64) ([]byte, error
 	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 	resp, err := h.client.Do(req)
 	if err != nil {
+		if err := stalled(err); errors.Is(err, ErrStalled) {
+			return nil, err
+		}
 		// The error names the URL as given; name it without credentials.
 		var ue *url.Error
 		if errors.As(err, &ue) {
@@ -148,32 +240,70 @@ func (h *HTTPSource) ReadRange(ctx context.Context, off, n int64) ([]byte, error
 		return nil, err
 	}
 	defer resp.Body.Close()
-	switch resp.StatusCode {
-	case http.StatusPartialContent:
-	case http.StatusOK:
-		return nil, ErrNoRange
-	case http.StatusUnauthorized, http.StatusForbidden:
-		return nil, fmt.Errorf("HTTP %s: the server wants credentials (--header 'Authorization: Bearer ...')", resp.Status)
-	case http.StatusRequestedRangeNotSatisfiable:
-		return nil, fmt.Errorf("bytes %d-%d are beyond the end of the file: the overlay is truncated", off, off+n-1)
-	default:
-		return nil, fmt.Errorf("HTTP %s", resp.Status)
+	watch.Reset(limit)
+	if resp.StatusCode != http.StatusPartialContent {
+		if resp.StatusCode != http.StatusOK {
+			// Read the short error reply so the connection is reused.
+			io.Copy(io.Discard, io.LimitReader(resp.Body, errBodyLimit))
+		}
+		return nil, statusError(resp, off, n)
 	}
 	first, last, total, err := parseContentRange(resp.Header.Get("Content-Range"))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %v", ErrWrongRange, err)
 	}
 	if first != off || last != off+n-1 {
-		return nil, fmt.Errorf("asked for bytes %d-%d, got %d-%d", off, off+n-1, first, last)
+		return nil, fmt.Errorf("%w: asked for bytes %d-%d, got %d-%d", ErrWrongRange, off, off+n-1, first, last)
 	}
 	if total >= 0 {
 		h.size.Store(total)
 	}
 	buf := make([]byte, n)
-	if _, err := io.ReadFull(resp.Body, buf); err != nil {
-		return nil, fmt.Errorf("reading bytes %d-%d: %w", off, off+n-1, err)
+	for got := 0; got < len(buf); {
+		m, err := resp.Body.Read(buf[got:])
+		if m > 0 {
+			got += m
+			watch.Reset(limit)
+		}
+		if err != nil && got < len(buf) {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, stalled(fmt.Errorf("reading bytes %d-%d: %w", off, off+n-1, err))
+		}
 	}
 	return buf, nil
+}
+
+// statusError says what a reply other than 206 means and what to do.
+func statusError(resp *http.Response, off, n int64) error {
+	e := &HTTPError{Status: resp.StatusCode}
+	switch resp.StatusCode {
+	case http.StatusOK:
+		return ErrNoRange
+	case http.StatusUnauthorized:
+		e.msg = fmt.Sprintf("HTTP %s: the server wants credentials (--header 'Authorization: Bearer ...')", resp.Status)
+	case http.StatusForbidden:
+		e.msg = fmt.Sprintf("HTTP %s: the server refused: either it wants credentials (--header 'Authorization: Bearer ...') "+
+			"or the file's permissions on the server do not let it read the file (make it readable, e.g. chmod a+r)", resp.Status)
+	case http.StatusNotFound:
+		e.msg = fmt.Sprintf("HTTP %s: the server has no such file: check the URL", resp.Status)
+	case http.StatusRequestedRangeNotSatisfiable:
+		e.msg = fmt.Sprintf("HTTP %s: bytes %d-%d are beyond the end of the file: the overlay is truncated", resp.Status, off, off+n-1)
+	default:
+		e.msg = fmt.Sprintf("HTTP %s", resp.Status)
+	}
+	if v := resp.Header.Get("Retry-After"); v != "" {
+		if s, err := strconv.Atoi(v); err == nil && s >= 0 {
+			e.RetryAfter = time.Duration(s) * time.Second
+		} else if t, err := http.ParseTime(v); err == nil {
+			e.RetryAfter = max(time.Until(t), 0)
+		}
+		if e.RetryAfter > 0 {
+			e.msg += fmt.Sprintf(" (retry after %s)", e.RetryAfter)
+		}
+	}
+	return e
 }
 
 // parseContentRange parses "bytes FIRST-LAST/TOTAL"; TOTAL may be "*" (-1).
@@ -222,7 +352,7 @@ func (s *FileSource) ReadRange(_ context.Context, off, n int64) ([]byte, error) 
 	buf := make([]byte, n)
 	if m, err := s.f.ReadAt(buf, off); m < len(buf) {
 		if err == io.EOF || err == nil {
-			return nil, fmt.Errorf("bytes %d-%d are beyond the end of the file: the overlay is truncated", off, off+n-1)
+			return nil, fmt.Errorf("bytes %d-%d are beyond the end of the file: %w", off, off+n-1, ErrTruncated)
 		}
 		return nil, err
 	}
@@ -233,9 +363,11 @@ func (s *FileSource) ReadRange(_ context.Context, off, n int64) ([]byte, error) 
 func (s *FileSource) Close() error { return s.f.Close() }
 
 // OpenOverlay fetches and verifies an overlay's metadata (header, manifest,
-// state, vm.json) with two reads: the header, then the rest of the metadata.
+// state, vm.json) with two reads: the header, then the rest of the
+// metadata. A read that fails for a reason that may pass (a stall, a cut
+// connection, a 5xx) is tried again, with backoff, until ctx ends.
 func OpenOverlay(ctx context.Context, src Source) (*overlay.Overlay, error) {
-	hb, err := src.ReadRange(ctx, 0, overlay.HeaderSize)
+	hb, err := readRetrying(ctx, src, 0, overlay.HeaderSize)
 	if err != nil {
 		return nil, fmt.Errorf("overlay %s: header: %w", src, err)
 	}
@@ -245,7 +377,7 @@ func OpenOverlay(ctx context.Context, src Source) (*overlay.Overlay, error) {
 	}
 	meta := hb
 	if rest := h.MetadataLen() - overlay.HeaderSize; rest > 0 {
-		b, err := src.ReadRange(ctx, overlay.HeaderSize, rest)
+		b, err := readRetrying(ctx, src, overlay.HeaderSize, rest)
 		if err != nil {
 			return nil, fmt.Errorf("overlay %s: metadata: %w", src, err)
 		}
@@ -256,6 +388,39 @@ func OpenOverlay(ctx context.Context, src Source) (*overlay.Overlay, error) {
 		return nil, fmt.Errorf("overlay %s: %w", src, err)
 	}
 	return o, nil
+}
+
+// readRetrying reads a range, trying again after errors that may pass, with
+// a delay doubling from 50 ms to 2 s (or the server's Retry-After), until
+// ctx ends.
+func readRetrying(ctx context.Context, src Source, off, n int64) ([]byte, error) {
+	delay := 50 * time.Millisecond
+	var prev error
+	for tries := 1; ; tries++ {
+		b, err := src.ReadRange(ctx, off, n)
+		if err == nil {
+			return b, nil
+		}
+		if ctx.Err() != nil {
+			if prev != nil {
+				// The try ctx cut says less than the one before it.
+				err = prev
+			}
+			return nil, fmt.Errorf("gave up after %d tries: %w (last error: %v)", tries, ctx.Err(), err)
+		}
+		prev = err
+		if Permanent(err) {
+			return nil, err
+		}
+		t := time.NewTimer(max(delay, retryAfter(err)))
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("gave up after %d tries: %w (last error: %v)", tries, ctx.Err(), err)
+		}
+		delay = min(2*delay, 2*time.Second)
+	}
 }
 
 // TLSConfig trusts the system roots plus the PEM certificates in caFile,

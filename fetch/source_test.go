@@ -1,14 +1,21 @@
 package fetch
 
 import (
+	"bytes"
 	"context"
 	"encoding/pem"
+	"errors"
+	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -150,5 +157,121 @@ func TestCredentialsAndTLS(t *testing.T) {
 		if err != nil && strings.Contains(err.Error(), "ter2") {
 			t.Errorf("OpenSource(%q): %v", ref, err)
 		}
+	}
+}
+
+// connServer is an httptest server that counts the connections clients
+// open to it.
+func connServer(t *testing.T, h http.HandlerFunc, tls bool) (*httptest.Server, *atomic.Int32) {
+	var conns atomic.Int32
+	ts := httptest.NewUnstartedServer(h)
+	ts.Config.ConnState = func(c net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	if tls {
+		ts.EnableHTTP2 = true
+		ts.StartTLS()
+	} else {
+		ts.Start()
+	}
+	t.Cleanup(ts.Close)
+	return ts, &conns
+}
+
+// A response that stops arriving mid-body is cut at the no-progress limit
+// with ErrStalled, and the next read goes out on a new connection.
+func TestNoProgressLimit(t *testing.T) {
+	body := bytes.Repeat([]byte("x"), 1<<16)
+	var stall atomic.Bool
+	stall.Store(true)
+	ts, conns := connServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes 0-%d/%d", len(body)-1, len(body)))
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.WriteHeader(http.StatusPartialContent)
+		if stall.Load() {
+			w.Write(body[:len(body)/2])
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+			return
+		}
+		w.Write(body)
+	}, false)
+	src, err := OpenSource(ts.URL+"/x", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const limit = 200 * time.Millisecond
+	src.(*HTTPSource).SetNoProgress(limit)
+	start := time.Now()
+	_, err = src.ReadRange(context.Background(), 0, int64(len(body)))
+	if took := time.Since(start); !errors.Is(err, ErrStalled) || took < limit || took > limit+2*time.Second {
+		t.Fatalf("stalled body: %v after %s, want ErrStalled after %s", err, took, limit)
+	}
+	stall.Store(false)
+	if b, err := src.ReadRange(context.Background(), 0, int64(len(body))); err != nil || !bytes.Equal(b, body) {
+		t.Fatalf("read after the stall: %v", err)
+	}
+	if n := conns.Load(); n != 2 {
+		t.Fatalf("%d connections, want the read after the stall on a second one", n)
+	}
+}
+
+// Error replies are read to the end, so the connection serves the next
+// request; a 403 names both of its causes.
+func TestErrorBodyDrained(t *testing.T) {
+	var n atomic.Int32
+	ts, conns := connServer(t, func(w http.ResponseWriter, r *http.Request) {
+		if n.Add(1) <= 3 {
+			http.Error(w, strings.Repeat("refused ", 1000), http.StatusForbidden)
+			return
+		}
+		w.Header().Set("Content-Range", "bytes 0-0/1")
+		w.WriteHeader(http.StatusPartialContent)
+		w.Write([]byte("x"))
+	}, false)
+	src, err := OpenSource(ts.URL+"/x", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		_, err := src.ReadRange(context.Background(), 0, 1)
+		if err == nil || !Permanent(err) || !strings.Contains(err.Error(), "--header") || !strings.Contains(err.Error(), "permissions") {
+			t.Fatalf("403: %v, want a permanent error naming credentials and permissions", err)
+		}
+	}
+	if b, err := src.ReadRange(context.Background(), 0, 1); err != nil || string(b) != "x" {
+		t.Fatalf("read after the errors: %q %v", b, err)
+	}
+	if c := conns.Load(); c != 1 {
+		t.Fatalf("%d connections for four requests, want one", c)
+	}
+}
+
+// Over https the default client speaks HTTP/2 where the server offers it.
+func TestHTTP2(t *testing.T) {
+	var proto atomic.Int32
+	ts, _ := connServer(t, func(w http.ResponseWriter, r *http.Request) {
+		proto.Store(int32(r.ProtoMajor))
+		w.Header().Set("Content-Range", "bytes 0-0/1")
+		w.WriteHeader(http.StatusPartialContent)
+		w.Write([]byte("x"))
+	}, true)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw}), 0o644)
+	cfg, err := TLSConfig(ca)
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := OpenSource(ts.URL+"/x", DefaultClient(cfg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := src.ReadRange(context.Background(), 0, 1); err != nil || string(b) != "x" {
+		t.Fatalf("%q %v", b, err)
+	}
+	if p := proto.Load(); p != 2 {
+		t.Fatalf("HTTP/%d, want HTTP/2", p)
 	}
 }

@@ -9,36 +9,51 @@ import (
 	"github.com/cloudletfs/cloudletfs/fetch"
 )
 
-// A read of a stalled segment fails at its deadline. The kernel then asks
-// again at once for the page the caller wants: that read fails at once too,
-// rather than waiting a second timeout for the same fetch, so the caller
-// sees EIO one timeout after it asked. A read that comes later waits its
-// own full timeout.
+// A read of a stalled segment fails at its deadline, and the fetch it alone
+// waited on is cancelled. The kernel then asks again at once for the page
+// the caller wants: that read fails at once too, rather than waiting a
+// second timeout, so the caller sees EIO one timeout after it asked. A read
+// of another part of the segment, or one that comes later, waits its own
+// full timeout on a fetch started anew.
 func TestRepeatAfterTimeoutFailsAtOnce(t *testing.T) {
 	r := newRig(t)
 	stall := make(chan struct{})
 	defer close(stall)
+	cut := make(chan struct{}, 8)
 	r.src.hook = func(ctx context.Context, off int64, b []byte) ([]byte, error) {
 		select {
 		case <-stall:
 			return b, nil
 		case <-ctx.Done():
+			cut <- struct{}{}
 			return nil, ctx.Err()
 		}
 	}
 	const timeout = 300 * time.Millisecond
 	f := r.fetcher(t, timeout)
 	id := r.o.Manifest.Order[r.o.Manifest.Segments[0].First]
-	read := func() (time.Duration, error) {
+	readAt := func(off int64, n int) (time.Duration, error) {
 		start := time.Now()
-		err := f.ReadAt(context.Background(), id.Image, make([]byte, 4096), int64(id.Index)*4096)
+		err := f.ReadAt(context.Background(), id.Image, make([]byte, n), int64(id.Index)*4096+off)
 		return time.Since(start), err
 	}
-	if took, err := read(); !errors.Is(err, fetch.ErrTimeout) || took < timeout {
+	read := func() (time.Duration, error) { return readAt(0, 4096) }
+	if took, err := readAt(0, 8192); !errors.Is(err, fetch.ErrTimeout) || took < timeout {
 		t.Fatalf("first read: %v after %s, want a timeout after %s", err, took, timeout)
 	}
+	// The fetch no reader waits on any more is cancelled.
+	select {
+	case <-cut:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the fetch was not cancelled when its only reader gave up")
+	}
 	if took, err := read(); !errors.Is(err, fetch.ErrTimeout) || took > timeout/3 {
-		t.Fatalf("repeated read: %v after %s, want a timeout at once", err, took)
+		t.Fatalf("repeated read within the same range: %v after %s, want a timeout at once", err, took)
+	}
+	// Another reader of the same segment, whose range the timed-out read
+	// did not cover, is not failed by it.
+	if took, err := readAt(8192, 100); !errors.Is(err, fetch.ErrTimeout) || took < timeout {
+		t.Fatalf("read of another range: %v after %s, want a timeout after %s", err, took, timeout)
 	}
 	// Past the window (the timeout here, as it is under a second), a read
 	// waits its whole timeout again on the fetch still going.
@@ -46,7 +61,48 @@ func TestRepeatAfterTimeoutFailsAtOnce(t *testing.T) {
 	if took, err := read(); !errors.Is(err, fetch.ErrTimeout) || took < timeout {
 		t.Fatalf("later read: %v after %s, want a timeout after %s", err, took, timeout)
 	}
-	if st := f.Stats(); st.Timeouts != 2 || st.DemandFetches != 1 {
-		t.Fatalf("want two timeouts on one demand fetch: %+v", st)
+	if st := f.Stats(); st.Timeouts != 3 || st.DemandFetches != 3 || st.AbandonedFetches != 3 {
+		t.Fatalf("want three timeouts, each cancelling its own fetch: %+v", st)
+	}
+}
+
+// A reader that joins the stream's fetch of a segment waits no longer than
+// its own timeout, and when it gives up the stream's fetch, which no one
+// waits on any more, is cancelled rather than left hanging.
+func TestJoinedStreamFetchTakesReadersDeadline(t *testing.T) {
+	r := newRig(t)
+	first := r.o.Manifest.Segments[0]
+	entered := make(chan struct{}, 8)
+	cut := make(chan struct{}, 8)
+	r.src.hook = func(ctx context.Context, off int64, b []byte) ([]byte, error) {
+		if off != first.Offset {
+			return b, nil
+		}
+		entered <- struct{}{}
+		<-ctx.Done()
+		cut <- struct{}{}
+		return nil, ctx.Err()
+	}
+	const timeout = 300 * time.Millisecond
+	f := r.fetcher(t, timeout)
+	f.Start()
+	select {
+	case <-entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream did not start on segment 0 within 5 s")
+	}
+	id := r.o.Manifest.Order[first.First]
+	start := time.Now()
+	err := f.ReadAt(context.Background(), id.Image, make([]byte, 100), int64(id.Index)*4096)
+	if took := time.Since(start); !errors.Is(err, fetch.ErrTimeout) || took > timeout+time.Second {
+		t.Fatalf("read joined to a stalled stream fetch: %v after %s, want a timeout after %s", err, took, timeout)
+	}
+	select {
+	case <-cut:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream's fetch was not cancelled when the reader that joined it gave up")
+	}
+	if st := f.Stats(); st.DemandJoins != 1 || st.DemandFetches != 0 || st.AbandonedFetches != 1 {
+		t.Fatalf("want one join and one abandoned fetch: %+v", st)
 	}
 }

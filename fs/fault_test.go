@@ -2,6 +2,7 @@ package fs_test
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,7 +22,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rs/zerolog"
+
 	"github.com/cloudletfs/cloudletfs/fetch"
+	"github.com/cloudletfs/cloudletfs/fs"
 	"github.com/cloudletfs/cloudletfs/overlay"
 )
 
@@ -33,6 +37,7 @@ const (
 	unmountTimeout = 20 * time.Second        // fetch timeout while unmounting: only the unmount can end a read
 	wakeDeadline   = 5 * time.Second         // a read blocked on a fault returns this soon after the unmount begins
 	outage         = 400 * time.Millisecond  // how long a transient outage lasts
+	noProgress     = 250 * time.Millisecond  // the source's no-progress limit while faults pass or persist
 	goroutineSlack = 8                       // goroutines above the suite's start allowed after a fault
 	heapSlack      = 64 << 20                // heap in use above the suite's start allowed after a fault
 )
@@ -86,6 +91,10 @@ type faultCase struct {
 	// perSegment faults only the first request of each segment, so the
 	// fetcher's one refetch gets good bytes.
 	perSegment bool
+	// dead: the persistent fault makes the segment fail for good in the
+	// mount (it arrives corrupt over and over); once the fault is over, a
+	// new mount serves it.
+	dead bool
 	// mayFail: while the fault lasts a read may fail with EIO, because the
 	// fetcher gives up on such a reply at once; a later read succeeds.
 	mayFail bool
@@ -98,10 +107,19 @@ type faultCase struct {
 	recovered, failed func(st fetch.Stats, faulted int64) error
 }
 
-// The checks of what the fetcher counted.
+// The checks of what the fetcher counted. A faulted request the stream
+// made may be cancelled by a demand before its error is seen, so errors
+// may be fewer than faults.
 func errorsCounted(st fetch.Stats, faulted int64) error {
-	if st.FetchErrors != faulted || st.FailedFetches != 0 {
+	if st.FetchErrors == 0 || st.FetchErrors > faulted || st.FailedFetches != 0 {
 		return fmt.Errorf("%d requests faulted, fetcher counted %d errors and %d failed fetches", faulted, st.FetchErrors, st.FailedFetches)
+	}
+	return nil
+}
+
+func erredAndFailed(st fetch.Stats, faulted int64) error {
+	if st.FetchErrors == 0 || st.FailedFetches == 0 {
+		return fmt.Errorf("want fetch errors and failed fetches counted")
 	}
 	return nil
 }
@@ -132,6 +150,25 @@ var faultCases = []faultCase{
 			panic(http.ErrAbortHandler)
 		},
 		transient: 3, blockAt: 2,
+		recovered: errorsCounted, failed: erredAndTimedOut,
+	},
+	{
+		name: "stall mid-body",
+		answer: func(q *faultReq) bool {
+			// Headers and half the segment, then silence; the rest comes
+			// only once the fault is over.
+			q.partial(q.sp.n, q.sp.n)
+			q.w.Write(q.body()[:q.sp.n/2])
+			q.w.(http.Flusher).Flush()
+			q.hold()
+			select {
+			case <-q.r.Context().Done():
+			case <-q.cleared:
+				q.w.Write(q.body()[q.sp.n/2:])
+			}
+			return true
+		},
+		transient: 3, blockAt: 1,
 		recovered: errorsCounted, failed: erredAndTimedOut,
 	},
 	{
@@ -202,17 +239,17 @@ var faultCases = []faultCase{
 			q.w.Write(b)
 			return true
 		},
-		transient: 3, perSegment: true, failFast: true, blockAt: 2,
+		transient: 3, perSegment: true, failFast: true, dead: true, blockAt: 2,
 		recovered: func(st fetch.Stats, faulted int64) error {
-			if st.CorruptSegments != faulted || st.FailedFetches != 0 {
+			if st.CorruptSegments == 0 || st.CorruptSegments > faulted || st.FailedFetches != 0 {
 				return fmt.Errorf("%d segments corrupted, fetcher counted %d corrupt and %d failed fetches", faulted, st.CorruptSegments, st.FailedFetches)
 			}
 			return nil
 		},
 		failed: func(st fetch.Stats, faulted int64) error {
-			// Each failed fetch tried twice: once, and one refetch.
-			if st.FailedFetches == 0 || st.CorruptSegments != 2*st.FailedFetches {
-				return fmt.Errorf("want two corrupt fetches per failed fetch")
+			// Corrupt twice is a failure; three times, failed for good.
+			if st.FailedFetches == 0 || st.CorruptSegments < 2 || st.CorruptSegments > 3 {
+				return fmt.Errorf("want two or three corrupt downloads and a failed fetch")
 			}
 			return nil
 		},
@@ -233,8 +270,16 @@ var faultCases = []faultCase{
 			q.w.Write(q.body()[:short])
 			return true
 		},
-		transient: 3, blockAt: 2,
-		recovered: errorsCounted, failed: erredAndTimedOut,
+		// A Content-Range other than the one asked for fails the read at
+		// once.
+		transient: 3, mayFail: true, blockAt: 2,
+		recovered: func(st fetch.Stats, faulted int64) error {
+			if st.FetchErrors == 0 || st.FetchErrors > faulted {
+				return fmt.Errorf("%d requests faulted, fetcher counted %d errors", faulted, st.FetchErrors)
+			}
+			return nil
+		},
+		failed: erredAndFailed,
 	},
 	{
 		name:      "server goes away",
@@ -258,12 +303,14 @@ type faultSuite struct {
 	verified atomic.Int64 // bytes read through a mount that equal the extract
 }
 
-// TestFaultInjection throws each kind of fault at real mounts. For each it
-// checks what a reader sees while the fault passes (the right bytes) or
-// persists (EIO within the fetch timeout, then the right bytes once the
-// server is fixed, without a remount), that unmounting while a read is
-// blocked on the fault wakes the read and succeeds, and that no goroutines
-// or heap are left behind.
+// TestFaultInjection throws each kind of fault at real mounts with the
+// streamer running. For each it checks what a reader sees while the fault
+// passes (the right bytes) or persists on one segment (EIO within the
+// fetch timeout, reads of other segments not held up, then the right bytes
+// once the server is fixed, without a remount unless the mount has failed
+// the segment for good), that unmounting while a read is blocked on the
+// fault wakes the read and succeeds, and that no goroutines or heap are
+// left behind. Last, stalls at the metadata fetch: the mount comes up.
 func TestFaultInjection(t *testing.T) {
 	v := newVM(t, overlay.CodecZstd, 64<<10)
 	ovl, err := os.ReadFile(v.overlay)
@@ -276,6 +323,7 @@ func TestFaultInjection(t *testing.T) {
 	baseHeap := heapInuse()
 	start := time.Now()
 	survived := 0
+	kinds := len(faultCases) + 1
 	for _, c := range faultCases {
 		before := s.injected.Load()
 		ok := t.Run(c.name, func(t *testing.T) {
@@ -285,34 +333,45 @@ func TestFaultInjection(t *testing.T) {
 			t.Run("persists", func(t *testing.T) { s.persists(t, c, last) })
 			t.Run("unmount while blocked", func(t *testing.T) { s.unmountBlocked(t, c, last) })
 		})
-		// Everything the fault's mounts started has ended.
-		n, settled := settleGoroutines(baseGoroutines + goroutineSlack)
-		if !settled {
-			ok = false
-			var buf bytes.Buffer
-			pprof.Lookup("goroutine").WriteTo(&buf, 1)
-			t.Errorf("%s: %d goroutines after unmount, %d before the suite:\n%s", c.name, n, baseGoroutines, buf.String())
-		}
-		h := heapInuse()
-		if h > baseHeap+heapSlack {
-			ok = false
-			t.Errorf("%s: heap in use %d MiB after unmount, %d MiB before the suite", c.name, h>>20, baseHeap>>20)
-		}
-		t.Logf("%s: %d faults injected; %d goroutines after unmount (%d before the suite), heap in use %d MiB (%d MiB)",
-			c.name, s.injected.Load()-before, n, baseGoroutines, h>>20, baseHeap>>20)
-		if ok {
+		if s.settled(t, c.name, before, baseGoroutines, baseHeap) && ok {
 			survived++
 		}
 	}
+	before := s.injected.Load()
+	ok := t.Run("metadata stall", s.metadataStall)
+	if s.settled(t, "metadata stall", before, baseGoroutines, baseHeap) && ok {
+		survived++
+	}
 	t.Logf("fault suite: %d faults injected, %d kinds, %d survived, %d bytes verified, %s",
-		s.injected.Load(), len(faultCases), survived, s.verified.Load(), time.Since(start).Round(time.Millisecond))
+		s.injected.Load(), kinds, survived, s.verified.Load(), time.Since(start).Round(time.Millisecond))
 	if out := os.Getenv("CLOUDLETFS_RELIABILITY_OUT"); out != "" {
-		b, _ := json.Marshal(map[string]int64{"faults_injected": s.injected.Load(), "kinds": int64(len(faultCases)),
+		b, _ := json.Marshal(map[string]int64{"faults_injected": s.injected.Load(), "kinds": int64(kinds),
 			"survived": int64(survived), "bytes_verified": s.verified.Load()})
 		if err := os.WriteFile(out, append(b, '\n'), 0o644); err != nil {
 			t.Error(err)
 		}
 	}
+}
+
+// settled checks that everything a fault's mounts started has ended and
+// their heap is let go.
+func (s *faultSuite) settled(t *testing.T, name string, before int64, baseGoroutines int, baseHeap uint64) bool {
+	ok := true
+	n, settled := settleGoroutines(baseGoroutines + goroutineSlack)
+	if !settled {
+		ok = false
+		var buf bytes.Buffer
+		pprof.Lookup("goroutine").WriteTo(&buf, 1)
+		t.Errorf("%s: %d goroutines after unmount, %d before the suite:\n%s", name, n, baseGoroutines, buf.String())
+	}
+	h := heapInuse()
+	if h > baseHeap+heapSlack {
+		ok = false
+		t.Errorf("%s: heap in use %d MiB after unmount, %d MiB before the suite", name, h>>20, baseHeap>>20)
+	}
+	t.Logf("%s: %d faults injected; %d goroutines after unmount (%d before the suite), heap in use %d MiB (%d MiB)",
+		name, s.injected.Load()-before, n, baseGoroutines, h>>20, baseHeap>>20)
+	return ok
 }
 
 // settleGoroutines waits, up to a deadline, for the goroutine count to fall
@@ -344,25 +403,69 @@ type faultEnv struct {
 	s       *faultSuite
 	srv     *server
 	prx     *proxy
+	url     string
 	m       *mounted
 	faulted atomic.Int64  // requests the hook answered with the fault
 	blocked chan struct{} // closed when the held request is being held
 	cleared chan struct{} // closed when the fault is over
 }
 
+// mountFaulty mounts the overlay at url from a cold cache, with the HTTP
+// source's no-progress limit set to limit; the streamer is started by the
+// caller, once the fault is in place.
+func (s *faultSuite) mountFaulty(t *testing.T, url string, timeout, limit time.Duration) (*mounted, error) {
+	t.Helper()
+	v := s.v
+	src, err := fetch.OpenSource(url, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { src.Close() })
+	src.(*fetch.HTTPSource).SetNoProgress(limit)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	o, err := fetch.OpenOverlay(ctx, src)
+	if err != nil {
+		return nil, err
+	}
+	base, closeBase, err := v.st.Open(v.rec)
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(closeBase)
+	cache, err := v.st.OpenCache(o.ID, int(o.Header.ChunkSize), [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)})
+	if err != nil {
+		return nil, err
+	}
+	t.Cleanup(func() { cache.Close() })
+	f, err := fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: zerolog.Nop()})
+	if err != nil {
+		return nil, err
+	}
+	dir := t.TempDir()
+	m, err := fs.New(dir, f, fs.Options{Log: zerolog.Nop()})
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	mt := &mounted{dir: dir, f: f, m: m, cache: cache}
+	t.Cleanup(mt.unmount)
+	return mt, nil
+}
+
 // setup starts a server (behind a proxy for the outage) and mounts the
-// overlay, demand-only, from a cold cache.
-func (s *faultSuite) setup(t *testing.T, c faultCase, timeout time.Duration) *faultEnv {
+// overlay from a cold cache, the streamer not yet started.
+func (s *faultSuite) setup(t *testing.T, c faultCase, timeout, limit time.Duration) *faultEnv {
 	t.Helper()
 	s.v.resetCache(t)
 	e := &faultEnv{s: s, blocked: make(chan struct{}), cleared: make(chan struct{})}
 	e.srv = newServer(t, filepath.Dir(s.v.overlay), 0, 0)
-	url := e.srv.URL
+	e.url = e.srv.URL
 	if c.outage {
 		e.prx = newProxy(t, e.srv.Listener.Addr().String())
-		url = "http://" + e.prx.addr
+		e.url = "http://" + e.prx.addr
 	}
-	m, err := s.v.mountWith(t, url+"/app.overlay", timeout, false)
+	m, err := s.mountFaulty(t, e.url+"/app.overlay", timeout, limit)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,9 +474,10 @@ func (s *faultSuite) setup(t *testing.T, c faultCase, timeout time.Duration) *fa
 }
 
 // inject puts answer in front of the server for segment requests: all of
-// them, or the first budget (of distinct segments, if perSegment). The
-// request numbered holdAt is held open until it ends.
-func (e *faultEnv) inject(answer func(q *faultReq) bool, budget int64, perSegment bool, holdAt int64) {
+// them, or only those of the segment at offset only (if not -1), or the
+// first budget (of distinct segments, if perSegment). The request numbered
+// holdAt is held open until it ends.
+func (e *faultEnv) inject(answer func(q *faultReq) bool, budget int64, perSegment bool, holdAt int64, only int64) {
 	var mu sync.Mutex
 	seen := map[int64]bool{}
 	e.srv.setFault(func(w http.ResponseWriter, r *http.Request) bool {
@@ -381,7 +485,7 @@ func (e *faultEnv) inject(answer func(q *faultReq) bool, budget int64, perSegmen
 			return false
 		}
 		sp, ok := requestSpan(r)
-		if !ok {
+		if !ok || only >= 0 && sp.off != only {
 			return false
 		}
 		mu.Lock()
@@ -433,9 +537,15 @@ func (e *faultEnv) goAway(t *testing.T) {
 
 // readTarget reads the first chunk of the last segment through the mount.
 func (e *faultEnv) readTarget(last overlay.Segment) error {
-	id := e.m.f.Overlay().Manifest.Order[last.First]
-	_, err := e.m.readAt(id.Image, int64(id.Index)*int64(e.m.f.Overlay().Header.ChunkSize), 10)
+	_, err := readSegment(e.m, last)
 	return err
+}
+
+// readSegment reads 10 bytes of a segment's first chunk through a mount.
+func readSegment(m *mounted, sg overlay.Segment) ([]byte, error) {
+	o := m.f.Overlay()
+	id := o.Manifest.Order[sg.First]
+	return m.readAt(id.Image, int64(id.Index)*int64(o.Header.ChunkSize), 10)
 }
 
 // check compares what a read returned with the extract.
@@ -484,7 +594,11 @@ func (s *faultSuite) readers(t *testing.T, m *mounted, retries int) int64 {
 				for try := 0; ; try++ {
 					got, err := m.readAt(r.img, r.off, int(r.n))
 					if errors.Is(err, syscall.EIO) && try < retries {
+						// A segment whose fetch failed outright fails
+						// reads at once until its backoff passes: ask
+						// again after a pause longer than the first.
 						eio.Add(1)
+						<-time.After(200 * time.Millisecond)
 						continue
 					}
 					if err == nil {
@@ -509,11 +623,10 @@ func (s *faultSuite) readers(t *testing.T, m *mounted, retries int) int64 {
 	return eio.Load()
 }
 
-// streamAndCompare starts the streamer, waits for every segment, and
+// awaitAndCompare waits for the stream to bring every segment, and
 // compares both whole images with the extract.
-func (s *faultSuite) streamAndCompare(t *testing.T, m *mounted) {
+func (s *faultSuite) awaitAndCompare(t *testing.T, m *mounted) {
 	t.Helper()
-	m.f.Start()
 	select {
 	case <-m.f.Complete():
 	case <-time.After(20 * time.Second):
@@ -533,10 +646,11 @@ func (s *faultSuite) streamAndCompare(t *testing.T, m *mounted) {
 	}
 }
 
-// recovers: the fault hits the first requests, then the server recovers;
-// readers on several goroutines get the right bytes.
+// recovers: the fault hits the first requests, the stream's or the
+// readers', then the server recovers; readers on several goroutines get
+// the right bytes, and the stream completes.
 func (s *faultSuite) recovers(t *testing.T, c faultCase) {
-	e := s.setup(t, c, recoverTimeout)
+	e := s.setup(t, c, recoverTimeout, noProgress)
 	var faulted int64
 	if c.outage {
 		// Requests are held until the server goes away, which cuts them;
@@ -557,6 +671,7 @@ func (s *faultSuite) recovers(t *testing.T, c faultCase) {
 			<-time.After(outage)
 			back <- e.prx.up()
 		}()
+		e.m.f.Start()
 		s.readers(t, e.m, 0)
 		if err := <-back; err != nil {
 			t.Fatal(err)
@@ -564,7 +679,8 @@ func (s *faultSuite) recovers(t *testing.T, c faultCase) {
 		faulted = e.m.m.Stats().FetchErrors
 		s.injected.Add(faulted)
 	} else {
-		e.inject(c.answer, int64(c.transient), c.perSegment, 0)
+		e.inject(c.answer, int64(c.transient), c.perSegment, 0, -1)
+		e.m.f.Start()
 		retries := 0
 		if c.mayFail {
 			retries = c.transient
@@ -580,19 +696,22 @@ func (s *faultSuite) recovers(t *testing.T, c faultCase) {
 	if err := c.recovered(e.m.m.Stats(), faulted); err != nil {
 		t.Fatalf("%v: %+v", err, e.m.m.Stats())
 	}
-	s.streamAndCompare(t, e.m)
+	s.awaitAndCompare(t, e.m)
 }
 
-// persists: the fault hits every segment request; a read fails with EIO
-// within the fetch timeout, and once the fault is over the same mount
-// serves the right bytes.
+// persists: the fault hits every request of the last segment (of every
+// segment, for the outage) with the stream running; a read of it fails
+// with EIO within the fetch timeout, reads of other segments are not held
+// up, the stats name the failing segment, and once the fault is over the
+// right bytes arrive.
 func (s *faultSuite) persists(t *testing.T, c faultCase, last overlay.Segment) {
-	e := s.setup(t, c, failTimeout)
+	e := s.setup(t, c, failTimeout, noProgress)
 	if c.outage {
 		e.goAway(t)
 	} else {
-		e.inject(c.answer, 0, false, 0)
+		e.inject(c.answer, 0, false, 0, last.Offset)
 	}
+	e.m.f.Start()
 	start := time.Now()
 	err := e.readTarget(last)
 	took := time.Since(start)
@@ -607,12 +726,43 @@ func (s *faultSuite) persists(t *testing.T, c faultCase, last overlay.Segment) {
 		t.Fatalf("EIO after %s, want within %s (fetch timeout %s)", took, limit, failTimeout)
 	}
 	t.Logf("EIO after %s", took.Round(time.Millisecond))
+	target := len(s.v.segments) - 1
+	if !c.outage {
+		// The failing segment holds up no other: reads of others return
+		// the right bytes well within the timeout.
+		for _, i := range []int{0, target / 3, 2 * target / 3, target - 1} {
+			sg := s.v.segments[i]
+			start := time.Now()
+			got, err := readSegment(e.m, sg)
+			id := e.m.f.Overlay().Manifest.Order[sg.First]
+			if err == nil {
+				err = s.check(id.Image, int64(id.Index)*int64(e.m.f.Overlay().Header.ChunkSize), got)
+			}
+			if err != nil {
+				t.Fatalf("segment %d, while segment %d fails: %v", i, target, err)
+			}
+			if took := time.Since(start); took > failTimeout/2 {
+				t.Fatalf("segment %d took %s while segment %d fails, want well within the fetch timeout %s", i, took, target, failTimeout)
+			}
+		}
+	}
 	st := e.m.m.Stats()
 	if c.outage {
 		s.injected.Add(st.FetchErrors)
 	}
 	if err := c.failed(st, e.faulted.Load()); err != nil {
 		t.Fatalf("%v: %+v", err, st)
+	}
+	if !failing(st, target, c.dead) {
+		// The stream may not have counted a failure yet for a fault that
+		// only times out: wait for it, within a deadline.
+		deadline := time.Now().Add(10 * time.Second)
+		for !failing(e.m.m.Stats(), target, c.dead) {
+			if time.Now().After(deadline) {
+				t.Fatalf("stats do not name segment %d as failing: %+v", target, e.m.m.Stats().FailingSegments)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
 	// The fault ends.
 	close(e.cleared)
@@ -623,7 +773,33 @@ func (s *faultSuite) persists(t *testing.T, c faultCase, last overlay.Segment) {
 	} else {
 		e.srv.setFault(nil)
 	}
-	s.streamAndCompare(t, e.m)
+	if c.dead {
+		// Failed for good in this mount: it fails at once, and a new
+		// mount serves it.
+		start := time.Now()
+		if err := e.readTarget(last); !errors.Is(err, syscall.EIO) || time.Since(start) > failTimeout/2 {
+			t.Fatalf("read of a segment failed for good: %v after %s, want EIO at once", err, time.Since(start))
+		}
+		e.m.unmount()
+		m, err := s.mountFaulty(t, e.url+"/app.overlay", failTimeout, noProgress)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.f.Start()
+		e.m = m
+	}
+	s.awaitAndCompare(t, e.m)
+}
+
+// failing reports whether the stats name segment seg as failing (failed
+// for good, if dead).
+func failing(st fetch.Stats, seg int, dead bool) bool {
+	for _, f := range st.FailingSegments {
+		if f.Segment == seg && f.LastError != "" && (!dead || f.RetryInS == -1) {
+			return true
+		}
+	}
+	return false
 }
 
 // unmountBlocked: a read is blocked on the fault when the mount goes away
@@ -631,16 +807,17 @@ func (s *faultSuite) persists(t *testing.T, c faultCase, last overlay.Segment) {
 // system unmounted); the read returns an error at once and the unmount
 // succeeds.
 func (s *faultSuite) unmountBlocked(t *testing.T, c faultCase, last overlay.Segment) {
-	e := s.setup(t, c, unmountTimeout)
+	e := s.setup(t, c, unmountTimeout, fetch.DefaultNoProgress)
 	var holding atomic.Bool
 	if c.outage {
 		holding.Store(true)
 		e.holdAll(&holding)
 	} else {
-		e.inject(c.answer, 0, false, c.blockAt)
+		e.inject(c.answer, 0, false, c.blockAt, last.Offset)
 	}
 	read := make(chan error, 1)
 	go func() { read <- e.readTarget(last) }()
+	e.m.f.Start()
 	select {
 	case <-e.blocked:
 	case err := <-read:
@@ -684,6 +861,65 @@ func (s *faultSuite) unmountBlocked(t *testing.T, c faultCase, last overlay.Segm
 	if _, err := os.Stat(e.m.path(overlay.Disk)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("the image is still there after unmount: %v", err)
 	}
+}
+
+// metadataStall: the header and metadata requests of a mount stall, before
+// the headers and mid-body; the mount retries them on new connections and
+// comes up, and serves the right bytes. A stall that never ends fails the
+// mount when its deadline passes, saying so.
+func (s *faultSuite) metadataStall(t *testing.T) {
+	s.v.resetCache(t)
+	srv := newServer(t, filepath.Dir(s.v.overlay), 0, 0)
+	var n, stalls atomic.Int64
+	stalls.Store(4)
+	srv.setFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if !isMeta(r) {
+			return false
+		}
+		i := n.Add(1)
+		if i > stalls.Load() {
+			return false
+		}
+		s.injected.Add(1)
+		if sp, ok := requestSpan(r); ok && i%2 == 0 {
+			// Headers and half the body, then silence.
+			q := &faultReq{w: w, r: r, ovl: s.ovl, sp: sp}
+			q.partial(sp.n, sp.n)
+			w.Write(q.body()[:sp.n/2])
+			w.(http.Flusher).Flush()
+		}
+		<-r.Context().Done()
+		return true
+	})
+	start := time.Now()
+	m, err := s.mountFaulty(t, srv.URL+"/app.overlay", failTimeout, noProgress)
+	if err != nil {
+		t.Fatalf("mount with %d metadata stalls of %s each: %v", stalls.Load(), noProgress, err)
+	}
+	t.Logf("mount came up after %d metadata stalls in %s", stalls.Load(), time.Since(start).Round(time.Millisecond))
+	if n.Load() <= stalls.Load() {
+		t.Fatalf("%d metadata requests, want more than the %d stalled", n.Load(), stalls.Load())
+	}
+	m.f.Start()
+	s.awaitAndCompare(t, m)
+	m.unmount()
+
+	// A metadata stall that never ends.
+	stalls.Store(1 << 30)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	src, err := fetch.OpenSource(srv.URL+"/app.overlay", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	src.(*fetch.HTTPSource).SetNoProgress(noProgress)
+	start = time.Now()
+	_, err = fetch.OpenOverlay(ctx, src)
+	if err == nil || !strings.Contains(err.Error(), "stalled") || time.Since(start) > 2*time.Second+eioMargin {
+		t.Fatalf("mount on a server that never answers: %v after %s, want a stall named within the 2 s deadline", err, time.Since(start))
+	}
+	t.Logf("mount on a server that never answers: %v", err)
 }
 
 // proxy forwards TCP connections to a server; it can go away (refusing

@@ -588,3 +588,37 @@ func (s *Store) GC(limit int64, keep ...overlay.Digest) (int64, error) {
 	}
 	return freed, nil
 }
+
+// VerifySegment re-reads one cached segment's chunks and checks them
+// against the digest recorded when they were cached. A segment that fails
+// is forgotten, so it is fetched again. A segment not cached reports false.
+func (c *Cache) VerifySegment(seg int) (bool, error) {
+	var v []byte
+	err := c.db.View(func(txn *badger.Txn) error {
+		it, err := txn.Get(segKey(seg))
+		if err != nil {
+			return err
+		}
+		v, err = it.ValueCopy(nil)
+		return err
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	var sizes [2]int64
+	for img, f := range c.files {
+		st, err := f.Stat()
+		if err != nil {
+			return false, err
+		}
+		sizes[img] = st.Size()
+	}
+	ok, err := c.checkMarker(v, sizes, make([]byte, c.chunkSize))
+	if err != nil || ok {
+		return ok, err
+	}
+	return false, c.db.Update(func(txn *badger.Txn) error { return txn.Delete(segKey(seg)) })
+}

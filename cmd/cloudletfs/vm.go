@@ -612,7 +612,7 @@ func launchCmd(c *cli.Context) error {
 			probeDone, probed = true, nil
 		case <-complete:
 			st := s.f.Stats()
-			mark(fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, %.0f ms stalled)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallTotalMs))
+			mark(fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, %.0f ms stalled)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallMs))
 			complete = nil
 		case <-vm.Exited():
 			mark("the VM exited")
