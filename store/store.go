@@ -55,6 +55,10 @@ func Open(dir string, log zerolog.Logger) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
+	// Opening Badger writes through its mappings.
+	if err := freeSpace(dir, openReserve); err != nil {
+		return nil, err
+	}
 	lock, err := lockFile(filepath.Join(dir, "lock"), LockWait)
 	if errors.Is(err, errLocked) {
 		return nil, fmt.Errorf("state dir %s: another cloudletfs process has held its registry for %s (a base import?); try again when it is done", dir, LockWait)
@@ -72,9 +76,10 @@ func Open(dir string, log zerolog.Logger) (*Store, error) {
 }
 
 // openDB opens a Badger database with small memtables and caches, sized
-// by mem. Writes are not synced one by one: every operation that reports
-// something done calls Sync first (an import, a removal, an fsync through
-// the mount).
+// by mem. Writes are not synced one by one, which would cost a sync of
+// Badger's logs per chunk written: every operation that reports something
+// done calls syncDB first (an import, a removal, an fsync through the
+// mount).
 func openDB(path string, log zerolog.Logger, mem int64) (*badger.DB, error) {
 	return badger.Open(badger.DefaultOptions(path).
 		WithLogger(badgerLog{log}).
@@ -85,6 +90,51 @@ func openDB(path string, log zerolog.Logger, mem int64) (*badger.DB, error) {
 		WithValueLogFileSize(64 << 20).
 		WithNumCompactors(2))
 }
+
+// syncDB makes every write to the database at dir so far durable.
+// Badger's own Sync covers only the active memtable's log and the newest
+// value log: a memtable that filled up is flushed into a table by another
+// goroutine, and until then the writes in it live only in its log, which
+// nothing has synced; the same goes for a value log that was rotated. So
+// every memtable and value log in the directory is synced too, and the
+// directory itself for the names of new ones. A log that vanishes meanwhile
+// was flushed: Badger syncs a table and the manifest naming it before it
+// deletes the log.
+func syncDB(db *badger.DB, dir string) error {
+	if err := db.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", dir, err)
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("syncing %s: %w", dir, err)
+	}
+	for _, e := range ents {
+		if !strings.HasSuffix(e.Name(), ".mem") && !strings.HasSuffix(e.Name(), ".vlog") {
+			continue
+		}
+		if err := fsyncPath(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("syncing %s: %w", dir, err)
+		}
+	}
+	if err := fsyncPath(dir); err != nil {
+		return fmt.Errorf("syncing %s: %w", dir, err)
+	}
+	return nil
+}
+
+// fsyncPath syncs a file or directory by name. Linux syncs every dirty
+// page of the file, whichever descriptor or mapping dirtied it.
+func fsyncPath(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
+
+// sync makes every change to the registry so far durable.
+func (s *Store) sync() error { return syncDB(s.db, filepath.Join(s.dir, "db")) }
 
 // Dir returns the state directory.
 func (s *Store) Dir() string { return s.dir }
@@ -131,18 +181,23 @@ func lockFile(path string, wait time.Duration) (*os.File, error) {
 // errNotFound is wrapped by lookups that find nothing.
 var errNotFound = errors.New("not found")
 
-// badgerLog sends Badger's messages to zerolog, keeping its chatter at debug.
+// badgerLog sends Badger's messages to zerolog. Badger warns and informs
+// about its own housekeeping (compactions, a block-cache histogram across
+// many lines): that is debug output for cloudletfs's users. Its errors are
+// warnings at most, since every failure that matters to a command also
+// comes back as an error from the call that met it. Each message is one
+// line.
 type badgerLog struct{ l zerolog.Logger }
 
-func (b badgerLog) Errorf(f string, a ...any) {
-	b.l.Error().Str("component", "badger").Msg(strings.TrimSpace(fmt.Sprintf(f, a...)))
-}
-func (b badgerLog) Warningf(f string, a ...any) {
-	b.l.Warn().Str("component", "badger").Msg(strings.TrimSpace(fmt.Sprintf(f, a...)))
-}
-func (b badgerLog) Infof(f string, a ...any) {
-	b.l.Debug().Str("component", "badger").Msg(strings.TrimSpace(fmt.Sprintf(f, a...)))
-}
-func (b badgerLog) Debugf(f string, a ...any) {
-	b.l.Trace().Str("component", "badger").Msg(strings.TrimSpace(fmt.Sprintf(f, a...)))
+func (b badgerLog) Errorf(f string, a ...any) { b.log(b.l.Warn(), f, a) }
+
+func (b badgerLog) Warningf(f string, a ...any) { b.log(b.l.Debug(), f, a) }
+
+func (b badgerLog) Infof(f string, a ...any) { b.log(b.l.Debug(), f, a) }
+
+func (b badgerLog) Debugf(f string, a ...any) { b.log(b.l.Trace(), f, a) }
+
+func (b badgerLog) log(e *zerolog.Event, f string, a []any) {
+	msg := strings.Join(strings.Fields(strings.ReplaceAll(fmt.Sprintf(f, a...), "\n", " | ")), " ")
+	e.Str("component", "badger").Msg(msg)
 }
