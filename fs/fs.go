@@ -8,6 +8,7 @@ package fs
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -207,6 +208,13 @@ func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte
 		err := n.m.f.WriteChunk(n.chunk(uint32(idx)), chunk)
 		mu.Unlock()
 		if err != nil {
+			if e := storeErrno(err); e != syscall.EIO {
+				// The store has said why, once.
+				if pos > off {
+					return uint32(pos - off), 0
+				}
+				return 0, e
+			}
 			n.m.log.Error().Err(err).Str("image", n.img.String()).Int64("offset", off).Msg("write failed: EIO")
 			return n.written(off, pos)
 		}
@@ -228,9 +236,21 @@ func (n *imageNode) written(off, pos int64) (uint32, syscall.Errno) {
 func (n *imageNode) Fsync(ctx context.Context, fh fusefs.FileHandle, flags uint32) syscall.Errno {
 	if err := n.m.f.Sync(); err != nil {
 		n.m.log.Error().Err(err).Msg("fsync failed")
-		return syscall.EIO
+		return storeErrno(err)
 	}
 	return 0
+}
+
+// storeErrno is the errno for a failure of the store: ENOSPC for a full
+// state dir, EROFS for a read-only one, EIO for anything else.
+func storeErrno(err error) syscall.Errno {
+	switch {
+	case errors.Is(err, syscall.ENOSPC):
+		return syscall.ENOSPC
+	case errors.Is(err, syscall.EROFS):
+		return syscall.EROFS
+	}
+	return syscall.EIO
 }
 
 func (n *imageNode) Flush(ctx context.Context, fh fusefs.FileHandle) syscall.Errno { return 0 }

@@ -48,6 +48,7 @@ var ErrInUse = errors.New("the overlay is mounted by another cloudletfs process"
 type Cache struct {
 	db        *badger.DB
 	dbDir     string
+	logs      *logSync
 	lock      *os.File
 	id        overlay.Digest
 	chunkSize int64
@@ -109,6 +110,7 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (_ *
 	if c.db, err = openDB(c.dbDir, s.log, 8<<20); err != nil {
 		return nil, err
 	}
+	c.logs = &logSync{db: c.db, dir: c.dbDir}
 	dir := s.cacheDir(id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -222,6 +224,7 @@ func (s *Store) VerifyCache(id overlay.Digest) (checked int, bad []int, err erro
 	if c.db, err = openDB(c.dbDir, s.log, 8<<20); err != nil {
 		return 0, nil, err
 	}
+	c.logs = &logSync{db: c.db, dir: c.dbDir}
 	err = c.db.View(func(txn *badger.Txn) error {
 		it, err := txn.Get([]byte("chunksize"))
 		if err != nil {
@@ -497,7 +500,7 @@ func (c *Cache) CowChunks() ([]overlay.ChunkID, error) {
 // Sync makes every write so far durable.
 func (c *Cache) Sync() error { return c.sync() }
 
-func (c *Cache) sync() error { return syncDB(c.db, c.dbDir) }
+func (c *Cache) sync() error { return c.logs.sync() }
 
 // DropCaches forgets every cached chunk of every overlay that is not
 // mounted; written data stays.

@@ -26,6 +26,7 @@ import (
 // Store is an open state directory, holding its registry.
 type Store struct {
 	db        *badger.DB
+	logs      *logSync
 	dir       string
 	lock      *os.File
 	log       zerolog.Logger
@@ -72,14 +73,14 @@ func Open(dir string, log zerolog.Logger) (*Store, error) {
 		lock.Close()
 		return nil, fmt.Errorf("state dir %s: %w", dir, err)
 	}
-	return &Store{db: db, dir: dir, lock: lock, log: log}, nil
+	return &Store{db: db, logs: &logSync{db: db, dir: filepath.Join(dir, "db")}, dir: dir, lock: lock, log: log}, nil
 }
 
 // openDB opens a Badger database with small memtables and caches, sized
-// by mem. Writes are not synced one by one, which would cost a sync of
-// Badger's logs per chunk written: every operation that reports something
-// done calls syncDB first (an import, a removal, an fsync through the
-// mount).
+// by mem. Writes are not synced one by one, which costs a sync of Badger's
+// logs per chunk written (about 20 times slower writes, see
+// docs/BENCHMARKS.md): every operation that reports something done syncs
+// with logSync first (an import, a removal, an fsync through the mount).
 func openDB(path string, log zerolog.Logger, mem int64) (*badger.DB, error) {
 	return badger.Open(badger.DefaultOptions(path).
 		WithLogger(badgerLog{log}).
@@ -91,50 +92,82 @@ func openDB(path string, log zerolog.Logger, mem int64) (*badger.DB, error) {
 		WithNumCompactors(2))
 }
 
-// syncDB makes every write to the database at dir so far durable.
+// logSync makes every write to a Badger database so far durable.
 // Badger's own Sync covers only the active memtable's log and the newest
 // value log: a memtable that filled up is flushed into a table by another
 // goroutine, and until then the writes in it live only in its log, which
 // nothing has synced; the same goes for a value log that was rotated. So
-// every memtable and value log in the directory is synced too, and the
-// directory itself for the names of new ones. A log that vanishes meanwhile
-// was flushed: Badger syncs a table and the manifest naming it before it
-// deletes the log.
-func syncDB(db *badger.DB, dir string) error {
-	if err := db.Sync(); err != nil {
-		return fmt.Errorf("syncing %s: %w", dir, err)
+// the other memtable and value logs in the directory are synced too, and
+// the directory itself when the logs' names changed. A log that vanishes
+// meanwhile was flushed: Badger syncs a table and the manifest naming it
+// before it deletes the log.
+type logSync struct {
+	db  *badger.DB
+	dir string
+
+	mu   sync.Mutex
+	seen string // the logs' names when the directory was last synced
+}
+
+func (l *logSync) sync() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if err := l.db.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", l.dir, err)
 	}
-	ents, err := os.ReadDir(dir)
+	ents, err := os.ReadDir(l.dir)
 	if err != nil {
-		return fmt.Errorf("syncing %s: %w", dir, err)
+		return fmt.Errorf("syncing %s: %w", l.dir, err)
 	}
+	// Badger numbers logs in the order it makes them: the newest of each
+	// kind is the one its Sync covered, or a newer one that holds only
+	// writes that had not returned when this sync began.
+	var logs []string
+	newest := map[string]string{}
 	for _, e := range ents {
-		if !strings.HasSuffix(e.Name(), ".mem") && !strings.HasSuffix(e.Name(), ".vlog") {
+		ext := filepath.Ext(e.Name())
+		if ext != ".mem" && ext != ".vlog" {
 			continue
 		}
-		if err := fsyncPath(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("syncing %s: %w", dir, err)
+		logs = append(logs, e.Name())
+		if n := e.Name(); len(n) > len(newest[ext]) || len(n) == len(newest[ext]) && n > newest[ext] {
+			newest[ext] = n
 		}
 	}
-	if err := fsyncPath(dir); err != nil {
-		return fmt.Errorf("syncing %s: %w", dir, err)
+	for _, n := range logs {
+		if n == newest[filepath.Ext(n)] {
+			continue
+		}
+		if err := fsyncPath(filepath.Join(l.dir, n), true); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("syncing %s: %w", l.dir, err)
+		}
+	}
+	if names := strings.Join(logs, " "); names != l.seen {
+		if err := fsyncPath(l.dir, false); err != nil {
+			return fmt.Errorf("syncing %s: %w", l.dir, err)
+		}
+		l.seen = names
 	}
 	return nil
 }
 
-// fsyncPath syncs a file or directory by name. Linux syncs every dirty
-// page of the file, whichever descriptor or mapping dirtied it.
-func fsyncPath(path string) error {
+// fsyncPath syncs a file or directory by name; with data, only what
+// reading the file back needs (fdatasync), not its times. Linux syncs every
+// dirty page of the file, whichever descriptor or mapping dirtied it.
+func fsyncPath(path string, data bool) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
+	if data {
+		return unix.Fdatasync(int(f.Fd()))
+	}
 	return f.Sync()
 }
 
 // sync makes every change to the registry so far durable.
-func (s *Store) sync() error { return syncDB(s.db, filepath.Join(s.dir, "db")) }
+func (s *Store) sync() error { return s.logs.sync() }
 
 // Dir returns the state directory.
 func (s *Store) Dir() string { return s.dir }
