@@ -93,8 +93,8 @@ func TestSyncCoversRotatedMemtables(t *testing.T) {
 	// 8 MiB memtables: 6000 chunks of 4 KiB fill about three of them.
 	const n = 6000
 	logs := map[string]bool{}
-	for i := 0; i < n; i += 64 {
-		for j := i; j < min(n, i+64); j++ {
+	for i := 0; i < n; i += 16 {
+		for j := i; j < min(n, i+16); j++ {
 			if err := c.PutCow(overlay.ChunkID{Image: overlay.Disk, Index: uint32(j)}, chunk(j)); err != nil {
 				t.Fatal(err)
 			}
@@ -105,7 +105,7 @@ func TestSyncCoversRotatedMemtables(t *testing.T) {
 		for f, kb := range dirtyLogPages(t, c.dbDir) {
 			logs[f] = true
 			if kb != 0 {
-				t.Fatalf("after the Sync that followed chunk %d, Badger's log %s still has %d kB of dirty pages", min(n, i+64)-1, f, kb)
+				t.Fatalf("after the Sync that followed chunk %d, Badger's log %s still has %d kB of dirty pages", min(n, i+16)-1, f, kb)
 			}
 		}
 	}
