@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -270,7 +271,14 @@ func (c *Cache) Close() error {
 			}
 		}
 		if c.db != nil {
-			err = c.db.Close()
+			if perr := c.room.probeWrite(); errors.Is(perr, syscall.EROFS) {
+				// Badger's Close flushes the memtable, and retries a
+				// failed flush forever. What the logs hold is replayed at
+				// the next open.
+				err = fmt.Errorf("cache of overlay %s is left as it is: %w", c.id, perr)
+			} else {
+				err = c.db.Close()
+			}
 		}
 		if c.lock != nil {
 			c.lock.Close()

@@ -231,6 +231,6 @@ func (b badgerLog) Infof(f string, a ...any) { b.log(b.l.Debug(), f, a) }
 func (b badgerLog) Debugf(f string, a ...any) { b.log(b.l.Trace(), f, a) }
 
 func (b badgerLog) log(e *zerolog.Event, f string, a []any) {
-	msg := strings.Join(strings.Fields(strings.ReplaceAll(fmt.Sprintf(f, a...), "\n", " | ")), " ")
+	msg := strings.Join(strings.Fields(strings.ReplaceAll(strings.TrimSpace(fmt.Sprintf(f, a...)), "\n", " | ")), " ")
 	e.Str("component", "badger").Msg(msg)
 }
