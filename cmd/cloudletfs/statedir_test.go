@@ -1,0 +1,217 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cloudletfs/cloudletfs/store"
+)
+
+// mountFS mounts a file system for the test and unmounts it when the test
+// is done, after everything registered later.
+func mountFS(t *testing.T, dir string, args ...string) {
+	t.Helper()
+	os.MkdirAll(dir, 0o700)
+	if out, err := exec.Command("mount", append(args, dir)...).CombinedOutput(); err != nil {
+		t.Skipf("mount %v: %v: %s", args, err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+}
+
+// mountOnState mounts the app overlay, read from a file, with the state
+// dir e.state, reads both images whole (so every segment is cached) and
+// returns the mount and its mountpoint.
+func mountOnState(t *testing.T, e *env) (*proc, string) {
+	t.Helper()
+	e.importBase("base", "base")
+	e.create("srv/app.overlay")
+	mnt := e.path("mnt")
+	os.MkdirAll(mnt, 0o755)
+	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
+	m := e.mount(e.path("srv/app.overlay"), mnt)
+	for _, img := range []string{"disk", "memory"} {
+		if got, want := readFile(t, filepath.Join(mnt, img, "image")), e.read("app/"+img+".img"); !bytes.Equal(got, want) {
+			t.Fatalf("%s/image differs from the app's", img)
+		}
+	}
+	return m, mnt
+}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// writeUntil writes 64 KiB pieces to the disk image through the mount,
+// round and round the image, until a write fails or total bytes are
+// written. It returns the disk as it should read now, the bytes written and
+// the error.
+func writeUntil(t *testing.T, e *env, mnt string, disk []byte, total int) ([]byte, int, error) {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(mnt, "disk", "image"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if disk == nil {
+		disk = e.read("app/disk.img")
+	}
+	piece := make([]byte, 64<<10)
+	done := 0
+	for done < total {
+		off := done % (len(disk) / len(piece) * len(piece))
+		copy(piece, fmt.Sprintf("written at %d through the mount", done))
+		// One pwrite at a time: os.File.WriteAt drops the count of a
+		// short write that it retries into an error.
+		n, err := unix.Pwrite(int(f.Fd()), piece, int64(off))
+		if n > 0 {
+			copy(disk[off:], piece[:n])
+			done += n
+		}
+		if err != nil {
+			return disk, done, err
+		}
+	}
+	return disk, done, f.Sync()
+}
+
+// checkAlive asserts that the mount still serves: the disk reads back as
+// disk, the memory as the app's, and stats answers.
+func checkAlive(t *testing.T, e *env, m *proc, mnt string, disk []byte) {
+	t.Helper()
+	if got := readFile(t, filepath.Join(mnt, "disk", "image")); !bytes.Equal(got, disk) {
+		i := 0
+		for i < len(got) && i < len(disk) && got[i] == disk[i] {
+			i++
+		}
+		t.Fatalf("disk/image does not read back as the app's disk with the writes that succeeded: first difference at %d of %d/%d: %q, want %q", i, len(got), len(disk), got[i:min(len(got), i+40)], disk[i:min(len(disk), i+40)])
+	}
+	if got := readFile(t, filepath.Join(mnt, "memory", "image")); !bytes.Equal(got, e.read("app/memory.img")) {
+		t.Fatal("memory/image changed")
+	}
+	var st map[string]any
+	if err := json.Unmarshal(readFile(t, filepath.Join(mnt, "stats")), &st); err != nil {
+		t.Fatalf("stats: %v", err)
+	}
+	select {
+	case err := <-m.done:
+		t.Fatalf("the daemon exited: %v; stderr:\n%s", err, m.errText())
+	default:
+	}
+	if s := m.errText(); strings.Contains(s, "SIGBUS") || strings.Contains(s, "fault") {
+		t.Fatalf("the daemon faulted:\n%s", s)
+	}
+}
+
+// A mount whose state dir fills up: writes through it fail with ENOSPC
+// before Badger's mapped logs could meet the full disk (SIGBUS), the
+// daemon says so in one line and keeps serving reads, and writes work
+// again once there is room.
+func TestFullStateDir(t *testing.T) {
+	requireFUSE(t)
+	e := newEnv(t)
+	e.state = e.path("state-tmpfs")
+	mountFS(t, e.state, "-t", "tmpfs", "-o", "size="+strconv.FormatInt(store.SpaceReserve+48<<20, 10), "tmpfs")
+	m, mnt := mountOnState(t, e)
+
+	// Leave 2 MiB above the reserve, then write 16 MiB.
+	var st unix.Statfs_t
+	if err := unix.Statfs(e.state, &st); err != nil {
+		t.Fatal(err)
+	}
+	filler := filepath.Join(e.state, "filler")
+	f, err := os.Create(filler)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Fallocate(int(f.Fd()), 0, 0, int64(st.Bavail)*st.Bsize-store.SpaceReserve-2<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	disk, n, err := writeUntil(t, e, mnt, nil, 16<<20)
+	if !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("writing 16 MiB with 2 MiB above the reserve: %v after %d bytes, want ENOSPC", err, n)
+	}
+	if n == 0 {
+		t.Fatal("no write succeeded with 2 MiB above the reserve")
+	}
+	checkAlive(t, e, m, mnt, disk)
+	if n := strings.Count(m.errText(), "is full"); n != 1 {
+		t.Fatalf("%d lines say the state dir is full, want 1:\n%s", n, m.errText())
+	}
+
+	os.Remove(filler)
+	disk, _, err = writeUntil(t, e, mnt, disk, 1<<20)
+	if err != nil {
+		t.Fatalf("writing once there is room again: %v", err)
+	}
+	checkAlive(t, e, m, mnt, disk)
+	e.ok("umount", mnt)
+	if err := m.wait(t); err != nil {
+		t.Fatalf("mount exited with %v; stderr:\n%s", err, m.errText())
+	}
+}
+
+// A mount whose state dir turns read-only (ext4 after an error, with
+// errors=remount-ro: the kernel refuses to remount a file system read-only
+// while files on it are open for writing) fails writes with EROFS, keeps
+// serving reads, and unmounts.
+func TestReadOnlyStateDir(t *testing.T) {
+	requireFUSE(t)
+	e := newEnv(t)
+	img := e.path("state.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, store.SpaceReserve+512<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", img).CombinedOutput(); err != nil {
+		t.Skipf("mkfs.ext4: %v: %s", err, out)
+	}
+	e.state = e.path("state-ext4")
+	mountFS(t, e.state, "-o", "loop,errors=remount-ro", img)
+	src, err := exec.Command("findmnt", "-n", "-o", "SOURCE", e.state).Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	trigger := filepath.Join("/sys/fs/ext4", filepath.Base(strings.TrimSpace(string(src))), "trigger_fs_error")
+	if _, err := os.Stat(trigger); err != nil {
+		t.Skipf("no %s to make the file system fail", trigger)
+	}
+	m, mnt := mountOnState(t, e)
+	disk, _, err := writeUntil(t, e, mnt, nil, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(trigger, []byte("1"), 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, n, err := writeUntil(t, e, mnt, bytes.Clone(disk), 4<<20); !errors.Is(err, syscall.EROFS) || n != 0 {
+		t.Fatalf("writing to a mount whose state dir is read-only: %v after %d bytes, want EROFS at once", err, n)
+	}
+	checkAlive(t, e, m, mnt, disk)
+	if n := strings.Count(m.errText(), "is read-only"); n != 1 {
+		t.Fatalf("%d lines say the state dir is read-only, want 1:\n%s", n, m.errText())
+	}
+	e.ok("umount", mnt)
+	// It exits: its cache cannot be closed cleanly, and is left for the
+	// next open to replay.
+	m.wait(t)
+}
+
