@@ -129,21 +129,40 @@ func TestFullStateDir(t *testing.T) {
 	mountFS(t, e.state, "-t", "tmpfs", "-o", "size="+strconv.FormatInt(store.SpaceReserve+48<<20, 10), "tmpfs")
 	m, mnt := mountOnState(t, e)
 
-	// Leave 2 MiB above the reserve, then write 16 MiB.
-	var st unix.Statfs_t
-	if err := unix.Statfs(e.state, &st); err != nil {
-		t.Fatal(err)
-	}
 	filler := filepath.Join(e.state, "filler")
-	f, err := os.Create(filler)
-	if err != nil {
-		t.Fatal(err)
+	// fill leaves leave bytes free on the state dir.
+	fill := func(leave int64) {
+		t.Helper()
+		os.Remove(filler)
+		var st unix.Statfs_t
+		if err := unix.Statfs(e.state, &st); err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.Create(filler)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if err := unix.Fallocate(int(f.Fd()), 0, 0, int64(st.Bavail)*st.Bsize-leave); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if err := unix.Fallocate(int(f.Fd()), 0, 0, int64(st.Bavail)*st.Bsize-store.SpaceReserve-2<<20); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+
+	// Full to the last MiB: Badger's mapped log would fault on it.
+	fill(1 << 20)
 	disk, n, err := writeUntil(t, e, mnt, nil, 16<<20)
+	if !errors.Is(err, syscall.ENOSPC) || n != 0 {
+		t.Fatalf("writing 16 MiB to a mount whose state dir has 1 MiB free: %v after %d bytes, want ENOSPC at once", err, n)
+	}
+	checkAlive(t, e, m, mnt, disk)
+	// One line says so, however many writes fail.
+	if n := strings.Count(m.errText(), "is full"); n != 1 {
+		t.Fatalf("%d lines say the state dir is full, want 1:\n%s", n, m.errText())
+	}
+
+	// 2 MiB above the reserve: writes go through up to the reserve.
+	fill(store.SpaceReserve + 2<<20)
+	disk, n, err = writeUntil(t, e, mnt, disk, 16<<20)
 	if !errors.Is(err, syscall.ENOSPC) {
 		t.Fatalf("writing 16 MiB with 2 MiB above the reserve: %v after %d bytes, want ENOSPC", err, n)
 	}
@@ -151,8 +170,8 @@ func TestFullStateDir(t *testing.T) {
 		t.Fatal("no write succeeded with 2 MiB above the reserve")
 	}
 	checkAlive(t, e, m, mnt, disk)
-	if n := strings.Count(m.errText(), "is full"); n != 1 {
-		t.Fatalf("%d lines say the state dir is full, want 1:\n%s", n, m.errText())
+	if n := strings.Count(m.errText(), "is full"); n != 2 || !strings.Contains(m.errText(), "takes writes again") {
+		t.Fatalf("%d lines say the state dir is full, want 2, with one that says it takes writes again between them:\n%s", n, m.errText())
 	}
 
 	os.Remove(filler)
