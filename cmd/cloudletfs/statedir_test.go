@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -234,3 +237,89 @@ func TestReadOnlyStateDir(t *testing.T) {
 	m.wait(t)
 }
 
+
+// The base commands as a user meets them: list --json prints digests in
+// hex; verify after a touch makes the base usable again; rm refuses while
+// an overlay on the base is mounted; rm of a base whose files are in the
+// state dir, as base create leaves them, removes them.
+func TestBaseCommands(t *testing.T) {
+	e := newEnv(t)
+	id := e.importBase("base", "base")
+
+	var list []map[string]any
+	if err := json.Unmarshal([]byte(e.ok("base", "list", "--json")), &list); err != nil || len(list) != 1 {
+		t.Fatalf("base list --json: %v %v", list, err)
+	}
+	disk, _ := list[0]["disk"].(map[string]any)
+	if list[0]["id"] != id || len(fmt.Sprint(disk["sha256"])) != 64 {
+		t.Fatalf("base list --json does not print hex digests: %v", list[0])
+	}
+	if sum := sha256Hex(e.read("base/disk.img")); disk["sha256"] != sum {
+		t.Fatalf("disk sha256 %v, want %s", disk["sha256"], sum)
+	}
+
+	later := time.Now().Add(time.Hour)
+	os.Chtimes(e.path("base/disk.img"), later, later)
+	e.fails([]string{"changed since import", "base verify"}, "overlay", "create", "--base", "base", "--disk", e.path("app/disk.img"),
+		"--memory", e.path("app/memory.img"), "--state", e.path("app/state"), "-o", e.path("srv/app.overlay"))
+	if out := e.ok("base", "verify", "base"); !strings.Contains(out, "can be used again") {
+		t.Fatalf("verify of a touched base: %q", out)
+	}
+	e.create("srv/app.overlay")
+
+	t.Run("rm while mounted", func(t *testing.T) {
+		requireFUSE(t)
+		e := e.in(t)
+		mnt := e.path("mnt")
+		os.MkdirAll(mnt, 0o755)
+		t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
+		m := e.mount(e.path("srv/app.overlay"), mnt)
+		e.fails([]string{"in use", "mounted"}, "base", "rm", "base")
+		// A base truncated under the mount gives errors, not zeros.
+		if err := os.Truncate(e.path("base/disk.img"), 4096); err != nil {
+			t.Fatal(err)
+		}
+		if b, err := os.ReadFile(filepath.Join(mnt, "disk", "image")); !errors.Is(err, syscall.EIO) {
+			t.Fatalf("reading an overlay whose base was truncated under the mount: %d bytes, %v; want EIO", len(b), err)
+		}
+		if !strings.Contains(m.errText(), "changed while in use") {
+			t.Fatalf("the daemon does not say the base changed:\n%s", m.errText())
+		}
+		e.ok("umount", mnt)
+		if err := m.wait(t); err != nil {
+			t.Fatalf("mount: %v; stderr:\n%s", err, m.errText())
+		}
+	})
+
+	e.ok("base", "rm", "base")
+	for _, f := range []string{"base/disk.img", "base/memory.img", "base/state"} {
+		if _, err := os.Stat(e.path(f)); err != nil {
+			t.Fatalf("rm of an imported base removed %s: %v", f, err)
+		}
+	}
+
+	// Laid out as base create leaves a base: a base-* directory in the
+	// state dir with the images, the state, vm.json and the kernel.
+	made := filepath.Join(e.state, "base-made-1")
+	os.MkdirAll(made, 0o700)
+	for _, f := range []string{"disk.img", "memory.img", "state"} {
+		if err := os.WriteFile(filepath.Join(made, f), e.read("base/"+f), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(filepath.Join(made, "vm.json"), []byte(`{}`), 0o644)
+	os.WriteFile(filepath.Join(made, "vmlinuz"), []byte("kernel"), 0o644)
+	e.ok("base", "import", "--name", "made", "--disk", filepath.Join(made, "disk.img"), "--memory", filepath.Join(made, "memory.img"),
+		"--state", filepath.Join(made, "state"), "--vm-config", filepath.Join(made, "vm.json"))
+	if out := e.ok("base", "rm", "made"); !strings.Contains(out, "removed its files in "+made) {
+		t.Fatalf("base rm of a made base: %q", out)
+	}
+	if _, err := os.Stat(made); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the made base's directory is still there: %v", err)
+	}
+}
+
+func sha256Hex(b []byte) string {
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
