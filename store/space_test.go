@@ -82,7 +82,7 @@ func requireRoot(t *testing.T) {
 // A state dir whose file system turns read-only under an open cache (ext4
 // after an error, with errors=remount-ro) refuses writes with EROFS; the
 // process does not die of SIGBUS in Badger's mapped log, and reads go on.
-func TestReadOnlyStateDir(t *testing.T) {
+func TestReadOnlyFileSystem(t *testing.T) {
 	requireRoot(t)
 	dir := t.TempDir()
 	img := filepath.Join(dir, "fs.img")

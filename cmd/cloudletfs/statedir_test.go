@@ -237,7 +237,6 @@ func TestReadOnlyStateDir(t *testing.T) {
 	m.wait(t)
 }
 
-
 // The base commands as a user meets them: list --json prints digests in
 // hex; verify after a touch makes the base usable again; rm refuses while
 // an overlay on the base is mounted; rm of a base whose files are in the
