@@ -352,7 +352,7 @@ func openSession(c *cli.Context, ref, dir string, opt sessionOptions) (*session,
 	}
 	// After the cache is let go: what this mount fetched counts against
 	// the cap too.
-	s.close = append(s.close, func() { collectCaches(c, log, limit, o.ID) })
+	s.close = append(s.close, func() { collectCaches(c, log, limit) })
 	s.close = append(s.close, func() { cache.Close() })
 	if freed, err := st.GC(limit, o.ID); err != nil {
 		log.Warn().Err(err).Msg("cache: collecting least recently used overlays failed")
@@ -388,8 +388,8 @@ func limitMemory(h *overlay.Header) {
 }
 
 // collectCaches removes the least recently used caches of overlays that
-// are not mounted, nor in keep, until they fit limit.
-func collectCaches(c *cli.Context, log zerolog.Logger, limit int64, keep ...overlay.Digest) {
+// are not mounted until they fit limit.
+func collectCaches(c *cli.Context, log zerolog.Logger, limit int64) {
 	if limit == math.MaxInt64 {
 		return
 	}
@@ -399,7 +399,7 @@ func collectCaches(c *cli.Context, log zerolog.Logger, limit int64, keep ...over
 		return
 	}
 	defer st.Close()
-	if freed, err := st.GC(limit, keep...); err != nil {
+	if freed, err := st.GC(limit); err != nil {
 		log.Warn().Err(err).Msg("cache: collecting least recently used overlays failed")
 	} else if freed > 0 {
 		log.Info().Str("freed", humanize.IBytes(uint64(freed))).Msg("cache: removed least recently used overlays to stay under --cache-size")
