@@ -235,6 +235,13 @@ func TestLastUsedAtClose(t *testing.T) {
 	if ents[1].ID != long {
 		t.Fatalf("the cache closed last is not the most recently used: %+v", ents)
 	}
+	// Verifying a cache is not using it.
+	if _, _, err := s.VerifyCache(short); err != nil {
+		t.Fatal(err)
+	}
+	if again, _ := s.Caches(); again[1].ID != long || !again[0].LastUsed.Equal(ents[0].LastUsed) {
+		t.Fatalf("cache verify changed when a cache was last used: %+v, was %+v", again, ents)
+	}
 	if _, err := s.GC(ents[1].Bytes); err != nil {
 		t.Fatal(err)
 	}

@@ -55,6 +55,7 @@ type Cache struct {
 	chunkSize int64
 	files     [2]*os.File
 	room      room
+	mounted   bool // opened by OpenCache: Close records the use
 	closeOnce sync.Once
 }
 
@@ -153,6 +154,7 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (_ *
 	if err := c.touch(); err != nil {
 		return nil, err
 	}
+	c.mounted = true
 	return c, nil
 }
 
@@ -213,6 +215,12 @@ func (s *Store) moveOldKeys(c *Cache) error {
 // mounted (ErrInUse otherwise). It holds only that overlay's lock, not the
 // registry, so it may run after Close.
 func (s *Store) VerifyCache(id overlay.Digest) (checked int, bad []int, err error) {
+	// Checking is not using: the probes of the state dir write to the
+	// lock, whose modification time says when the cache was last used.
+	lockPath := filepath.Join(s.overlayDir(id), "lock")
+	if st, err := os.Stat(lockPath); err == nil {
+		defer os.Chtimes(lockPath, st.ModTime(), st.ModTime())
+	}
 	c := &Cache{id: id, dbDir: filepath.Join(s.overlayDir(id), "db"), room: room{dir: s.dir, log: s.log}}
 	defer c.Close()
 	if c.lock, err = s.lockOverlay(id); err != nil {
@@ -260,7 +268,7 @@ func (s *Store) VerifyCache(id overlay.Digest) (checked int, bad []int, err erro
 func (c *Cache) Close() error {
 	var err error
 	c.closeOnce.Do(func() {
-		if c.db != nil && c.lock != nil {
+		if c.mounted {
 			// Before the lock goes: a collection that runs once it is
 			// free must see this cache as the most recently used.
 			c.touch()

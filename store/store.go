@@ -78,7 +78,7 @@ func Open(dir string, log zerolog.Logger) (*Store, error) {
 
 // openDB opens a Badger database with small memtables and caches, sized
 // by mem. Writes are not synced one by one, which costs a sync of Badger's
-// logs per chunk written (about 20 times slower writes, see
+// logs per chunk written (10 to 50 times slower writes, see
 // docs/BENCHMARKS.md): every operation that reports something done syncs
 // with logSync first (an import, a removal, an fsync through the mount).
 func openDB(path string, log zerolog.Logger, mem int64) (*badger.DB, error) {
