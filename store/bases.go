@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+	"golang.org/x/sys/unix"
 
 	"github.com/cloudletfs/cloudletfs/overlay"
 )
@@ -125,6 +126,11 @@ func (s *Store) Import(name string, in ImportFiles, chunkSize, workers int, prog
 	if old, err := s.lookupID(b.ID.String()); err == nil {
 		return nil, fmt.Errorf("this base is already registered as %q (ID %s)", old.Name, b.ID)
 	}
+	// The index goes to Badger's value log through a mapping, as 1 MiB
+	// values.
+	if err := freeSpace(s.dir, SpaceReserve+int64(len(idx.Hashes[0])+len(idx.Hashes[1]))*32); err != nil {
+		return nil, err
+	}
 	if err := s.put(b, idx); err != nil {
 		return nil, err
 	}
@@ -184,7 +190,7 @@ func (s *Store) put(b *Base, idx *overlay.Index) error {
 	}); err != nil {
 		return err
 	}
-	return s.db.Sync()
+	return s.sync()
 }
 
 func idxKey(id string, img overlay.Image, blk int) []byte {
@@ -276,8 +282,24 @@ func (s *Store) Resolve(ref string) (*Base, error) {
 	return nil, fmt.Errorf("base %q is not in the registry (see `cloudletfs base list`, or import it with `cloudletfs base import`)", ref)
 }
 
-// Remove unregisters a base and drops its index. The files are not touched.
+// ErrBaseInUse says a mount or another command has a base's images open.
+var ErrBaseInUse = errors.New("the base is in use")
+
+// Remove unregisters a base and drops its index. It fails with
+// ErrBaseInUse while anything has the base's images open through
+// OpenImages (a mount of an overlay on it, an overlay being built). Files
+// that `base create` copied into the state dir for this base (OwnedDir)
+// are removed too; files anywhere else are left alone.
 func (s *Store) Remove(b *Base) error {
+	if err := b.lockImages(unix.LOCK_EX); errors.Is(err, unix.EWOULDBLOCK) {
+		return fmt.Errorf("base %s: %w: an overlay on it is mounted, or an overlay is being built on it; unmount it (or let the build finish) first", b.Name, ErrBaseInUse)
+	} else if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("base %s: %w", b.Name, err)
+	}
+	owned, err := s.OwnedDir(b)
+	if err != nil {
+		return err
+	}
 	id := b.ID.String()
 	if err := s.db.Update(func(txn *badger.Txn) error {
 		if err := txn.Delete([]byte("base/" + id)); err != nil {
@@ -290,7 +312,65 @@ func (s *Store) Remove(b *Base) error {
 	if err := s.db.DropPrefix([]byte("baseidx/" + id + "/")); err != nil {
 		return err
 	}
-	return s.db.Sync()
+	if err := s.sync(); err != nil {
+		return err
+	}
+	if owned != "" {
+		if err := os.RemoveAll(owned); err != nil {
+			return fmt.Errorf("base %s is unregistered, but its files in %s could not all be removed: %w", b.Name, owned, err)
+		}
+	}
+	return nil
+}
+
+// OwnedDir returns the directory of the state dir that `base create` made
+// for the base's files (and its kernel and initrd), or "" if the base's
+// files are elsewhere: a directory base-* right under the state dir that
+// holds every file of the base and no file of any other registered base.
+func (s *Store) OwnedDir(b *Base) (string, error) {
+	dir := filepath.Dir(b.Disk.Path)
+	if !strings.HasPrefix(filepath.Base(dir), "base-") {
+		return "", nil
+	}
+	state, err := filepath.Abs(s.dir)
+	if err != nil {
+		return "", err
+	}
+	if filepath.Dir(dir) != state {
+		return "", nil
+	}
+	for _, f := range b.Files() {
+		if filepath.Dir(f.File.Path) != dir {
+			return "", nil
+		}
+	}
+	all, err := s.List()
+	if err != nil {
+		return "", err
+	}
+	for _, o := range all {
+		if o.ID == b.ID {
+			continue
+		}
+		for _, f := range o.Files() {
+			if filepath.Dir(f.File.Path) == dir {
+				return "", nil
+			}
+		}
+	}
+	return dir, nil
+}
+
+// lockImages takes a flock of the given kind on the base's disk image and
+// lets it go again at once; LOCK_EX fails with EWOULDBLOCK while
+// OpenImages holds it shared.
+func (b *Base) lockImages(how int) error {
+	f, err := os.Open(b.Disk.Path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
 }
 
 // Index loads a base's chunk index.
@@ -345,20 +425,69 @@ func (b *Base) CheckFiles() error {
 // Verify re-hashes every file of the base and compares it with the digest
 // taken at import.
 func (b *Base) Verify(progress func(n, total int64)) error {
+	_, err := b.verify(progress)
+	return err
+}
+
+// Verify re-hashes every file of the base and compares it with the digest
+// taken at import. When every file is intact but some size or
+// modification time differs from the record (a `touch`, a copy that kept
+// the bytes), the registry takes the new ones, so that the base passes the
+// cheap check at every use again; refreshed says so.
+func (s *Store) Verify(b *Base, progress func(n, total int64)) (refreshed bool, err error) {
+	seen, err := b.verify(progress)
+	if err != nil {
+		return false, err
+	}
+	nb := *b
+	files := []*File{&nb.Disk, &nb.Memory, &nb.State}
+	if b.VMConfig != nil {
+		vc := *b.VMConfig
+		nb.VMConfig = &vc
+		files = append(files, nb.VMConfig)
+	}
+	for i, f := range files {
+		if seen[i].Size != f.Size || seen[i].ModTime != f.ModTime {
+			refreshed = true
+			f.Size, f.ModTime = seen[i].Size, seen[i].ModTime
+		}
+	}
+	if !refreshed {
+		return false, nil
+	}
+	rec, err := json.Marshal(&nb)
+	if err != nil {
+		return false, err
+	}
+	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set([]byte("base/"+b.ID.String()), rec) }); err != nil {
+		return false, fmt.Errorf("base %s: recording the new size and modification time: %w", b.Name, err)
+	}
+	if err := s.sync(); err != nil {
+		return false, err
+	}
+	*b = nb
+	return true, nil
+}
+
+// verify hashes the base's files and returns the size and modification
+// time each had while it was hashed. A file that changed while it was
+// being hashed counts as changed.
+func (b *Base) verify(progress func(n, total int64)) ([]File, error) {
 	var total int64
 	for _, f := range b.Files() {
 		total += f.File.Size
 	}
 	var bad []string
+	var seen []File
 	for _, f := range b.Files() {
 		fh, err := os.Open(f.File.Path)
 		if err != nil {
-			return fmt.Errorf("base %s: %s: %w", b.Name, f.Name, err)
+			return nil, fmt.Errorf("base %s: %s: %w", b.Name, f.Name, err)
 		}
-		st, err := fh.Stat()
+		before, err := fstat(fh)
 		if err != nil {
 			fh.Close()
-			return err
+			return nil, err
 		}
 		h := sha256.New()
 		_, err = io.Copy(io.MultiWriter(h, progressWriter(func(n int64) {
@@ -367,18 +496,23 @@ func (b *Base) Verify(progress func(n, total int64)) error {
 			}
 		})), fh)
 		sum := overlay.Digest(h.Sum(nil))
+		after, serr := fstat(fh)
 		fh.Close()
-		if err != nil {
-			return fmt.Errorf("base %s: %s %s: %w", b.Name, f.Name, f.File.Path, err)
+		if err == nil {
+			err = serr
 		}
-		if sum != f.File.SHA || st.Size() != f.File.Size {
+		if err != nil {
+			return nil, fmt.Errorf("base %s: %s %s: %w", b.Name, f.Name, f.File.Path, err)
+		}
+		if sum != f.File.SHA || before != after || after.size != f.File.Size {
 			bad = append(bad, fmt.Sprintf("%s %s", f.Name, f.File.Path))
 		}
+		seen = append(seen, File{Path: f.File.Path, Size: after.size, ModTime: after.mtime, SHA: sum})
 	}
 	if len(bad) > 0 {
-		return fmt.Errorf("base %s: content changed since import: %s", b.Name, strings.Join(bad, ", "))
+		return nil, fmt.Errorf("base %s: content changed since import: %s", b.Name, strings.Join(bad, ", "))
 	}
-	return nil
+	return seen, nil
 }
 
 // Open checks the base's files cheaply and opens them, with the chunk
@@ -402,24 +536,111 @@ func (s *Store) Open(b *Base) (*overlay.Base, func(), error) {
 // OpenImages checks the base's files cheaply and opens its images without
 // the chunk index, for reading an overlay's base references: a mount does
 // not carry 8 bytes of index per KiB of base.
-func OpenImages(b *Base) (*overlay.Base, func(), error) {
+//
+// The images read only what the base held at import: a read fails, rather
+// than return other bytes or zeros, once an image's size, modification
+// time or change time differs from when it was opened (checked before and
+// after each read), and it is opened only if its size and modification
+// time are those the registry recorded. Until the closer runs, the disk
+// image holds a shared flock that makes Remove refuse the base.
+func OpenImages(b *Base) (_ *overlay.Base, closer func(), err error) {
 	if err := b.CheckFiles(); err != nil {
 		return nil, nil, err
 	}
-	disk, err := os.Open(b.Disk.Path)
-	if err != nil {
-		return nil, nil, err
+	var imgs [2]*checkedFile
+	closer = func() {
+		for _, f := range imgs {
+			if f != nil {
+				f.f.Close()
+			}
+		}
 	}
-	mem, err := os.Open(b.Memory.Path)
-	if err != nil {
-		disk.Close()
-		return nil, nil, err
+	defer func() {
+		if err != nil {
+			closer()
+		}
+	}()
+	for i, f := range []struct {
+		name string
+		file File
+	}{{"disk", b.Disk}, {"memory", b.Memory}} {
+		if imgs[i], err = openChecked(b, f.name, f.file); err != nil {
+			return nil, nil, err
+		}
+	}
+	if err := unix.Flock(int(imgs[0].f.Fd()), unix.LOCK_SH|unix.LOCK_NB); err != nil {
+		return nil, nil, fmt.Errorf("base %s: locking %s: %w", b.Name, b.Disk.Path, err)
 	}
 	// The index without its hashes: the sizes that references are checked
 	// against.
 	idx := &overlay.Index{ChunkSize: b.ChunkSize, Sizes: [2]int64{b.Disk.Size, b.Memory.Size}}
-	ob := &overlay.Base{ID: b.ID, Images: [2]io.ReaderAt{disk, mem}, Index: idx}
-	return ob, func() { disk.Close(); mem.Close() }, nil
+	ob := &overlay.Base{ID: b.ID, Images: [2]io.ReaderAt{imgs[0], imgs[1]}, Index: idx}
+	return ob, closer, nil
+}
+
+// fileStat is what tells that a file changed: its size, modification
+// time and change time, which no one can set back.
+type fileStat struct {
+	size, mtime, ctime int64
+}
+
+func fstat(f *os.File) (fileStat, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return fileStat{}, fmt.Errorf("stat %s: %w", f.Name(), err)
+	}
+	return fileStat{size: st.Size, mtime: st.Mtim.Nano(), ctime: st.Ctim.Nano()}, nil
+}
+
+// checkedFile is an image of a base that fails reads once it changed.
+type checkedFile struct {
+	f          *os.File
+	base, name string
+	was        fileStat
+}
+
+func openChecked(b *Base, name string, rec File) (*checkedFile, error) {
+	f, err := os.Open(rec.Path)
+	if err != nil {
+		return nil, fmt.Errorf("base %s: %s: %w", b.Name, name, err)
+	}
+	c := &checkedFile{f: f, base: b.Name, name: name}
+	if c.was, err = fstat(f); err == nil && (c.was.size != rec.Size || c.was.mtime != rec.ModTime) {
+		err = c.changed()
+	}
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *checkedFile) changed() error {
+	return fmt.Errorf("base %s: %s %s changed while in use (its size, modification time or change time differs from when it was opened): reads of it fail, so that nothing reads other bytes than the base held; unmount, then run `cloudletfs base verify %s`, or re-import the base",
+		c.base, c.name, c.f.Name(), c.base)
+}
+
+func (c *checkedFile) check() error {
+	now, err := fstat(c.f)
+	if err != nil {
+		return err
+	}
+	if now != c.was {
+		return c.changed()
+	}
+	return nil
+}
+
+// ReadAt reads from the image, checking it before and after the read.
+func (c *checkedFile) ReadAt(p []byte, off int64) (int, error) {
+	if err := c.check(); err != nil {
+		return 0, err
+	}
+	n, err := c.f.ReadAt(p, off)
+	if cerr := c.check(); cerr != nil {
+		return 0, cerr
+	}
+	return n, err
 }
 
 // progressWriter reports the length of every write.

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -36,8 +37,10 @@ import (
 // segment's marker is written only after its chunks are synced to the
 // files, and markers are dropped before the files are made anew, so a crash
 // never leaves a marker over missing data. overlays/<id>/lock is held by
-// the process that has the overlay open; the registry records when each
-// cache was last opened (cacheuse/<id>, unix ns) for eviction.
+// the process that has the overlay open; its modification time is when the
+// cache was last used (set when it is opened, written and closed), for
+// eviction. State dirs of format 1 kept that in the registry (cacheuse/<id>,
+// unix ns), which is still read.
 
 // ErrInUse says another process has the overlay mounted.
 var ErrInUse = errors.New("the overlay is mounted by another cloudletfs process")
@@ -45,10 +48,14 @@ var ErrInUse = errors.New("the overlay is mounted by another cloudletfs process"
 // Cache holds what one overlay's mounts have fetched and written.
 type Cache struct {
 	db        *badger.DB
+	dbDir     string
+	logs      *logSync
 	lock      *os.File
 	id        overlay.Digest
 	chunkSize int64
 	files     [2]*os.File
+	room      room
+	mounted   bool // opened by OpenCache: Close records the use
 	closeOnce sync.Once
 }
 
@@ -84,7 +91,8 @@ func (s *Store) lockOverlay(id overlay.Digest) (*os.File, error) {
 // files for images of the given sizes, and holds it until Close: another
 // OpenCache of the same overlay, in any process, fails with ErrInUse.
 func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (_ *Cache, err error) {
-	c := &Cache{id: id, chunkSize: int64(chunkSize)}
+	c := &Cache{id: id, chunkSize: int64(chunkSize), dbDir: filepath.Join(s.overlayDir(id), "db"),
+		room: room{dir: s.dir, log: s.log.With().Str("overlay", id.String()).Logger()}}
 	defer func() {
 		if err != nil {
 			c.Close()
@@ -94,11 +102,17 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (_ *
 	if c.lock, err = s.lockOverlay(id); err != nil {
 		return nil, err
 	}
-	// Written chunks are 4 KiB values; small memtables keep a mount's
-	// memory small.
-	if c.db, err = openDB(filepath.Join(s.overlayDir(id), "db"), s.log, 8<<20); err != nil {
+	c.room.probe = c.lock
+	// Opening Badger writes to its mapped logs.
+	if err := c.room.check(); err != nil {
 		return nil, err
 	}
+	// Written chunks are 4 KiB values; small memtables keep a mount's
+	// memory small.
+	if c.db, err = openDB(c.dbDir, s.log, 8<<20); err != nil {
+		return nil, err
+	}
+	c.logs = &logSync{db: c.db, dir: c.dbDir}
 	dir := s.cacheDir(id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
@@ -110,7 +124,7 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (_ *
 			if err := c.db.DropPrefix([]byte("seg/")); err != nil {
 				return nil, err
 			}
-			if err := c.db.Sync(); err != nil {
+			if err := c.sync(); err != nil {
 				return nil, err
 			}
 			break
@@ -137,9 +151,10 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (_ *
 	if err := s.moveOldKeys(c); err != nil {
 		return nil, err
 	}
-	if err := s.touch(id); err != nil {
+	if err := c.touch(); err != nil {
 		return nil, err
 	}
+	c.mounted = true
 	return c, nil
 }
 
@@ -180,13 +195,13 @@ func (s *Store) moveOldKeys(c *Cache) error {
 			continue
 		}
 		// Durable in the overlay's database before the registry forgets it.
-		if err := c.db.Sync(); err != nil {
+		if err := c.sync(); err != nil {
 			return err
 		}
 		if err := s.db.DropPrefix(old); err != nil {
 			return err
 		}
-		if err := s.db.Sync(); err != nil {
+		if err := s.sync(); err != nil {
 			return err
 		}
 	}
@@ -200,14 +215,25 @@ func (s *Store) moveOldKeys(c *Cache) error {
 // mounted (ErrInUse otherwise). It holds only that overlay's lock, not the
 // registry, so it may run after Close.
 func (s *Store) VerifyCache(id overlay.Digest) (checked int, bad []int, err error) {
-	c := &Cache{id: id}
+	// Checking is not using: the probes of the state dir write to the
+	// lock, whose modification time says when the cache was last used.
+	lockPath := filepath.Join(s.overlayDir(id), "lock")
+	if st, err := os.Stat(lockPath); err == nil {
+		defer os.Chtimes(lockPath, st.ModTime(), st.ModTime())
+	}
+	c := &Cache{id: id, dbDir: filepath.Join(s.overlayDir(id), "db"), room: room{dir: s.dir, log: s.log}}
 	defer c.Close()
 	if c.lock, err = s.lockOverlay(id); err != nil {
 		return 0, nil, err
 	}
-	if c.db, err = openDB(filepath.Join(s.overlayDir(id), "db"), s.log, 8<<20); err != nil {
+	c.room.probe = c.lock
+	if err := c.room.check(); err != nil {
 		return 0, nil, err
 	}
+	if c.db, err = openDB(c.dbDir, s.log, 8<<20); err != nil {
+		return 0, nil, err
+	}
+	c.logs = &logSync{db: c.db, dir: c.dbDir}
 	err = c.db.View(func(txn *badger.Txn) error {
 		it, err := txn.Get([]byte("chunksize"))
 		if err != nil {
@@ -237,18 +263,30 @@ func (s *Store) VerifyCache(id overlay.Digest) (checked int, bad []int, err erro
 	return c.Verify()
 }
 
-// Close closes the cache and lets other processes open it. Closing twice
-// is harmless.
+// Close closes the cache, records that it was used until now, and lets
+// other processes open it. Closing twice is harmless.
 func (c *Cache) Close() error {
 	var err error
 	c.closeOnce.Do(func() {
+		if c.mounted {
+			// Before the lock goes: a collection that runs once it is
+			// free must see this cache as the most recently used.
+			c.touch()
+		}
 		for _, f := range c.files {
 			if f != nil {
 				f.Close()
 			}
 		}
 		if c.db != nil {
-			err = c.db.Close()
+			if perr := c.room.probeWrite(); errors.Is(perr, syscall.EROFS) {
+				// Badger's Close flushes the memtable, and retries a
+				// failed flush forever. What the logs hold is replayed at
+				// the next open.
+				err = fmt.Errorf("cache of overlay %s is left as it is: %w", c.id, perr)
+			} else {
+				err = c.db.Close()
+			}
 		}
 		if c.lock != nil {
 			c.lock.Close()
@@ -268,13 +306,19 @@ func segKey(seg int) []byte {
 // WriteSegment stores the chunks of one verified segment, syncs them, and
 // only then marks the segment cached. The marker carries a digest of the
 // chunks, so Verify can tell that the files still hold them.
+//
+// It fails with an error that wraps syscall.ENOSPC or syscall.EROFS when
+// the state dir is full or read-only; nothing is marked then.
 func (c *Cache) WriteSegment(seg int, chunks []ChunkData) error {
+	if err := c.room.check(); err != nil {
+		return fmt.Errorf("caching segment %d: %w", seg, err)
+	}
 	var touched [2]bool
 	h := sha256.New()
 	marker := make([]byte, sha256.Size, sha256.Size+3*len(chunks))
 	for _, ch := range chunks {
 		if _, err := c.files[ch.ID.Image].WriteAt(ch.Data, int64(ch.ID.Index)*c.chunkSize); err != nil {
-			return err
+			return fmt.Errorf("caching segment %d: %w", seg, err)
 		}
 		touched[ch.ID.Image] = true
 		h.Write(ch.Data)
@@ -284,13 +328,16 @@ func (c *Cache) WriteSegment(seg int, chunks []ChunkData) error {
 	for img, t := range touched {
 		if t {
 			if err := unix.Fdatasync(int(c.files[img].Fd())); err != nil {
-				return err
+				return fmt.Errorf("caching segment %d: syncing %s: %w", seg, c.files[img].Name(), err)
 			}
 		}
 	}
 	// The marker is not synced: if a crash loses it, the segment is fetched
 	// again.
-	return c.db.Update(func(txn *badger.Txn) error { return txn.Set(segKey(seg), marker) })
+	if err := c.db.Update(func(txn *badger.Txn) error { return txn.Set(segKey(seg), marker) }); err != nil {
+		return fmt.Errorf("caching segment %d: %w", seg, err)
+	}
+	return nil
 }
 
 // Verify re-reads the chunks of every cached segment and checks them
@@ -347,7 +394,7 @@ func (c *Cache) Verify() (checked int, bad []int, err error) {
 			return nil
 		})
 		if err == nil {
-			err = c.db.Sync()
+			err = c.sync()
 		}
 	}
 	return checked, bad, err
@@ -428,11 +475,18 @@ func (c *Cache) Cow(id overlay.ChunkID, dst []byte) (bool, error) {
 }
 
 // PutCow stores a whole chunk written through the mount. It is durable
-// after the next Sync.
+// after the next Sync. It fails with an error that wraps syscall.ENOSPC or
+// syscall.EROFS when the state dir is full or read-only.
 func (c *Cache) PutCow(id overlay.ChunkID, data []byte) error {
-	return c.db.Update(func(txn *badger.Txn) error {
+	if err := c.room.check(); err != nil {
+		return fmt.Errorf("storing written %s chunk %d: %w", id.Image, id.Index, err)
+	}
+	if err := c.db.Update(func(txn *badger.Txn) error {
 		return txn.Set(cowKey(id.Image, id.Index), data)
-	})
+	}); err != nil {
+		return fmt.Errorf("storing written %s chunk %d: %w", id.Image, id.Index, err)
+	}
+	return nil
 }
 
 // DropWritten forgets every chunk written through mounts of this overlay.
@@ -440,7 +494,7 @@ func (c *Cache) DropWritten() error {
 	if err := c.db.DropPrefix([]byte("cow/")); err != nil {
 		return err
 	}
-	return c.db.Sync()
+	return c.sync()
 }
 
 // CowChunks lists the chunks that have been written.
@@ -460,7 +514,9 @@ func (c *Cache) CowChunks() ([]overlay.ChunkID, error) {
 }
 
 // Sync makes every write so far durable.
-func (c *Cache) Sync() error { return c.db.Sync() }
+func (c *Cache) Sync() error { return c.sync() }
+
+func (c *Cache) sync() error { return c.logs.sync() }
 
 // DropCaches forgets every cached chunk of every overlay that is not
 // mounted; written data stays.
@@ -487,11 +543,11 @@ type CacheEntry struct {
 
 func useKey(id overlay.Digest) []byte { return append([]byte("cacheuse/"), id[:]...) }
 
-// touch records that an overlay's cache is in use now.
-func (s *Store) touch(id overlay.Digest) error {
-	return s.db.Update(func(txn *badger.Txn) error {
-		return txn.Set(useKey(id), binary.BigEndian.AppendUint64(nil, uint64(time.Now().UnixNano())))
-	})
+// touch records that the cache is in use now: the modification time of
+// its lock, which the cache holds and nobody else writes.
+func (c *Cache) touch() error {
+	now := time.Now()
+	return os.Chtimes(c.lock.Name(), now, now)
 }
 
 // Caches lists the overlays with a cache, least recently used first.
@@ -516,6 +572,10 @@ func (s *Store) Caches() ([]CacheEntry, error) {
 				ce.Bytes += st.Blocks * 512
 			}
 		}
+		// Read before the lock is taken, which may create it.
+		if st, err := os.Stat(filepath.Join(s.overlayDir(id), "lock")); err == nil {
+			ce.LastUsed = st.ModTime()
+		}
 		if l, err := s.lockOverlay(id); errors.Is(err, ErrInUse) {
 			ce.Mounted = true
 		} else if err == nil {
@@ -527,8 +587,11 @@ func (s *Store) Caches() ([]CacheEntry, error) {
 				return err
 			}
 			return it.Value(func(v []byte) error {
-				if len(v) == 8 {
-					ce.LastUsed = time.Unix(0, int64(binary.BigEndian.Uint64(v)))
+				if len(v) != 8 {
+					return nil
+				}
+				if old := time.Unix(0, int64(binary.BigEndian.Uint64(v))); old.After(ce.LastUsed) {
+					ce.LastUsed = old
 				}
 				return nil
 			})
@@ -555,7 +618,7 @@ func (s *Store) RemoveCache(id overlay.Digest) error {
 	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Delete(useKey(id)) }); err != nil {
 		return err
 	}
-	return s.db.Sync()
+	return s.sync()
 }
 
 // GC removes the least recently used caches until all of them together

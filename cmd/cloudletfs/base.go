@@ -48,15 +48,21 @@ for dedup, and registers the base under NAME. The base ID is printed as the last
 			},
 			{
 				Name:      "rm",
-				Usage:     "unregister a base VM (its files are left alone)",
+				Usage:     "unregister a base VM, refused while an overlay on it is mounted",
 				ArgsUsage: "ID|NAME",
-				Action:    baseRm,
+				Description: `Drops the base from the registry. Files that 'base create' copied into the state
+dir for it (disk, memory, state, vm.json, kernel, initrd) are removed; files of an
+imported base, wherever they are, are left alone.`,
+				Action: baseRm,
 			},
 			{
 				Name:      "verify",
 				Usage:     "re-hash a base's files and check them against the import",
 				ArgsUsage: "ID|NAME",
-				Action:    baseVerify,
+				Description: `A base whose files were touched or copied keeping their bytes fails the cheap check
+every mount makes (size and modification time). If every file is intact, verify records
+the new size and modification time, and the base can be used again.`,
+				Action: baseVerify,
 			},
 		},
 	}
@@ -99,12 +105,13 @@ func baseList(c *cli.Context) error {
 		return err
 	}
 	if c.Bool("json") {
-		if bases == nil {
-			bases = []*store.Base{}
+		out := make([]baseJSON, 0, len(bases))
+		for _, b := range bases {
+			out = append(out, newBaseJSON(b))
 		}
 		enc := json.NewEncoder(c.App.Writer)
 		enc.SetIndent("", "  ")
-		return enc.Encode(bases)
+		return enc.Encode(out)
 	}
 	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tID\tDISK\tMEMORY\tIMPORTED")
@@ -113,6 +120,38 @@ func baseList(c *cli.Context) error {
 			humanize.IBytes(uint64(b.Memory.Size)), b.Imported.Local().Format(time.DateTime))
 	}
 	return tw.Flush()
+}
+
+// baseJSON is a base as `base list --json` prints it: digests in hex.
+type baseJSON struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	ChunkSize int       `json:"chunk_size"`
+	Disk      fileJSON  `json:"disk"`
+	Memory    fileJSON  `json:"memory"`
+	State     fileJSON  `json:"state"`
+	VMConfig  *fileJSON `json:"vm_config,omitempty"`
+	Imported  time.Time `json:"imported"`
+}
+
+type fileJSON struct {
+	Path    string `json:"path"`
+	Size    int64  `json:"size"`
+	ModTime int64  `json:"mtime_ns"`
+	SHA     string `json:"sha256"`
+}
+
+func newBaseJSON(b *store.Base) baseJSON {
+	file := func(f store.File) fileJSON {
+		return fileJSON{Path: f.Path, Size: f.Size, ModTime: f.ModTime, SHA: f.SHA.String()}
+	}
+	out := baseJSON{ID: b.ID.String(), Name: b.Name, ChunkSize: b.ChunkSize,
+		Disk: file(b.Disk), Memory: file(b.Memory), State: file(b.State), Imported: b.Imported}
+	if b.VMConfig != nil {
+		vc := file(*b.VMConfig)
+		out.VMConfig = &vc
+	}
+	return out
 }
 
 // baseArg opens the store and finds the base the command's one argument
@@ -139,10 +178,17 @@ func baseRm(c *cli.Context) error {
 		return err
 	}
 	defer st.Close()
+	owned, err := st.OwnedDir(b)
+	if err != nil {
+		return err
+	}
 	if err := st.Remove(b); err != nil {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "removed base %q (%s)\n", b.Name, b.ID)
+	if owned != "" {
+		fmt.Fprintf(c.App.Writer, "removed its files in %s\n", owned)
+	}
 	return nil
 }
 
@@ -153,11 +199,14 @@ func baseVerify(c *cli.Context) error {
 	}
 	defer st.Close()
 	p := newProgress(c.App.ErrWriter)
-	err = b.Verify(func(n, total int64) { p.add("verifying", n, total) })
+	refreshed, err := st.Verify(b, func(n, total int64) { p.add("verifying", n, total) })
 	p.done()
 	if err != nil {
 		return err
 	}
 	fmt.Fprintf(c.App.Writer, "base %q is intact (%s)\n", b.Name, b.ID)
+	if refreshed {
+		fmt.Fprintln(c.App.Writer, "recorded the files' new sizes and modification times: the base can be used again")
+	}
 	return nil
 }
