@@ -41,7 +41,6 @@ type Mount struct {
 	log    zerolog.Logger
 	born   time.Time // the times of everything that never changes
 
-	stateDirReported atomic.Bool // a write failed on a full or read-only state dir, and the log said so
 }
 
 // New mounts the overlay that f serves at dir and returns once the kernel
@@ -156,18 +155,15 @@ func errnoOf(ctx context.Context, err error) syscall.Errno {
 }
 
 // logFailure starts the log line of a failed request: at debug level if the
-// caller gave up on it, or if it is a full or read-only state dir that an
-// earlier line reported (such a dir fails every write until it is fixed,
-// and one line says so), else at error level.
+// caller gave up on it, or if the state dir is full or read-only (such a
+// dir fails every write until it is fixed, and the store says so in one
+// line when it happens and one when it is over), else at error level.
 func (m *Mount) logFailure(errno syscall.Errno, err error) *zerolog.Event {
 	switch errno {
 	case syscall.EINTR:
 		return m.log.Debug().Err(err)
 	case syscall.ENOSPC, syscall.EROFS:
-		if m.stateDirReported.Swap(true) {
-			return m.log.Debug().Err(err)
-		}
-		return m.log.Error().Err(err).Str("fix", "free space in the state dir or make it writable; reads go on, and further failed writes are logged at debug level")
+		return m.log.Debug().Err(err)
 	}
 	return m.log.Error().Err(err)
 }
