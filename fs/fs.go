@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -54,7 +55,7 @@ func New(dir string, f *fetch.Fetcher, opt Options) (*Mount, error) {
 			Name:          "cloudletfs",
 			AllowOther:    opt.AllowOther,
 			DisableXAttrs: true,
-			DirectMount:   true,
+			DirectMount:   !strings.HasPrefix(dir, "/dev/fd/"), // else a device the caller mounted itself
 			MaxReadAhead:  128 << 10,
 			Debug:         opt.Debug,
 		},

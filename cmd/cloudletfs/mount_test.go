@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cloudletfs/cloudletfs/order"
+	"github.com/cloudletfs/cloudletfs/session"
 )
 
 var (
@@ -190,7 +191,7 @@ func TestMountCommand(t *testing.T) {
 		other := e.path("mnt2")
 		os.MkdirAll(other, 0o755)
 		e.fails([]string{"already mounted by another cloudletfs process"}, "mount", url, other)
-		if mounted, _ := isMountpoint(other); mounted {
+		if fstype, _ := session.MountType(other); fstype != "" {
 			t.Fatal("a refused mount left a mount behind")
 		}
 	})
@@ -283,7 +284,7 @@ func TestMountCommand(t *testing.T) {
 		e.fails([]string{"state", "changed since import"}, "mount", url, mnt)
 		e.ok("base", "rm", "base")
 		e.fails([]string{"not in the registry"}, "mount", url, mnt)
-		if mounted, _ := isMountpoint(mnt); mounted {
+		if fstype, _ := session.MountType(mnt); fstype != "" {
 			t.Fatal("a refused mount left a mount behind")
 		}
 	})

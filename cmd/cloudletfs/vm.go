@@ -26,6 +26,7 @@ import (
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
+	"github.com/cloudletfs/cloudletfs/session"
 	"github.com/cloudletfs/cloudletfs/store"
 )
 
@@ -338,16 +339,16 @@ func overlayCaptureCmd(c *cli.Context) error {
 		return err
 	}
 	// Start from the base as it is, whatever an earlier capture wrote.
-	s, err := openSession(c, ident, mnt, sessionOptions{timeout: time.Minute, fresh: true})
+	s, err := session.Open(c.Context, session.Options{Overlay: ident, Mountpoint: mnt, StateDir: c.String("state-dir"),
+		Log: logger(c), FetchTimeout: time.Minute, Fresh: true})
 	if err != nil {
 		return err
 	}
-	defer s.finish()
 	defer func() {
-		s.unmount()
-		s.cache.DropWritten()
+		s.Close()
+		s.Cache.DropWritten()
 	}()
-	cfg, err := qemu.LoadConfig(s.o.VMConfig)
+	cfg, err := qemu.LoadConfig(s.Overlay.VMConfig)
 	if err != nil {
 		return err
 	}
@@ -392,7 +393,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 		}
 	}
 
-	trace := s.m.Trace()
+	trace := s.Mount.Trace()
 	if p := c.Path("trace-out"); p != "" {
 		if err := writeTrace(p, func(w io.Writer) error { return order.Write(w, trace) }); err != nil {
 			return fmt.Errorf("--trace-out: %w", err)
@@ -400,12 +401,12 @@ func overlayCaptureCmd(c *cli.Context) error {
 	}
 	in := &overlay.Input{
 		Images: [2]io.ReaderAt{mountReader{s, overlay.Disk}, mountReader{s, overlay.Memory}},
-		Sizes:  [2]int64{s.o.Header.ImageSize(overlay.Disk), s.o.Header.ImageSize(overlay.Memory)},
+		Sizes:  [2]int64{s.Overlay.Header.ImageSize(overlay.Disk), s.Overlay.Header.ImageSize(overlay.Memory)},
 	}
 	if in.State, err = os.ReadFile(state); err != nil {
 		return err
 	}
-	in.VMConfig = s.o.VMConfig
+	in.VMConfig = s.Overlay.VMConfig
 	out := c.Path("output")
 	start := time.Now()
 	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{Codec: codec, Workers: c.Int("jobs"), Order: order.FirstAccess(trace.Accesses)})
@@ -419,17 +420,17 @@ func overlayCaptureCmd(c *cli.Context) error {
 
 // mountReader reads one image of a mounted overlay in-process.
 type mountReader struct {
-	s   *session
+	s   *session.Session
 	img overlay.Image
 }
 
 func (r mountReader) ReadAt(p []byte, off int64) (int, error) {
-	size := r.s.o.Header.ImageSize(r.img)
+	size := r.s.Overlay.Header.ImageSize(r.img)
 	if off >= size {
 		return 0, io.EOF
 	}
 	n := min(int64(len(p)), size-off)
-	if err := r.s.f.ReadAt(context.Background(), r.img, p[:n], off); err != nil {
+	if err := r.s.Fetcher.ReadAt(context.Background(), r.img, p[:n], off); err != nil {
 		return 0, err
 	}
 	if n < int64(len(p)) {
@@ -507,7 +508,7 @@ func launchCmd(c *cli.Context) error {
 	// synthesis baseline, from a directory `overlay extract` wrote.
 	var memory, disk, state, baseDir string
 	var cfg *qemu.Config
-	var s *session
+	var s *session.Session
 	if st, err := os.Stat(ref); err == nil && st.IsDir() {
 		memory, disk, state = filepath.Join(ref, overlay.MemoryFile), filepath.Join(ref, overlay.DiskFile), filepath.Join(ref, overlay.StateFile)
 		raw, err := os.ReadFile(filepath.Join(ref, overlay.VMConfigFile))
@@ -543,13 +544,17 @@ func launchCmd(c *cli.Context) error {
 			baseDir = dir
 			return nil
 		}
-		if s, err = openSession(c, ref, mnt, sessionOptions{timeout: c.Duration("fetch-timeout"), fresh: true, check: check}); err != nil {
+		opt, err := sessionOptions(c, ref, mnt)
+		if err != nil {
 			return err
 		}
-		defer s.finish()
-		limitMemory(s.o.Header)
-		defer s.unmount()
-		mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.o.Header.TotalLen())), len(s.o.Manifest.Segments)))
+		opt.Fresh, opt.Check = true, check
+		if s, err = session.Open(c.Context, opt); err != nil {
+			return err
+		}
+		defer s.Close()
+		limitMemory(s.Overlay.Header)
+		mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.Overlay.Header.TotalLen())), len(s.Overlay.Manifest.Segments)))
 		memory, disk, state = filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image"), filepath.Join(mnt, "state")
 	}
 	cfg.Extra = append(cfg.Extra, c.Args().Tail()...)
@@ -589,7 +594,7 @@ func launchCmd(c *cli.Context) error {
 	}
 	var complete <-chan struct{} // nil, never ready, without a mount
 	if s != nil {
-		complete = s.f.Complete()
+		complete = s.Fetcher.Complete()
 	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
@@ -611,7 +616,7 @@ func launchCmd(c *cli.Context) error {
 			}
 			probeDone, probed = true, nil
 		case <-complete:
-			st := s.f.Stats()
+			st := s.Fetcher.Stats()
 			mark(fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, %.0f ms stalled)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallTotalMs))
 			complete = nil
 		case <-vm.Exited():
@@ -637,7 +642,7 @@ func launchCmd(c *cli.Context) error {
 // if QEMU failed, or if it ended before the probe succeeded. Reads the
 // mount failed are named, since QEMU dies of SIGBUS when a page of guest
 // memory cannot be read.
-func vmEnded(vm *qemu.VM, s *session, probeDone bool) error {
+func vmEnded(vm *qemu.VM, s *session.Session, probeDone bool) error {
 	err := vm.ExitErr()
 	if err == nil && probeDone {
 		return nil
@@ -647,16 +652,16 @@ func vmEnded(vm *qemu.VM, s *session, probeDone bool) error {
 		what = fmt.Sprintf("QEMU exited: %v", err)
 	}
 	if s != nil {
-		if st := s.f.Stats(); st.FailedFetches+st.Timeouts > 0 {
+		if st := s.Fetcher.Stats(); st.FailedFetches+st.Timeouts > 0 {
 			what += fmt.Sprintf("; the mount answered reads with EIO: %d timed out waiting for their segment, %d segment fetches failed (%d fetch errors)", st.Timeouts, st.FailedFetches, st.FetchErrors)
 		}
 	}
 	return fmt.Errorf("%s; last console lines:\n%s", what, vm.Tail(10))
 }
 
-func writeLaunchTrace(c *cli.Context, s *session) error {
+func writeLaunchTrace(c *cli.Context, s *session.Session) error {
 	if out := c.Path("trace-out"); out != "" && s != nil {
-		if err := writeTrace(out, s.m.WriteTrace); err != nil {
+		if err := writeTrace(out, s.Mount.WriteTrace); err != nil {
 			return fmt.Errorf("--trace-out: %w", err)
 		}
 	}
@@ -668,7 +673,7 @@ var errVMExited = errors.New("the VM exited")
 
 // probe runs the probe command until it succeeds, and marks the first
 // response on the timeline.
-func probe(c *cli.Context, s *session, command string, port int, vm *qemu.VM, mark func(string)) error {
+func probe(c *cli.Context, s *session.Session, command string, port int, vm *qemu.VM, mark func(string)) error {
 	deadline := time.Now().Add(c.Duration("probe-timeout"))
 	for {
 		cmd := exec.Command("sh", "-c", command)
@@ -677,7 +682,7 @@ func probe(c *cli.Context, s *session, command string, port int, vm *qemu.VM, ma
 		if err == nil {
 			mark("first response: " + strings.TrimSpace(string(out)))
 			if s != nil {
-				s.m.Mark(order.FirstResponse)
+				s.Mount.Mark(order.FirstResponse)
 			}
 			return nil
 		}
