@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/md5"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -20,10 +22,12 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
+	"github.com/cloudletfs/cloudletfs/session"
 	"github.com/cloudletfs/cloudletfs/store"
 )
 
@@ -163,6 +167,9 @@ func TestQEMUEndToEnd(t *testing.T) {
 			t.Fatalf("replay --tune:\n%s", out)
 		}
 	})
+
+	t.Run("daemon killed under QEMU: launch", func(t *testing.T) { killUnderLaunch(t, e.in(t), url) })
+	t.Run("daemon killed under QEMU: capture, then SIGTERM", func(t *testing.T) { killUnderCapture(t, e.in(t)) })
 
 	wrote := false // a guest wrote to the disk through a mount of the overlay
 	t.Run("kill -9 while the guest writes and fsyncs", func(t *testing.T) { wrote = guestCrash(t, e, srvDir, ovl) })
@@ -368,4 +375,184 @@ func guestCrash(t *testing.T, e *env, srvDir, ovl string) bool {
 	}
 	t.Logf("daemon killed after the guest's fsync %d; all %d files it reported synced are intact", killAt, len(synced))
 	return true
+}
+
+// qemuBound is how soon QEMU must be gone once its daemon was killed: the
+// kernel ends the FUSE connection with the daemon's last descriptor, and
+// QEMU is killed with its parent.
+const qemuBound = 20 * time.Second
+
+// adoptOrphans makes this process the reaper of the processes its
+// children leave behind, so that a QEMU whose daemon was killed can be
+// waited for, until the test ends.
+func adoptOrphans(t *testing.T) {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Skipf("cannot become a subreaper: %v", err)
+	}
+	t.Cleanup(func() { unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) })
+}
+
+// qemuOf returns the pid of the QEMU process p started.
+func qemuOf(t *testing.T, p *proc) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p.cmd.Process.Pid, p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range strings.Fields(string(b)) {
+		pid, _ := strconv.Atoi(f)
+		if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.HasPrefix(string(comm), "qemu-system") {
+			return pid
+		}
+	}
+	// QEMU runs from a thread of the daemon other than the main one.
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", p.cmd.Process.Pid))
+	for _, task := range tasks {
+		b, _ := os.ReadFile(task)
+		for _, f := range strings.Fields(string(b)) {
+			pid, _ := strconv.Atoi(f)
+			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.HasPrefix(string(comm), "qemu-system") {
+				return pid
+			}
+		}
+	}
+	t.Fatalf("process %d runs no QEMU", p.cmd.Process.Pid)
+	return 0
+}
+
+// killDaemon kills p with SIGKILL and waits until the QEMU it ran has
+// exited, every thread of it, and been reaped here; it fails the test if
+// that takes longer than qemuBound. A QEMU that hangs is freed by
+// aborting the FUSE connections it holds, so the test leaves nothing
+// behind.
+func killDaemon(t *testing.T, p *proc, qemuPid int) {
+	t.Helper()
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	p.wait(t)
+	start := time.Now()
+	reaped := make(chan error, 1)
+	go func() {
+		var ws syscall.WaitStatus
+		_, err := syscall.Wait4(qemuPid, &ws, 0, nil)
+		reaped <- err
+	}()
+	select {
+	case err := <-reaped:
+		if err != nil {
+			t.Fatalf("waiting for QEMU (pid %d): %v", qemuPid, err)
+		}
+		t.Logf("QEMU exited %s after its daemon was killed", time.Since(start).Round(time.Millisecond))
+	case <-time.After(qemuBound):
+		conns, _ := filepath.Glob("/sys/fs/fuse/connections/*/abort")
+		for _, c := range conns {
+			os.WriteFile(c, []byte("1"), 0)
+		}
+		syscall.Kill(qemuPid, syscall.SIGKILL)
+		<-reaped
+		t.Fatalf("QEMU (pid %d) still ran %s after its daemon was killed", qemuPid, qemuBound)
+	}
+}
+
+// lineWith waits for a line of p's stdout that holds want.
+func (p *proc) lineWith(t *testing.T, want string) string {
+	t.Helper()
+	for {
+		if l := p.line(t); strings.Contains(l, want) {
+			return l
+		}
+	}
+}
+
+// killUnderLaunch kills `launch` under its running VM: QEMU exits within
+// the bound, and `umount` cleans the dead mount.
+func killUnderLaunch(t *testing.T, e *env, url string) {
+	adoptOrphans(t)
+	l := e.start("launch", "--accel", "tcg", url)
+	l.lineWith(t, "QEMU running")
+	pid := qemuOf(t, l)
+	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	m := regexp.MustCompile(`mem-path=([^,\x00]+)/memory/image`).FindSubmatch(cmdline)
+	if m == nil {
+		t.Fatalf("no mount in QEMU's command line %q", cmdline)
+	}
+	mnt := string(m[1])
+	killDaemon(t, l, pid)
+	if fstype, _ := session.MountType(mnt); fstype != session.FSType {
+		t.Fatalf("after the kill %s holds %q, want the dead cloudletfs mount", mnt, fstype)
+	}
+	if out := e.ok("umount", mnt); !strings.Contains(out, "cleaned a dead mount") {
+		t.Fatalf("umount of the dead mount said %q", out)
+	}
+	if fstype, _ := session.MountType(mnt); fstype != "" {
+		t.Fatalf("%s still mounted after umount", fstype)
+	}
+	os.Remove(mnt)
+}
+
+// killUnderCapture kills a scripted `overlay capture` under its running
+// VM: QEMU exits within the bound. The next capture cleans what the
+// killed one left in the state dir, shows the guest's console in a log
+// and its progress while it waits, and stopped with SIGTERM, stops its
+// QEMU, unmounts and leaves nothing behind.
+func killUnderCapture(t *testing.T, e *env) {
+	adoptOrphans(t)
+	e.write("wait.script", []byte("echo capture-script-ran\n"))
+	capture := func() *proc {
+		return e.start("overlay", "capture", "--base", "guest", "--script", e.path("wait.script"),
+			"--ready", "^no such line", "--ready-timeout", "10m", "--accel", "tcg", "-o", e.path("never.overlay"))
+	}
+	works := func() []string {
+		w, _ := filepath.Glob(filepath.Join(e.state, "capture-*"))
+		return w
+	}
+	c := capture()
+	c.lineWith(t, "the VM is running")
+	killDaemon(t, c, qemuOf(t, c))
+	left := works()
+	if len(left) != 1 {
+		t.Fatalf("the killed capture left %v in the state dir, want its work directory", left)
+	}
+
+	c = capture()
+	running := c.lineWith(t, "the VM is running")
+	if w := works(); len(w) != 1 || w[0] == left[0] {
+		t.Fatalf("the next capture left the killed one's work directory: %v", w)
+	}
+	if fstype, _ := session.MountType(filepath.Join(left[0], "mnt")); fstype != "" {
+		t.Fatalf("the killed capture's %s mount is still there", fstype)
+	}
+	logPath := running[strings.LastIndex(running, " ")+1:]
+	t.Cleanup(func() { os.Remove(logPath) })
+	if l := c.lineWith(t, "waiting for --ready"); !strings.Contains(l, "chunks written") {
+		t.Fatalf("progress line %q", l)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for b, _ := os.ReadFile(logPath); !strings.Contains(string(b), "capture-script-ran"); b, _ = os.ReadFile(logPath) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the console log %s never showed the script's output:\n%s", logPath, b)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	pid := qemuOf(t, c)
+	work := works()
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	if err := c.wait(t); err == nil {
+		t.Fatal("a capture stopped by SIGTERM exited 0")
+	}
+	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		var ws syscall.WaitStatus
+		if got, _ := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil); got != pid {
+			t.Fatalf("QEMU (pid %d) still runs after its capture stopped", pid)
+		}
+		t.Fatalf("the capture exited without waiting for its QEMU (pid %d)", pid)
+	}
+	if fstype, _ := session.MountType(filepath.Join(work[0], "mnt")); fstype != "" {
+		t.Fatalf("the stopped capture left its %s mount", fstype)
+	}
+	if w := works(); len(w) != 0 {
+		t.Fatalf("the stopped capture left %v", w)
+	}
+	if !strings.Contains(c.errText(), "stopped: terminated signal received") {
+		t.Fatalf("the stopped capture did not say why it stopped:\n%s", c.errText())
+	}
 }

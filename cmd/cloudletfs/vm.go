@@ -10,7 +10,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -19,6 +18,7 @@ import (
 	"time"
 
 	"github.com/dustin/go-humanize"
+	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 
@@ -310,10 +310,11 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if _, _, err := baseConfig(rec); err != nil {
 		return err
 	}
-	work, err := os.MkdirTemp(st.Dir(), "capture-*")
+	work, unlock, err := captureDir(st.Dir(), logger(c))
 	if err != nil {
 		return err
 	}
+	defer unlock()
 	defer os.RemoveAll(work)
 
 	// Run the base from a mount of an overlay that changes nothing: reads
@@ -344,6 +345,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	// Unmounted after QEMU has quit (deferred later, run earlier).
 	defer func() {
 		s.Close()
 		s.Cache.DropWritten()
@@ -352,11 +354,20 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	consoleLog, err := os.CreateTemp("", "cloudletfs-capture-*.console.log")
+	if err != nil {
+		return err
+	}
+	defer consoleLog.Close()
+	console := io.Writer(consoleLog)
+	if out := consoleOut(c); out != nil {
+		console = io.MultiWriter(out, consoleLog)
+	}
 
 	memPath, diskPath := filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image")
 	qmp := filepath.Join(work, "qmp.sock")
 	args := cfg.Args(qemu.Run{Accel: accel, Memory: memPath, Share: true, Disk: diskPath, QMP: qmp, Incoming: true})
-	vm, err := qemu.Start(c.Context, bin, args, qmp, consoleOut(c))
+	vm, err := qemu.Start(c.Context, bin, args, qmp, console)
 	if err != nil {
 		return err
 	}
@@ -364,6 +375,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err := vm.Resume(c.Context, rec.State.Path); err != nil {
 		return err
 	}
+	fmt.Fprintf(c.App.Writer, "the VM is running (%s); its console goes to %s\n", accel, consoleLog.Name())
 	if script != nil {
 		vm.ClearConsole()
 		for _, line := range strings.SplitAfter(string(script), "\n") {
@@ -371,13 +383,26 @@ func overlayCaptureCmd(c *cli.Context) error {
 				return err
 			}
 		}
-		if err := readyWait(c, vm); err != nil {
+		stop := showProgress(c.App.Writer, s, 5*time.Second)
+		err := readyWait(c, vm)
+		stop()
+		if err != nil {
 			return err
 		}
 	} else {
 		fmt.Fprintln(c.App.ErrWriter, "the VM's console is attached; customize it, then press Ctrl-D to capture")
-		if _, err := io.Copy(vmWriter{vm}, os.Stdin); err != nil {
-			return err
+		typed := make(chan error, 1)
+		go func() {
+			_, err := io.Copy(vmWriter{vm}, os.Stdin)
+			typed <- err
+		}()
+		select {
+		case err := <-typed:
+			if err != nil {
+				return err
+			}
+		case <-c.Context.Done():
+			return c.Context.Err()
 		}
 	}
 	state := filepath.Join(work, "state")
@@ -416,6 +441,98 @@ func overlayCaptureCmd(c *cli.Context) error {
 	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
 	fmt.Fprintf(c.App.Writer, "stream order: the %d chunks the VM touched while it ran come first\n", len(trace.Accesses))
 	return nil
+}
+
+// showProgress prints, every interval until stopped, how long the VM has
+// been customized and how many chunks it has written.
+func showProgress(w io.Writer, s *session.Session, interval time.Duration) (stop func()) {
+	start := time.Now()
+	done := make(chan struct{})
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				st := s.Fetcher.Stats()
+				fmt.Fprintf(w, "%8s  waiting for --ready: %d chunks written (disk %d, memory %d)\n",
+					time.Since(start).Round(time.Second), st.Disk.Modified+st.Memory.Modified, st.Disk.Modified, st.Memory.Modified)
+			}
+		}
+	}()
+	return func() { close(done); <-ended }
+}
+
+// captureDir makes a capture's work directory in the state dir, locked
+// for as long as the capture runs, and first removes those that captures
+// killed before they could clean up left behind. One lock on the state dir
+// orders the two, so a directory is never taken for stale between its
+// creation and its lock.
+func captureDir(dir string, log zerolog.Logger) (work string, unlock func(), err error) {
+	all, err := flock(filepath.Join(dir, "capture.lock"), true)
+	if err != nil {
+		return "", nil, err
+	}
+	defer all.Close()
+	stale, _ := filepath.Glob(filepath.Join(dir, "capture-*"))
+	for _, w := range stale {
+		cleanStaleCapture(w, log)
+	}
+	if work, err = os.MkdirTemp(dir, "capture-*"); err != nil {
+		return "", nil, err
+	}
+	lock, err := flock(filepath.Join(work, "lock"), true)
+	if err != nil {
+		os.RemoveAll(work)
+		return "", nil, err
+	}
+	return work, func() { lock.Close() }, nil
+}
+
+// flock opens path, creating it, and locks it exclusively, waiting or not.
+func flock(path string, wait bool) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	how := syscall.LOCK_EX
+	if !wait {
+		how |= syscall.LOCK_NB
+	}
+	if err := syscall.Flock(int(f.Fd()), how); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("locking %s: %w", path, err)
+	}
+	return f, nil
+}
+
+// cleanStaleCapture removes the work directory of a capture that no longer
+// runs: one whose lock is free. The mount inside, whose daemon is gone, is
+// detached first, so the removal never reaches into a mount.
+func cleanStaleCapture(work string, log zerolog.Logger) {
+	lock, err := flock(filepath.Join(work, "lock"), false)
+	if err != nil {
+		return // a capture running now
+	}
+	defer lock.Close()
+	mnt := filepath.Join(work, "mnt")
+	if fstype, err := session.MountType(mnt); err != nil {
+		return
+	} else if fstype != "" {
+		if fstype != session.FSType || !session.IsDead(mnt) || session.CleanDead(mnt) != nil {
+			log.Warn().Str("dir", work).Msg("a killed capture left a mount behind that cannot be cleaned: unmount it, then remove the directory")
+			return
+		}
+	}
+	if err := os.RemoveAll(work); err != nil {
+		log.Warn().Err(err).Str("dir", work).Msg("could not remove what a killed capture left behind")
+		return
+	}
+	log.Info().Str("dir", work).Msg("removed what a killed capture left behind")
 }
 
 // mountReader reads one image of a mounted overlay in-process.
@@ -596,9 +713,6 @@ func launchCmd(c *cli.Context) error {
 	if s != nil {
 		complete = s.Fetcher.Complete()
 	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sigs)
 	probeDone := c.String("probe") == ""
 	for {
 		select {
@@ -617,7 +731,7 @@ func launchCmd(c *cli.Context) error {
 			probeDone, probed = true, nil
 		case <-complete:
 			st := s.Fetcher.Stats()
-			mark(fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, %.0f ms stalled)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallTotalMs))
+			mark(fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, reads waited %.0f ms summed over readers)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallTotalMs))
 			complete = nil
 		case <-vm.Exited():
 			mark("the VM exited")
@@ -625,8 +739,9 @@ func launchCmd(c *cli.Context) error {
 				return err
 			}
 			return vmEnded(vm, s, probeDone)
-		case sig := <-sigs:
-			mark("stopping on " + sig.String())
+		case <-c.Context.Done():
+			// QEMU first: the mount is unmounted once nothing holds it.
+			mark("stopping on a signal")
 			vm.Quit(context.Background())
 			return writeLaunchTrace(c, s)
 		}
@@ -678,6 +793,7 @@ func probe(c *cli.Context, s *session.Session, command string, port int, vm *qem
 	for {
 		cmd := exec.Command("sh", "-c", command)
 		cmd.Env = append(os.Environ(), "CLOUDLETFS_PORT="+strconv.Itoa(port))
+		qemu.CloseOnExec()
 		out, err := cmd.Output()
 		if err == nil {
 			mark("first response: " + strings.TrimSpace(string(out)))
