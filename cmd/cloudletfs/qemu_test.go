@@ -420,19 +420,29 @@ func qemuOf(t *testing.T, p *proc) int {
 	return 0
 }
 
-// killDaemon kills p with SIGKILL and waits until the QEMU it ran has
-// exited, every thread of it, and been reaped here; it fails the test if
-// that takes longer than qemuBound. A QEMU that hangs is freed by
-// aborting the FUSE connections it holds, so the test leaves nothing
-// behind.
-func killDaemon(t *testing.T, p *proc, qemuPid int) {
+// killDaemon kills p with SIGKILL and waits until the QEMU it ran from
+// the mount at mnt has exited, every thread of it, and been reaped here;
+// it fails the test if that takes longer than qemuBound. A QEMU that hangs
+// is freed by aborting the FUSE connection of mnt, so that the test
+// leaves nothing behind.
+func killDaemon(t *testing.T, p *proc, qemuPid int, mnt string) {
 	t.Helper()
+	conn := fuseConnection(t, mnt)
 	p.cmd.Process.Signal(syscall.SIGKILL)
-	p.wait(t)
+	// Every thread of the daemon is gone once QEMU is handed to this
+	// process. The daemon's pipes may stay open for as long as QEMU
+	// lives, so they cannot tell.
+	deadline := time.Now().Add(30 * time.Second)
+	for ppid(qemuPid) != os.Getpid() {
+		if time.Now().After(deadline) {
+			t.Fatalf("QEMU (pid %d) was not handed over after its daemon was killed", qemuPid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	start := time.Now()
 	reaped := make(chan error, 1)
+	var ws syscall.WaitStatus
 	go func() {
-		var ws syscall.WaitStatus
 		_, err := syscall.Wait4(qemuPid, &ws, 0, nil)
 		reaped <- err
 	}()
@@ -441,15 +451,57 @@ func killDaemon(t *testing.T, p *proc, qemuPid int) {
 		if err != nil {
 			t.Fatalf("waiting for QEMU (pid %d): %v", qemuPid, err)
 		}
-		t.Logf("QEMU exited %s after its daemon was killed", time.Since(start).Round(time.Millisecond))
-	case <-time.After(qemuBound):
-		conns, _ := filepath.Glob("/sys/fs/fuse/connections/*/abort")
-		for _, c := range conns {
-			os.WriteFile(c, []byte("1"), 0)
+		how := fmt.Sprintf("with status %d", ws.ExitStatus())
+		if ws.Signaled() {
+			how = "on " + ws.Signal().String()
 		}
+		t.Logf("QEMU ended %s %s after its daemon was killed", how, time.Since(start).Round(time.Millisecond))
+		p.wait(t)
+	case <-time.After(qemuBound):
+		abortFUSE(t, conn)
 		syscall.Kill(qemuPid, syscall.SIGKILL)
 		<-reaped
 		t.Fatalf("QEMU (pid %d) still ran %s after its daemon was killed", qemuPid, qemuBound)
+	}
+}
+
+// ppid returns the parent of process pid, or 0.
+func ppid(pid int) int {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	_, after, _ := strings.Cut(string(b), "\nPPid:")
+	n, _ := strconv.Atoi(strings.TrimSpace(strings.SplitN(after, "\n", 2)[0]))
+	return n
+}
+
+// fuseConnection returns the number of the FUSE connection behind the
+// mount at mnt: the minor device number in mountinfo.
+func fuseConnection(t *testing.T, mnt string) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == mnt {
+			_, minor, _ := strings.Cut(f[2], ":")
+			return minor
+		}
+	}
+	t.Fatalf("%s is not mounted", mnt)
+	return ""
+}
+
+// abortFUSE ends FUSE connection conn through the fusectl file system,
+// mounting it if it is not.
+func abortFUSE(t *testing.T, conn string) {
+	const ctl = "/sys/fs/fuse/connections"
+	if _, err := os.Stat(filepath.Join(ctl, conn)); err != nil {
+		if err := syscall.Mount("fusectl", ctl, "fusectl", 0, ""); err == nil {
+			defer syscall.Unmount(ctl, 0)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(ctl, conn, "abort"), []byte("1"), 0); err != nil {
+		t.Logf("could not abort FUSE connection %s: %v", conn, err)
 	}
 }
 
@@ -476,7 +528,7 @@ func killUnderLaunch(t *testing.T, e *env, url string) {
 		t.Fatalf("no mount in QEMU's command line %q", cmdline)
 	}
 	mnt := string(m[1])
-	killDaemon(t, l, pid)
+	killDaemon(t, l, pid, mnt)
 	if fstype, _ := session.MountType(mnt); fstype != session.FSType {
 		t.Fatalf("after the kill %s holds %q, want the dead cloudletfs mount", mnt, fstype)
 	}
@@ -507,10 +559,13 @@ func killUnderCapture(t *testing.T, e *env) {
 	}
 	c := capture()
 	c.lineWith(t, "the VM is running")
-	killDaemon(t, c, qemuOf(t, c))
 	left := works()
 	if len(left) != 1 {
-		t.Fatalf("the killed capture left %v in the state dir, want its work directory", left)
+		t.Fatalf("the running capture has %v in the state dir, want its work directory", left)
+	}
+	killDaemon(t, c, qemuOf(t, c), filepath.Join(left[0], "mnt"))
+	if w := works(); len(w) != 1 || w[0] != left[0] {
+		t.Fatalf("the killed capture left %v in the state dir, want its work directory %s", w, left[0])
 	}
 
 	c = capture()
