@@ -461,6 +461,7 @@ func killDaemon(t *testing.T, p *proc, qemuPid int, mnt string) {
 		abortFUSE(t, conn)
 		syscall.Kill(qemuPid, syscall.SIGKILL)
 		<-reaped
+		syscall.Unmount(mnt, syscall.MNT_DETACH)
 		t.Fatalf("QEMU (pid %d) still ran %s after its daemon was killed", qemuPid, qemuBound)
 	}
 }
