@@ -425,7 +425,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 		}
 	}
 	in := &overlay.Input{
-		Images: [2]io.ReaderAt{mountReader{s, overlay.Disk}, mountReader{s, overlay.Memory}},
+		Images: [2]io.ReaderAt{mountReader{c.Context, s, overlay.Disk}, mountReader{c.Context, s, overlay.Memory}},
 		Sizes:  [2]int64{s.Overlay.Header.ImageSize(overlay.Disk), s.Overlay.Header.ImageSize(overlay.Memory)},
 	}
 	if in.State, err = os.ReadFile(state); err != nil {
@@ -535,8 +535,10 @@ func cleanStaleCapture(work string, log zerolog.Logger) {
 	log.Info().Str("dir", work).Msg("removed what a killed capture left behind")
 }
 
-// mountReader reads one image of a mounted overlay in-process.
+// mountReader reads one image of a mounted overlay in-process, until ctx
+// ends.
 type mountReader struct {
+	ctx context.Context
 	s   *session.Session
 	img overlay.Image
 }
@@ -547,7 +549,7 @@ func (r mountReader) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	n := min(int64(len(p)), size-off)
-	if err := r.s.Fetcher.ReadAt(context.Background(), r.img, p[:n], off); err != nil {
+	if err := r.s.Fetcher.ReadAt(r.ctx, r.img, p[:n], off); err != nil {
 		return 0, err
 	}
 	if n < int64(len(p)) {
