@@ -516,19 +516,38 @@ func (p *proc) lineWith(t *testing.T, want string) string {
 	}
 }
 
-// killUnderLaunch kills `launch` under its running VM: QEMU exits within
-// the bound, and `umount` cleans the dead mount.
+// killUnderLaunch stops `launch` with SIGTERM under its running VM: it
+// quits QEMU, then unmounts, never under QEMU. Then it kills another
+// `launch` under its VM: QEMU exits within the bound, and `umount` cleans
+// the dead mount.
 func killUnderLaunch(t *testing.T, e *env, url string) {
 	adoptOrphans(t)
-	l := e.start("launch", "--accel", "tcg", url)
-	l.lineWith(t, "QEMU running")
-	pid := qemuOf(t, l)
-	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	m := regexp.MustCompile(`mem-path=([^,\x00]+)/memory/image`).FindSubmatch(cmdline)
-	if m == nil {
-		t.Fatalf("no mount in QEMU's command line %q", cmdline)
+	started := func() (*proc, int, string) {
+		l := e.start("launch", "--accel", "tcg", url)
+		l.lineWith(t, "QEMU running")
+		pid := qemuOf(t, l)
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		m := regexp.MustCompile(`mem-path=([^,\x00]+)/memory/image`).FindSubmatch(cmdline)
+		if m == nil {
+			t.Fatalf("no mount in QEMU's command line %q", cmdline)
+		}
+		return l, pid, string(m[1])
 	}
-	mnt := string(m[1])
+	l, pid, mnt := started()
+	l.cmd.Process.Signal(syscall.SIGTERM)
+	l.lineWith(t, "stopping on a signal")
+	l.wait(t)
+	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		t.Fatalf("QEMU (pid %d) is still there after launch stopped", pid)
+	}
+	if strings.Contains(l.errText(), "detaching the mount lazily") {
+		t.Fatalf("launch unmounted under its QEMU:\n%s", l.errText())
+	}
+	if fstype, _ := session.MountType(mnt); fstype != "" {
+		t.Fatalf("launch stopped by SIGTERM left its %s mount", fstype)
+	}
+
+	l, pid, mnt = started()
 	killDaemon(t, l, pid, mnt)
 	if fstype, _ := session.MountType(mnt); fstype != session.FSType {
 		t.Fatalf("after the kill %s holds %q, want the dead cloudletfs mount", mnt, fstype)
