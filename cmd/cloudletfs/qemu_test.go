@@ -24,6 +24,7 @@ import (
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/cloudletfs/cloudletfs/launch"
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
@@ -296,7 +297,7 @@ func guestCrash(t *testing.T, e *env, srvDir, ovl string) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, baseDir, err := baseConfig(rec)
+	_, baseDir, err := launch.BaseConfig(rec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -312,7 +313,7 @@ func guestCrash(t *testing.T, e *env, srvDir, ovl string) bool {
 	qmp := filepath.Join(e.dir, "crash-qmp.sock")
 	var out bytes.Buffer
 	console := &lockedWriter{w: &out}
-	port, err := freePort()
+	port, err := launch.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,12 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -22,7 +20,7 @@ import (
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 
-	"github.com/cloudletfs/cloudletfs/fetch"
+	"github.com/cloudletfs/cloudletfs/launch"
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
@@ -260,19 +258,6 @@ func consoleOut(c *cli.Context) io.Writer {
 	return nil
 }
 
-// baseConfig loads a base's vm.json.
-func baseConfig(b *store.Base) (*qemu.Config, string, error) {
-	if b.VMConfig == nil {
-		return nil, "", fmt.Errorf("base %s has no vm.json: it was imported, not created with `base create`, so cloudletfs cannot run it", b.Name)
-	}
-	raw, err := os.ReadFile(b.VMConfig.Path)
-	if err != nil {
-		return nil, "", err
-	}
-	cfg, err := qemu.LoadConfig(raw)
-	return cfg, filepath.Dir(b.VMConfig.Path), err
-}
-
 func overlayCaptureCmd(c *cli.Context) error {
 	bin, err := qemu.CheckBinary(c.String("qemu"))
 	if err != nil {
@@ -307,7 +292,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err := rec.CheckFiles(); err != nil {
 		return err
 	}
-	if _, _, err := baseConfig(rec); err != nil {
+	if _, _, err := launch.BaseConfig(rec); err != nil {
 		return err
 	}
 	work, unlock, err := captureDir(st.Dir(), logger(c))
@@ -595,16 +580,6 @@ type vmWriter struct{ vm *qemu.VM }
 
 func (w vmWriter) Write(p []byte) (int, error) { return len(p), w.vm.Type(string(p)) }
 
-// freePort asks the kernel for a free TCP port on 127.0.0.1.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
 func launchCmd(c *cli.Context) error {
 	if c.NArg() < 1 {
 		return errors.New("launch: want OVERLAY (see --help)")
@@ -618,204 +593,23 @@ func launchCmd(c *cli.Context) error {
 		return err
 	}
 	ref := c.Args().First()
-	w := c.App.Writer
-	start := time.Now()
-	mark := func(what string) {
-		fmt.Fprintf(w, "%8.3f s  %s\n", time.Since(start).Seconds(), what)
+	sopt, err := sessionOptions(c, ref, "")
+	if err != nil {
+		return err
 	}
-	// The VM's files: from a mount of the overlay, or, for the full
-	// synthesis baseline, from a directory `overlay extract` wrote.
-	var memory, disk, state, baseDir string
-	var cfg *qemu.Config
-	var s *session.Session
+	opt := launch.Options{Session: sopt, QEMU: bin, Accel: accel, Extra: c.Args().Tail(),
+		Probe: c.String("probe"), ProbeTimeout: c.Duration("probe-timeout"), ExitAfterProbe: c.Bool("exit-after-probe"),
+		Timeline: c.App.Writer, Console: consoleOut(c)}
 	if st, err := os.Stat(ref); err == nil && st.IsDir() {
-		memory, disk, state = filepath.Join(ref, overlay.MemoryFile), filepath.Join(ref, overlay.DiskFile), filepath.Join(ref, overlay.StateFile)
-		raw, err := os.ReadFile(filepath.Join(ref, overlay.VMConfigFile))
-		if err != nil {
-			return fmt.Errorf("%s: not an extracted VM: %w", ref, err)
-		}
-		if cfg, err = qemu.LoadConfig(raw); err != nil {
-			return err
-		}
-		mark("local files of an extracted VM")
-	} else {
-		mnt, err := os.MkdirTemp("", "cloudletfs-launch-")
-		if err != nil {
-			return err
-		}
-		defer os.Remove(mnt)
-		// The VM must be able to run before earlier writes are discarded.
-		check := func(o *overlay.Overlay, base *store.Base) error {
-			if o.VMConfig == nil {
-				return fmt.Errorf("overlay %s carries no vm.json: build it with `overlay capture`, or pass --vm-config to `overlay create`", fetch.Redact(ref))
-			}
-			var err error
-			if cfg, err = qemu.LoadConfig(o.VMConfig); err != nil {
-				return err
-			}
-			baseCfg, dir, err := baseConfig(base)
-			if err != nil {
-				return err
-			}
-			if a, b := mustJSON(cfg), mustJSON(baseCfg); a != b {
-				return fmt.Errorf("the overlay's vm.json does not match base %s's QEMU configuration:\n overlay: %s\n base:    %s", base.Name, a, b)
-			}
-			baseDir = dir
-			return nil
-		}
-		opt, err := sessionOptions(c, ref, mnt)
-		if err != nil {
-			return err
-		}
-		opt.Fresh, opt.Check = true, check
-		if s, err = session.Open(c.Context, opt); err != nil {
-			return err
-		}
-		defer s.Close()
-		limitMemory(s.Overlay.Header)
-		mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.Overlay.Header.TotalLen())), len(s.Overlay.Manifest.Segments)))
-		memory, disk, state = filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image"), filepath.Join(mnt, "state")
+		opt.Dir = ref
 	}
-	cfg.Extra = append(cfg.Extra, c.Args().Tail()...)
-	port, err := freePort()
-	if err != nil {
-		return err
-	}
-	qmp := filepath.Join(os.TempDir(), fmt.Sprintf("cloudletfs-qmp-%d.sock", os.Getpid()))
-	defer os.Remove(qmp)
-	args := cfg.Args(qemu.Run{Accel: accel, Memory: memory, Share: false,
-		Disk: disk, QMP: qmp, Incoming: true, HostPort: port, Dir: baseDir})
-	vm, err := qemu.Start(c.Context, bin, args, qmp, consoleOut(c))
-	if err != nil {
-		return err
-	}
-	defer vm.Quit(context.Background())
-	if err := vm.Resume(c.Context, state); err != nil {
-		// QEMU reads guest memory while it resumes; if a read fails it
-		// dies, and the QMP error alone would not say why.
-		if c.Context.Err() != nil {
-			return err
-		}
-		select {
-		case <-vm.Exited():
-			return fmt.Errorf("resuming the VM: %w", vmEnded(vm, s, false))
-		case <-time.After(2 * time.Second):
-			return err
-		}
-	}
-	mark(fmt.Sprintf("QEMU running (%s; guest port %d on 127.0.0.1:%d)", accel, cfg.GuestPort, port))
-
-	probed := make(chan error, 1)
-	if p := c.String("probe"); p != "" {
-		go func() { probed <- probe(c, s, p, port, vm, mark) }()
-	} else {
-		close(probed)
-	}
-	var complete <-chan struct{} // nil, never ready, without a mount
-	if s != nil {
-		complete = s.Fetcher.Complete()
-	}
-	probeDone := c.String("probe") == ""
-	for {
-		select {
-		case err, more := <-probed:
-			if !more {
-				probed = nil
-				continue
-			}
-			if errors.Is(err, errVMExited) {
-				probed = nil // the VM's exit is reported below
-				continue
-			}
-			if err != nil {
-				return err
-			}
-			probeDone, probed = true, nil
-		case <-complete:
-			st := s.Fetcher.Stats()
-			mark(fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, reads waited %.0f ms summed over readers)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallTotalMs))
-			complete = nil
-		case <-vm.Exited():
-			mark("the VM exited")
-			if err := writeLaunchTrace(c, s); err != nil {
-				return err
-			}
-			return vmEnded(vm, s, probeDone)
-		case <-c.Context.Done():
-			// QEMU first: the mount is unmounted once nothing holds it.
-			mark("stopping on a signal")
-			vm.Quit(context.Background())
-			return writeLaunchTrace(c, s)
-		}
-		if c.Bool("exit-after-probe") && probeDone && (s == nil || complete == nil || c.String("policy") == string(order.DemandOnly)) {
-			vm.Quit(context.Background())
-			mark("stopped the VM")
-			return writeLaunchTrace(c, s)
-		}
-	}
-}
-
-// vmEnded is the outcome of a launch whose VM exited on its own: an error
-// if QEMU failed, or if it ended before the probe succeeded. Reads the
-// mount failed are named, since QEMU dies of SIGBUS when a page of guest
-// memory cannot be read.
-func vmEnded(vm *qemu.VM, s *session.Session, probeDone bool) error {
-	err := vm.ExitErr()
-	if err == nil && probeDone {
-		return nil
-	}
-	what := "QEMU exited before the probe succeeded"
-	if err != nil {
-		what = fmt.Sprintf("QEMU exited: %v", err)
-	}
-	if s != nil {
-		if st := s.Fetcher.Stats(); st.FailedFetches+st.Timeouts > 0 {
-			what += fmt.Sprintf("; the mount answered reads with EIO: %d timed out waiting for their segment, %d segment fetches failed (%d fetch errors)", st.Timeouts, st.FailedFetches, st.FetchErrors)
-		}
-	}
-	return fmt.Errorf("%s; last console lines:\n%s", what, vm.Tail(10))
-}
-
-func writeLaunchTrace(c *cli.Context, s *session.Session) error {
-	if out := c.Path("trace-out"); out != "" && s != nil {
-		if err := writeTrace(out, s.Mount.WriteTrace); err != nil {
-			return fmt.Errorf("--trace-out: %w", err)
-		}
-	}
-	return nil
-}
-
-// errVMExited ends a probe whose VM has exited.
-var errVMExited = errors.New("the VM exited")
-
-// probe runs the probe command until it succeeds, and marks the first
-// response on the timeline.
-func probe(c *cli.Context, s *session.Session, command string, port int, vm *qemu.VM, mark func(string)) error {
-	deadline := time.Now().Add(c.Duration("probe-timeout"))
-	for {
-		cmd := exec.Command("sh", "-c", command)
-		cmd.Env = append(os.Environ(), "CLOUDLETFS_PORT="+strconv.Itoa(port))
-		qemu.CloseOnExec()
-		out, err := cmd.Output()
-		if err == nil {
-			mark("first response: " + strings.TrimSpace(string(out)))
-			if s != nil {
-				s.Mount.Mark(order.FirstResponse)
+	if out := c.Path("trace-out"); out != "" {
+		opt.Stopped = func(s *session.Session) error {
+			if err := writeTrace(out, s.Mount.WriteTrace); err != nil {
+				return fmt.Errorf("--trace-out: %w", err)
 			}
 			return nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("--probe never succeeded within %s (last: %v); last console lines:\n%s", c.Duration("probe-timeout"), err, vm.Tail(10))
-		}
-		select {
-		case <-vm.Exited():
-			return errVMExited
-		case <-time.After(50 * time.Millisecond):
-		}
 	}
-}
-
-func mustJSON(v any) string {
-	b, _ := json.Marshal(v)
-	return string(b)
+	return launch.Run(c.Context, opt)
 }
