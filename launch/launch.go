@@ -80,6 +80,7 @@ func Run(ctx context.Context, opt Options) (err error) {
 		mark("local files of an extracted VM")
 	} else {
 		ref := opt.Session.Overlay
+		session.CleanDeadMounts(filepath.Join(os.TempDir(), "cloudletfs-launch-*"), opt.Session.Log)
 		mnt, err := os.MkdirTemp("", "cloudletfs-launch-")
 		if err != nil {
 			return err

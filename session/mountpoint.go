@@ -85,28 +85,68 @@ func IsDead(abs string) bool {
 // MountType returns the file system type of the mount at abs, or "" when
 // abs is not a mount point, from /proc/self/mountinfo.
 func MountType(abs string) (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	ms, err := mounts()
 	if err != nil {
 		return "", err
+	}
+	fstype := ""
+	for _, m := range ms {
+		if m.dir == abs {
+			fstype = m.fstype // the last match is the mount on top
+		}
+	}
+	return fstype, nil
+}
+
+// CleanDeadMounts detaches the dead cloudletfs mounts whose mountpoints
+// match pattern (as filepath.Match) and removes those mountpoints, which
+// only a cloudletfs process that was killed leaves behind, as `launch`
+// makes its mountpoints itself.
+func CleanDeadMounts(pattern string, log zerolog.Logger) {
+	ms, err := mounts()
+	if err != nil {
+		return
+	}
+	for _, m := range ms {
+		if ok, _ := filepath.Match(pattern, m.dir); !ok || m.fstype != FSType || !IsDead(m.dir) {
+			continue
+		}
+		if err := CleanDead(m.dir); err != nil {
+			log.Warn().Err(err).Str("mountpoint", m.dir).Msg("a dead mount left by a killed cloudletfs")
+			continue
+		}
+		os.Remove(m.dir)
+		log.Warn().Str("mountpoint", m.dir).Msg("cleaned a dead mount left by a cloudletfs daemon that stopped without unmounting")
+	}
+}
+
+type mount struct{ dir, fstype string }
+
+// mounts lists this mount namespace's mounts, bottom first.
+func mounts() ([]mount, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
 	}
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	fstype := ""
+	var ms []mount
 	for sc.Scan() {
 		// ID parent major:minor root mountpoint options [optional...] - type source super
 		line := sc.Text()
 		fields := strings.Fields(line)
-		if len(fields) > 4 && unescapeMount(fields[4]) == abs {
-			_, after, _ := strings.Cut(line, " - ")
-			fstype = "unknown"
-			if t := strings.Fields(after); len(t) > 0 {
-				fstype = t[0]
-			}
-			// The last match is the mount on top.
+		if len(fields) <= 4 {
+			continue
 		}
+		m := mount{dir: unescapeMount(fields[4]), fstype: "unknown"}
+		_, after, _ := strings.Cut(line, " - ")
+		if t := strings.Fields(after); len(t) > 0 {
+			m.fstype = t[0]
+		}
+		ms = append(ms, m)
 	}
-	return fstype, sc.Err()
+	return ms, sc.Err()
 }
 
 // unescapeMount undoes mountinfo's octal escapes of space, tab, newline and

@@ -517,10 +517,9 @@ func (p *proc) lineWith(t *testing.T, want string) string {
 	}
 }
 
-// killUnderLaunch stops `launch` with SIGTERM under its running VM: it
-// quits QEMU, then unmounts, never under QEMU. Then it kills another
-// `launch` under its VM: QEMU exits within the bound, and `umount` cleans
-// the dead mount.
+// killUnderLaunch kills `launch` under its running VM: QEMU exits within
+// the bound, and the next `launch` cleans the dead mount. Stopped with
+// SIGTERM, that one quits QEMU, then unmounts, never under QEMU.
 func killUnderLaunch(t *testing.T, e *env, url string) {
 	adoptOrphans(t)
 	started := func() (*proc, int, string) {
@@ -534,7 +533,22 @@ func killUnderLaunch(t *testing.T, e *env, url string) {
 		}
 		return l, pid, string(m[1])
 	}
+	l, pid, dead := started()
+	killDaemon(t, l, pid, dead)
+	if fstype, _ := session.MountType(dead); fstype != session.FSType {
+		t.Fatalf("after the kill %s holds %q, want the dead cloudletfs mount", dead, fstype)
+	}
+
 	l, pid, mnt := started()
+	if fstype, _ := session.MountType(dead); fstype != "" {
+		t.Fatalf("the next launch left the killed one's dead %s mount", fstype)
+	}
+	if _, err := os.Stat(dead); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the next launch left the killed one's mountpoint %s (%v)", dead, err)
+	}
+	if !strings.Contains(l.errText(), "cleaned a dead mount") {
+		t.Fatalf("the next launch did not say it cleaned a dead mount:\n%s", l.errText())
+	}
 	l.cmd.Process.Signal(syscall.SIGTERM)
 	l.lineWith(t, "stopping on a signal")
 	l.wait(t)
@@ -547,19 +561,6 @@ func killUnderLaunch(t *testing.T, e *env, url string) {
 	if fstype, _ := session.MountType(mnt); fstype != "" {
 		t.Fatalf("launch stopped by SIGTERM left its %s mount", fstype)
 	}
-
-	l, pid, mnt = started()
-	killDaemon(t, l, pid, mnt)
-	if fstype, _ := session.MountType(mnt); fstype != session.FSType {
-		t.Fatalf("after the kill %s holds %q, want the dead cloudletfs mount", mnt, fstype)
-	}
-	if out := e.ok("umount", mnt); !strings.Contains(out, "cleaned a dead mount") {
-		t.Fatalf("umount of the dead mount said %q", out)
-	}
-	if fstype, _ := session.MountType(mnt); fstype != "" {
-		t.Fatalf("%s still mounted after umount", fstype)
-	}
-	os.Remove(mnt)
 }
 
 // killUnderCapture kills a scripted `overlay capture` under its running
