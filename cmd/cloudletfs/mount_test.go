@@ -124,13 +124,23 @@ func (p *proc) line(t *testing.T) string {
 // wait waits for the process to exit.
 func (p *proc) wait(t *testing.T) error {
 	t.Helper()
-	for range p.lines {
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case _, more := <-p.lines:
+			if more {
+				continue
+			}
+		case <-deadline:
+			t.Fatalf("process did not exit within 30s; stderr:\n%s", p.errText())
+		}
+		break
 	}
 	select {
 	case err := <-p.done:
 		return err
-	case <-time.After(30 * time.Second):
-		t.Fatalf("process did not exit within 30s; stderr:\n%s", p.stderr)
+	case <-deadline:
+		t.Fatalf("process did not exit within 30s; stderr:\n%s", p.errText())
 	}
 	return nil
 }

@@ -570,6 +570,13 @@ func killUnderLaunch(t *testing.T, e *env, url string) {
 // QEMU, unmounts and leaves nothing behind.
 func killUnderCapture(t *testing.T, e *env) {
 	adoptOrphans(t)
+	t.Cleanup(func() {
+		// What a failing run leaves, once its processes are killed.
+		mnts, _ := filepath.Glob(filepath.Join(e.state, "capture-*", "mnt"))
+		for _, mnt := range mnts {
+			syscall.Unmount(mnt, syscall.MNT_DETACH)
+		}
+	})
 	e.write("wait.script", []byte("echo capture-script-ran\n"))
 	capture := func() *proc {
 		return e.start("overlay", "capture", "--base", "guest", "--script", e.path("wait.script"),
