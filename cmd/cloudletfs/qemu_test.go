@@ -79,6 +79,19 @@ func TestQEMUEndToEnd(t *testing.T) {
 		t.Fatal("base create modified the disk it was given")
 	}
 
+	t.Run("base create killed while its VM boots", func(t *testing.T) {
+		// No mount here: QEMU ends because it dies with its parent.
+		e := e.in(t)
+		adoptOrphans(t)
+		// At debug level the console goes to stderr: the guest's kernel
+		// says when it runs.
+		b := e.start("--log-level", "debug", "base", "create", "--name", "killed", "--disk", disk, "--memory-size", "256MiB",
+			"--kernel", filepath.Join(g, "vmlinuz"), "--initrd", filepath.Join(g, "initrd.img"),
+			"--append", "console=ttyS0", "--ready", "^no such line", "--ready-timeout", "10m", "--accel", "tcg")
+		b.waitFor(t, "Linux version")
+		killDaemon(t, b, qemuOf(t, b), "")
+	})
+
 	t.Run("ready never matches", func(t *testing.T) {
 		out, err := run("base", "create", "--name", "never", "--disk", disk, "--memory-size", "256MiB",
 			"--kernel", filepath.Join(g, "vmlinuz"), "--initrd", filepath.Join(g, "initrd.img"),
@@ -396,39 +409,41 @@ func adoptOrphans(t *testing.T) {
 // qemuOf returns the pid of the QEMU process p started.
 func qemuOf(t *testing.T, p *proc) int {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p.cmd.Process.Pid, p.cmd.Process.Pid))
-	if err != nil {
-		t.Fatal(err)
+	pid := findQEMU(p)
+	if pid == 0 {
+		t.Fatalf("process %d runs no QEMU", p.cmd.Process.Pid)
 	}
-	for _, f := range strings.Fields(string(b)) {
-		pid, _ := strconv.Atoi(f)
-		if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.HasPrefix(string(comm), "qemu-system") {
-			return pid
-		}
-	}
-	// QEMU runs from a thread of the daemon other than the main one.
+	return pid
+}
+
+// findQEMU returns the pid of the QEMU process p started, or 0. QEMU may
+// be the child of any thread of p.
+func findQEMU(p *proc) int {
 	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", p.cmd.Process.Pid))
 	for _, task := range tasks {
 		b, _ := os.ReadFile(task)
 		for _, f := range strings.Fields(string(b)) {
 			pid, _ := strconv.Atoi(f)
-			if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.HasPrefix(string(comm), "qemu-system") {
+			// The VM, not `qemu-system-x86_64 --version`.
+			if args, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); bytes.Contains(args, []byte("\x00-qmp\x00")) {
 				return pid
 			}
 		}
 	}
-	t.Fatalf("process %d runs no QEMU", p.cmd.Process.Pid)
 	return 0
 }
 
-// killDaemon kills p with SIGKILL and waits until the QEMU it ran from
-// the mount at mnt has exited, every thread of it, and been reaped here;
-// it fails the test if that takes longer than qemuBound. A QEMU that hangs
-// is freed by aborting the FUSE connection of mnt, so that the test
-// leaves nothing behind.
+// killDaemon kills p with SIGKILL and waits until the QEMU it ran (from
+// the mount at mnt, if not "") has exited, every thread of it, and been
+// reaped here; it fails the test if that takes longer than qemuBound. A
+// QEMU that hangs is freed by aborting the FUSE connection of mnt, so
+// that the test leaves nothing behind.
 func killDaemon(t *testing.T, p *proc, qemuPid int, mnt string) {
 	t.Helper()
-	conn := fuseConnection(t, mnt)
+	conn := ""
+	if mnt != "" {
+		conn = fuseConnection(t, mnt)
+	}
 	p.cmd.Process.Signal(syscall.SIGKILL)
 	// Every thread of the daemon is gone once QEMU is handed to this
 	// process. The daemon's pipes may stay open for as long as QEMU
@@ -459,10 +474,14 @@ func killDaemon(t *testing.T, p *proc, qemuPid int, mnt string) {
 		t.Logf("QEMU ended %s %s after its daemon was killed", how, time.Since(start).Round(time.Millisecond))
 		p.wait(t)
 	case <-time.After(qemuBound):
-		abortFUSE(t, conn)
+		if mnt != "" {
+			abortFUSE(t, conn)
+		}
 		syscall.Kill(qemuPid, syscall.SIGKILL)
 		<-reaped
-		syscall.Unmount(mnt, syscall.MNT_DETACH)
+		if mnt != "" {
+			syscall.Unmount(mnt, syscall.MNT_DETACH)
+		}
 		t.Fatalf("QEMU (pid %d) still ran %s after its daemon was killed", qemuPid, qemuBound)
 	}
 }
