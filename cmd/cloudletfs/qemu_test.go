@@ -139,6 +139,10 @@ func TestQEMUEndToEnd(t *testing.T) {
 				t.Fatalf("%s differs after reorder", f)
 			}
 		}
+		// The full synthesis baseline: launch runs the extracted files.
+		if out := mustRun("launch", "--accel", "tcg", "--probe", probe, "--exit-after-probe", filepath.Join(e.dir, "x1")); !strings.Contains(out, "local files of an extracted VM") || !strings.Contains(out, "first response: count=") {
+			t.Fatalf("launch of the extracted VM:\n%s", out)
+		}
 		// Every chunk of the trace that carries data streams first, in
 		// first-access order.
 		tr, err := order.ParseFile(trace)
