@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -60,7 +61,7 @@ func New(dir string, f *fetch.Fetcher, opt Options) (*Mount, error) {
 			Name:          "cloudletfs",
 			AllowOther:    opt.AllowOther,
 			DisableXAttrs: true,
-			DirectMount:   true,
+			DirectMount:   !strings.HasPrefix(dir, "/dev/fd/"), // else a device the caller mounted itself
 			MaxReadAhead:  128 << 10,
 			Debug:         opt.Debug,
 			// The images change only through this mount, so the kernel's

@@ -11,9 +11,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -159,6 +161,22 @@ type VM struct {
 
 const keepLines = 200
 
+// CloseOnExec marks every descriptor of this process above stderr
+// close-on-exec, so that a child gets only what it is given. Go opens its
+// own files so, but libraries need not: go-fuse's splice keeps /dev/null
+// open without it. Start calls it; call it before starting any other child.
+func CloseOnExec() {
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, fd := range fds {
+		if n, err := strconv.Atoi(fd.Name()); err == nil && n > 2 {
+			syscall.CloseOnExec(n)
+		}
+	}
+}
+
 // Start runs QEMU with args. The serial console goes to console, if set,
 // and is kept for WaitConsole; Type writes to it. QMP is connected before
 // Start returns.
@@ -169,6 +187,11 @@ func Start(ctx context.Context, bin string, args []string, qmp string, console i
 	os.Remove(qmp)
 	v := &VM{changed: make(chan struct{}), exited: make(chan struct{})}
 	v.cmd = exec.Command(bin, args...)
+	// QEMU must not outlive its daemon: a VM whose mount is gone can
+	// only fail, and a stopped `launch` or `capture` must not leave one
+	// running behind. The kernel sends the signal when the thread that
+	// started the child ends, so that thread is kept for the child's life.
+	v.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	var err error
 	if v.stdin, err = v.cmd.StdinPipe(); err != nil {
 		return nil, err
@@ -178,17 +201,27 @@ func Start(ctx context.Context, bin string, args []string, qmp string, console i
 		return nil, err
 	}
 	v.cmd.Stderr = v.cmd.Stdout
-	if err := v.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("qemu: %w", err)
-	}
-	go v.readConsole(out, console)
+	CloseOnExec()
+	started := make(chan error, 1)
 	go func() {
+		runtime.LockOSThread()
+		if err := v.cmd.Start(); err != nil {
+			runtime.UnlockOSThread()
+			started <- err
+			return
+		}
+		started <- nil
 		err := v.cmd.Wait()
+		runtime.UnlockOSThread()
 		v.mu.Lock()
 		v.waitErr = err
 		v.mu.Unlock()
 		close(v.exited)
 	}()
+	if err := <-started; err != nil {
+		return nil, fmt.Errorf("qemu: %w", err)
+	}
+	go v.readConsole(out, console)
 	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	qc, err := Dial(dctx, qmp)

@@ -32,6 +32,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	app := newApp(os.Stdout, os.Stderr)
 	err := app.RunContext(ctx, interspersed(app, os.Args))
+	if ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		err = fmt.Errorf("stopped: %v", context.Cause(ctx))
+	}
 	stop()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "cloudletfs: %v\n", err)

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/cloudletfs/cloudletfs/order"
+	"github.com/cloudletfs/cloudletfs/session"
 )
 
 var (
@@ -123,13 +124,23 @@ func (p *proc) line(t *testing.T) string {
 // wait waits for the process to exit.
 func (p *proc) wait(t *testing.T) error {
 	t.Helper()
-	for range p.lines {
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case _, more := <-p.lines:
+			if more {
+				continue
+			}
+		case <-deadline:
+			t.Fatalf("process did not exit within 30s; stderr:\n%s", p.errText())
+		}
+		break
 	}
 	select {
 	case err := <-p.done:
 		return err
-	case <-time.After(30 * time.Second):
-		t.Fatalf("process did not exit within 30s; stderr:\n%s", p.stderr)
+	case <-deadline:
+		t.Fatalf("process did not exit within 30s; stderr:\n%s", p.errText())
 	}
 	return nil
 }
@@ -190,7 +201,7 @@ func TestMountCommand(t *testing.T) {
 		other := e.path("mnt2")
 		os.MkdirAll(other, 0o755)
 		e.fails([]string{"already mounted by another cloudletfs process"}, "mount", url, other)
-		if mounted, _ := isMountpoint(other); mounted {
+		if fstype, _ := session.MountType(other); fstype != "" {
 			t.Fatal("a refused mount left a mount behind")
 		}
 	})
@@ -283,7 +294,7 @@ func TestMountCommand(t *testing.T) {
 		e.fails([]string{"state", "changed since import"}, "mount", url, mnt)
 		e.ok("base", "rm", "base")
 		e.fails([]string{"not in the registry"}, "mount", url, mnt)
-		if mounted, _ := isMountpoint(mnt); mounted {
+		if fstype, _ := session.MountType(mnt); fstype != "" {
 			t.Fatal("a refused mount left a mount behind")
 		}
 	})
@@ -405,6 +416,89 @@ func TestCredentialsNeverShown(t *testing.T) {
 	for what, b := range seen {
 		if bytes.Contains(b, []byte(secret)) {
 			t.Errorf("the secret appears in the %s", what)
+		}
+	}
+}
+
+// umount leaves alone what is not a cloudletfs mount, and says so.
+func TestUmountOnlyCloudletfs(t *testing.T) {
+	requireFUSE(t)
+	e := newEnv(t)
+	dir := e.path("tmpfs")
+	os.MkdirAll(dir, 0o755)
+	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
+		t.Skipf("cannot mount a tmpfs: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(dir, syscall.MNT_DETACH) })
+	e.fails([]string{"not a cloudletfs mount but tmpfs"}, "umount", dir)
+	if fstype, _ := session.MountType(dir); fstype != "tmpfs" {
+		t.Fatalf("the tmpfs is gone after a refused umount (%q)", fstype)
+	}
+}
+
+// waitFor waits until the process's stderr holds want.
+func (p *proc) waitFor(t *testing.T, want string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(p.errText(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("stderr never said %q:\n%s", want, p.errText())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// SIGTERM on a mount whose files a process holds does not detach it under
+// that process: the daemon names the holder and serves on. A second
+// signal within a few seconds forces the unmount; a stop once the holder
+// is gone unmounts at once.
+func TestSignalOnHeldMount(t *testing.T) {
+	requireFUSE(t)
+	e := newEnv(t)
+	e.importBase("base", "base")
+	e.create("srv/app.overlay")
+	mnt := e.path("mnt")
+	os.MkdirAll(mnt, 0o755)
+	want := e.read("app/disk.img")
+	hold := func() *exec.Cmd {
+		f, err := os.Open(filepath.Join(mnt, "disk", "image"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		h := exec.Command("sleep", "600")
+		h.Stdin = f
+		if err := h.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { h.Process.Kill(); h.Wait() })
+		return h
+	}
+	for _, force := range []bool{true, false} {
+		m := e.mount(e.path("srv/app.overlay"), mnt)
+		h := hold()
+		m.cmd.Process.Signal(syscall.SIGTERM)
+		m.waitFor(t, fmt.Sprintf("sleep (pid %d)", h.Process.Pid))
+		if !strings.Contains(m.errText(), "not unmounting") {
+			t.Fatalf("the refusal does not say the mount stays:\n%s", m.errText())
+		}
+		got, err := os.ReadFile(filepath.Join(mnt, "disk", "image"))
+		if err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("the mount stopped serving after the first signal (%v)", err)
+		}
+		if !force {
+			h.Process.Kill()
+			h.Wait()
+		}
+		m.cmd.Process.Signal(syscall.SIGTERM)
+		if err := m.wait(t); err != nil {
+			t.Fatalf("mount exited with %v; stderr:\n%s", err, m.errText())
+		}
+		if lazy := strings.Contains(m.errText(), "detaching the mount lazily"); lazy != force {
+			t.Fatalf("holder still there: %v, detached lazily: %v; stderr:\n%s", force, lazy, m.errText())
+		}
+		if fstype, _ := session.MountType(mnt); fstype != "" {
+			t.Fatalf("%s still mounted after the daemon exited", fstype)
 		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/md5"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -20,10 +22,13 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
+	"github.com/cloudletfs/cloudletfs/launch"
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
+	"github.com/cloudletfs/cloudletfs/session"
 	"github.com/cloudletfs/cloudletfs/store"
 )
 
@@ -74,6 +79,19 @@ func TestQEMUEndToEnd(t *testing.T) {
 		t.Fatal("base create modified the disk it was given")
 	}
 
+	t.Run("base create killed while its VM boots", func(t *testing.T) {
+		// No mount here: QEMU ends because it dies with its parent.
+		e := e.in(t)
+		adoptOrphans(t)
+		// At debug level the console goes to stderr: the guest's kernel
+		// says when it runs.
+		b := e.start("--log-level", "debug", "base", "create", "--name", "killed", "--disk", disk, "--memory-size", "256MiB",
+			"--kernel", filepath.Join(g, "vmlinuz"), "--initrd", filepath.Join(g, "initrd.img"),
+			"--append", "console=ttyS0", "--ready", "^no such line", "--ready-timeout", "10m", "--accel", "tcg")
+		b.waitFor(t, "Linux version")
+		killDaemon(t, b, qemuOf(t, b), "")
+	})
+
 	t.Run("ready never matches", func(t *testing.T) {
 		out, err := run("base", "create", "--name", "never", "--disk", disk, "--memory-size", "256MiB",
 			"--kernel", filepath.Join(g, "vmlinuz"), "--initrd", filepath.Join(g, "initrd.img"),
@@ -121,6 +139,10 @@ func TestQEMUEndToEnd(t *testing.T) {
 				t.Fatalf("%s differs after reorder", f)
 			}
 		}
+		// The full synthesis baseline: launch runs the extracted files.
+		if out := mustRun("launch", "--accel", "tcg", "--probe", probe, "--exit-after-probe", filepath.Join(e.dir, "x1")); !strings.Contains(out, "local files of an extracted VM") || !strings.Contains(out, "first response: count=") {
+			t.Fatalf("launch of the extracted VM:\n%s", out)
+		}
 		// Every chunk of the trace that carries data streams first, in
 		// first-access order.
 		tr, err := order.ParseFile(trace)
@@ -163,6 +185,9 @@ func TestQEMUEndToEnd(t *testing.T) {
 			t.Fatalf("replay --tune:\n%s", out)
 		}
 	})
+
+	t.Run("daemon killed under QEMU: launch", func(t *testing.T) { killUnderLaunch(t, e.in(t), url) })
+	t.Run("daemon killed under QEMU: capture, then SIGTERM", func(t *testing.T) { killUnderCapture(t, e.in(t)) })
 
 	wrote := false // a guest wrote to the disk through a mount of the overlay
 	t.Run("kill -9 while the guest writes and fsyncs", func(t *testing.T) { wrote = guestCrash(t, e, srvDir, ovl) })
@@ -289,7 +314,7 @@ func guestCrash(t *testing.T, e *env, srvDir, ovl string) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, baseDir, err := baseConfig(rec)
+	_, baseDir, err := launch.BaseConfig(rec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -305,7 +330,7 @@ func guestCrash(t *testing.T, e *env, srvDir, ovl string) bool {
 	qmp := filepath.Join(e.dir, "crash-qmp.sock")
 	var out bytes.Buffer
 	console := &lockedWriter{w: &out}
-	port, err := freePort()
+	port, err := launch.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -368,4 +393,273 @@ func guestCrash(t *testing.T, e *env, srvDir, ovl string) bool {
 	}
 	t.Logf("daemon killed after the guest's fsync %d; all %d files it reported synced are intact", killAt, len(synced))
 	return true
+}
+
+// qemuBound is how soon QEMU must be gone once its daemon was killed: the
+// kernel ends the FUSE connection with the daemon's last descriptor, and
+// QEMU is killed with its parent.
+const qemuBound = 20 * time.Second
+
+// adoptOrphans makes this process the reaper of the processes its
+// children leave behind, so that a QEMU whose daemon was killed can be
+// waited for, until the test ends.
+func adoptOrphans(t *testing.T) {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		t.Skipf("cannot become a subreaper: %v", err)
+	}
+	t.Cleanup(func() { unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) })
+}
+
+// qemuOf returns the pid of the QEMU process p started.
+func qemuOf(t *testing.T, p *proc) int {
+	t.Helper()
+	pid := findQEMU(p)
+	if pid == 0 {
+		t.Fatalf("process %d runs no QEMU", p.cmd.Process.Pid)
+	}
+	return pid
+}
+
+// findQEMU returns the pid of the QEMU process p started, or 0. QEMU may
+// be the child of any thread of p.
+func findQEMU(p *proc) int {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", p.cmd.Process.Pid))
+	for _, task := range tasks {
+		b, _ := os.ReadFile(task)
+		for _, f := range strings.Fields(string(b)) {
+			pid, _ := strconv.Atoi(f)
+			// The VM, not `qemu-system-x86_64 --version`.
+			if args, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); bytes.Contains(args, []byte("\x00-qmp\x00")) {
+				return pid
+			}
+		}
+	}
+	return 0
+}
+
+// killDaemon kills p with SIGKILL and waits until the QEMU it ran (from
+// the mount at mnt, if not "") has exited, every thread of it, and been
+// reaped here; it fails the test if that takes longer than qemuBound. A
+// QEMU that hangs is freed by aborting the FUSE connection of mnt, so
+// that the test leaves nothing behind.
+func killDaemon(t *testing.T, p *proc, qemuPid int, mnt string) {
+	t.Helper()
+	conn := ""
+	if mnt != "" {
+		conn = fuseConnection(t, mnt)
+	}
+	p.cmd.Process.Signal(syscall.SIGKILL)
+	// Every thread of the daemon is gone once QEMU is handed to this
+	// process. The daemon's pipes may stay open for as long as QEMU
+	// lives, so they cannot tell.
+	deadline := time.Now().Add(30 * time.Second)
+	for ppid(qemuPid) != os.Getpid() {
+		if time.Now().After(deadline) {
+			t.Fatalf("QEMU (pid %d) was not handed over after its daemon was killed", qemuPid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	start := time.Now()
+	reaped := make(chan error, 1)
+	var ws syscall.WaitStatus
+	go func() {
+		_, err := syscall.Wait4(qemuPid, &ws, 0, nil)
+		reaped <- err
+	}()
+	select {
+	case err := <-reaped:
+		if err != nil {
+			t.Fatalf("waiting for QEMU (pid %d): %v", qemuPid, err)
+		}
+		how := fmt.Sprintf("with status %d", ws.ExitStatus())
+		if ws.Signaled() {
+			how = "on " + ws.Signal().String()
+		}
+		t.Logf("QEMU ended %s %s after its daemon was killed", how, time.Since(start).Round(time.Millisecond))
+		p.wait(t)
+	case <-time.After(qemuBound):
+		if mnt != "" {
+			abortFUSE(t, conn)
+		}
+		syscall.Kill(qemuPid, syscall.SIGKILL)
+		<-reaped
+		if mnt != "" {
+			syscall.Unmount(mnt, syscall.MNT_DETACH)
+		}
+		t.Fatalf("QEMU (pid %d) still ran %s after its daemon was killed", qemuPid, qemuBound)
+	}
+}
+
+// ppid returns the parent of process pid, or 0.
+func ppid(pid int) int {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	_, after, _ := strings.Cut(string(b), "\nPPid:")
+	n, _ := strconv.Atoi(strings.TrimSpace(strings.SplitN(after, "\n", 2)[0]))
+	return n
+}
+
+// fuseConnection returns the number of the FUSE connection behind the
+// mount at mnt: the minor device number in mountinfo.
+func fuseConnection(t *testing.T, mnt string) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && f[4] == mnt {
+			_, minor, _ := strings.Cut(f[2], ":")
+			return minor
+		}
+	}
+	t.Fatalf("%s is not mounted", mnt)
+	return ""
+}
+
+// abortFUSE ends FUSE connection conn through the fusectl file system,
+// mounting it if it is not.
+func abortFUSE(t *testing.T, conn string) {
+	const ctl = "/sys/fs/fuse/connections"
+	if _, err := os.Stat(filepath.Join(ctl, conn)); err != nil {
+		if err := syscall.Mount("fusectl", ctl, "fusectl", 0, ""); err == nil {
+			defer syscall.Unmount(ctl, 0)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(ctl, conn, "abort"), []byte("1"), 0); err != nil {
+		t.Logf("could not abort FUSE connection %s: %v", conn, err)
+	}
+}
+
+// lineWith waits for a line of p's stdout that holds want.
+func (p *proc) lineWith(t *testing.T, want string) string {
+	t.Helper()
+	for {
+		if l := p.line(t); strings.Contains(l, want) {
+			return l
+		}
+	}
+}
+
+// killUnderLaunch kills `launch` under its running VM: QEMU exits within
+// the bound, and the next `launch` cleans the dead mount. Stopped with
+// SIGTERM, that one quits QEMU, then unmounts, never under QEMU.
+func killUnderLaunch(t *testing.T, e *env, url string) {
+	adoptOrphans(t)
+	started := func() (*proc, int, string) {
+		l := e.start("launch", "--accel", "tcg", url)
+		l.lineWith(t, "QEMU running")
+		pid := qemuOf(t, l)
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		m := regexp.MustCompile(`mem-path=([^,\x00]+)/memory/image`).FindSubmatch(cmdline)
+		if m == nil {
+			t.Fatalf("no mount in QEMU's command line %q", cmdline)
+		}
+		return l, pid, string(m[1])
+	}
+	l, pid, dead := started()
+	killDaemon(t, l, pid, dead)
+	if fstype, _ := session.MountType(dead); fstype != session.FSType {
+		t.Fatalf("after the kill %s holds %q, want the dead cloudletfs mount", dead, fstype)
+	}
+
+	l, pid, mnt := started()
+	if fstype, _ := session.MountType(dead); fstype != "" {
+		t.Fatalf("the next launch left the killed one's dead %s mount", fstype)
+	}
+	if _, err := os.Stat(dead); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("the next launch left the killed one's mountpoint %s (%v)", dead, err)
+	}
+	if !strings.Contains(l.errText(), "cleaned a dead mount") {
+		t.Fatalf("the next launch did not say it cleaned a dead mount:\n%s", l.errText())
+	}
+	l.cmd.Process.Signal(syscall.SIGTERM)
+	l.lineWith(t, "stopping on a signal")
+	l.wait(t)
+	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		t.Fatalf("QEMU (pid %d) is still there after launch stopped", pid)
+	}
+	if strings.Contains(l.errText(), "detaching the mount lazily") {
+		t.Fatalf("launch unmounted under its QEMU:\n%s", l.errText())
+	}
+	if fstype, _ := session.MountType(mnt); fstype != "" {
+		t.Fatalf("launch stopped by SIGTERM left its %s mount", fstype)
+	}
+}
+
+// killUnderCapture kills a scripted `overlay capture` under its running
+// VM: QEMU exits within the bound. The next capture cleans what the
+// killed one left in the state dir, shows the guest's console in a log
+// and its progress while it waits, and stopped with SIGTERM, stops its
+// QEMU, unmounts and leaves nothing behind.
+func killUnderCapture(t *testing.T, e *env) {
+	adoptOrphans(t)
+	t.Cleanup(func() {
+		// What a failing run leaves, once its processes are killed.
+		mnts, _ := filepath.Glob(filepath.Join(e.state, "capture-*", "mnt"))
+		for _, mnt := range mnts {
+			syscall.Unmount(mnt, syscall.MNT_DETACH)
+		}
+	})
+	e.write("wait.script", []byte("echo capture-script-ran\n"))
+	capture := func() *proc {
+		return e.start("overlay", "capture", "--base", "guest", "--script", e.path("wait.script"),
+			"--ready", "^no such line", "--ready-timeout", "10m", "--accel", "tcg", "-o", e.path("never.overlay"))
+	}
+	works := func() []string {
+		w, _ := filepath.Glob(filepath.Join(e.state, "capture-*"))
+		return w
+	}
+	c := capture()
+	c.lineWith(t, "the VM is running")
+	left := works()
+	if len(left) != 1 {
+		t.Fatalf("the running capture has %v in the state dir, want its work directory", left)
+	}
+	killDaemon(t, c, qemuOf(t, c), filepath.Join(left[0], "mnt"))
+	if w := works(); len(w) != 1 || w[0] != left[0] {
+		t.Fatalf("the killed capture left %v in the state dir, want its work directory %s", w, left[0])
+	}
+
+	c = capture()
+	running := c.lineWith(t, "the VM is running")
+	if w := works(); len(w) != 1 || w[0] == left[0] {
+		t.Fatalf("the next capture left the killed one's work directory: %v", w)
+	}
+	if fstype, _ := session.MountType(filepath.Join(left[0], "mnt")); fstype != "" {
+		t.Fatalf("the killed capture's %s mount is still there", fstype)
+	}
+	logPath := running[strings.LastIndex(running, " ")+1:]
+	t.Cleanup(func() { os.Remove(logPath) })
+	if l := c.lineWith(t, "waiting for --ready"); !strings.Contains(l, "chunks written") {
+		t.Fatalf("progress line %q", l)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for b, _ := os.ReadFile(logPath); !strings.Contains(string(b), "capture-script-ran"); b, _ = os.ReadFile(logPath) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the console log %s never showed the script's output:\n%s", logPath, b)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	pid := qemuOf(t, c)
+	work := works()
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	if err := c.wait(t); err == nil {
+		t.Fatal("a capture stopped by SIGTERM exited 0")
+	}
+	if err := syscall.Kill(pid, 0); !errors.Is(err, syscall.ESRCH) {
+		var ws syscall.WaitStatus
+		if got, _ := syscall.Wait4(pid, &ws, syscall.WNOHANG, nil); got != pid {
+			t.Fatalf("QEMU (pid %d) still runs after its capture stopped", pid)
+		}
+		t.Fatalf("the capture exited without waiting for its QEMU (pid %d)", pid)
+	}
+	if fstype, _ := session.MountType(filepath.Join(work[0], "mnt")); fstype != "" {
+		t.Fatalf("the stopped capture left its %s mount", fstype)
+	}
+	if w := works(); len(w) != 0 {
+		t.Fatalf("the stopped capture left %v", w)
+	}
+	if !strings.Contains(c.errText(), "stopped: terminated signal received") {
+		t.Fatalf("the stopped capture did not say why it stopped:\n%s", c.errText())
+	}
 }

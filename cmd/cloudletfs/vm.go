@@ -7,25 +7,24 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/dustin/go-humanize"
+	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 
-	"github.com/cloudletfs/cloudletfs/fetch"
+	"github.com/cloudletfs/cloudletfs/launch"
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
+	"github.com/cloudletfs/cloudletfs/session"
 	"github.com/cloudletfs/cloudletfs/store"
 )
 
@@ -259,19 +258,6 @@ func consoleOut(c *cli.Context) io.Writer {
 	return nil
 }
 
-// baseConfig loads a base's vm.json.
-func baseConfig(b *store.Base) (*qemu.Config, string, error) {
-	if b.VMConfig == nil {
-		return nil, "", fmt.Errorf("base %s has no vm.json: it was imported, not created with `base create`, so cloudletfs cannot run it", b.Name)
-	}
-	raw, err := os.ReadFile(b.VMConfig.Path)
-	if err != nil {
-		return nil, "", err
-	}
-	cfg, err := qemu.LoadConfig(raw)
-	return cfg, filepath.Dir(b.VMConfig.Path), err
-}
-
 func overlayCaptureCmd(c *cli.Context) error {
 	bin, err := qemu.CheckBinary(c.String("qemu"))
 	if err != nil {
@@ -306,13 +292,14 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err := rec.CheckFiles(); err != nil {
 		return err
 	}
-	if _, _, err := baseConfig(rec); err != nil {
+	if _, _, err := launch.BaseConfig(rec); err != nil {
 		return err
 	}
-	work, err := os.MkdirTemp(st.Dir(), "capture-*")
+	work, unlock, err := captureDir(st.Dir(), logger(c))
 	if err != nil {
 		return err
 	}
+	defer unlock()
 	defer os.RemoveAll(work)
 
 	// Run the base from a mount of an overlay that changes nothing: reads
@@ -338,24 +325,34 @@ func overlayCaptureCmd(c *cli.Context) error {
 		return err
 	}
 	// Start from the base as it is, whatever an earlier capture wrote.
-	s, err := openSession(c, ident, mnt, sessionOptions{timeout: time.Minute, fresh: true})
+	s, err := session.Open(c.Context, session.Options{Overlay: ident, Mountpoint: mnt, StateDir: c.String("state-dir"),
+		Log: logger(c), FetchTimeout: time.Minute, Fresh: true})
 	if err != nil {
 		return err
 	}
-	defer s.finish()
+	// Unmounted after QEMU has quit (deferred later, run earlier).
 	defer func() {
-		s.unmount()
-		s.cache.DropWritten()
+		s.Close()
+		s.Cache.DropWritten()
 	}()
-	cfg, err := qemu.LoadConfig(s.o.VMConfig)
+	cfg, err := qemu.LoadConfig(s.Overlay.VMConfig)
 	if err != nil {
 		return err
+	}
+	consoleLog, err := os.CreateTemp("", "cloudletfs-capture-*.console.log")
+	if err != nil {
+		return err
+	}
+	defer consoleLog.Close()
+	console := io.Writer(consoleLog)
+	if out := consoleOut(c); out != nil {
+		console = io.MultiWriter(out, consoleLog)
 	}
 
 	memPath, diskPath := filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image")
 	qmp := filepath.Join(work, "qmp.sock")
 	args := cfg.Args(qemu.Run{Accel: accel, Memory: memPath, Share: true, Disk: diskPath, QMP: qmp, Incoming: true})
-	vm, err := qemu.Start(c.Context, bin, args, qmp, consoleOut(c))
+	vm, err := qemu.Start(c.Context, bin, args, qmp, console)
 	if err != nil {
 		return err
 	}
@@ -363,6 +360,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err := vm.Resume(c.Context, rec.State.Path); err != nil {
 		return err
 	}
+	fmt.Fprintf(c.App.Writer, "the VM is running (%s); its console goes to %s\n", accel, consoleLog.Name())
 	if script != nil {
 		vm.ClearConsole()
 		for _, line := range strings.SplitAfter(string(script), "\n") {
@@ -370,13 +368,26 @@ func overlayCaptureCmd(c *cli.Context) error {
 				return err
 			}
 		}
-		if err := readyWait(c, vm); err != nil {
+		stop := showProgress(c.App.Writer, s, 5*time.Second)
+		err := readyWait(c, vm)
+		stop()
+		if err != nil {
 			return err
 		}
 	} else {
 		fmt.Fprintln(c.App.ErrWriter, "the VM's console is attached; customize it, then press Ctrl-D to capture")
-		if _, err := io.Copy(vmWriter{vm}, os.Stdin); err != nil {
-			return err
+		typed := make(chan error, 1)
+		go func() {
+			_, err := io.Copy(vmWriter{vm}, os.Stdin)
+			typed <- err
+		}()
+		select {
+		case err := <-typed:
+			if err != nil {
+				return err
+			}
+		case <-c.Context.Done():
+			return c.Context.Err()
 		}
 	}
 	state := filepath.Join(work, "state")
@@ -392,20 +403,20 @@ func overlayCaptureCmd(c *cli.Context) error {
 		}
 	}
 
-	trace := s.m.Trace()
+	trace := s.Mount.Trace()
 	if p := c.Path("trace-out"); p != "" {
 		if err := writeTrace(p, func(w io.Writer) error { return order.Write(w, trace) }); err != nil {
 			return fmt.Errorf("--trace-out: %w", err)
 		}
 	}
 	in := &overlay.Input{
-		Images: [2]io.ReaderAt{mountReader{s, overlay.Disk}, mountReader{s, overlay.Memory}},
-		Sizes:  [2]int64{s.o.Header.ImageSize(overlay.Disk), s.o.Header.ImageSize(overlay.Memory)},
+		Images: [2]io.ReaderAt{mountReader{c.Context, s, overlay.Disk}, mountReader{c.Context, s, overlay.Memory}},
+		Sizes:  [2]int64{s.Overlay.Header.ImageSize(overlay.Disk), s.Overlay.Header.ImageSize(overlay.Memory)},
 	}
 	if in.State, err = os.ReadFile(state); err != nil {
 		return err
 	}
-	in.VMConfig = s.o.VMConfig
+	in.VMConfig = s.Overlay.VMConfig
 	out := c.Path("output")
 	start := time.Now()
 	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{Codec: codec, Workers: c.Int("jobs"), Order: order.FirstAccess(trace.Accesses)})
@@ -417,19 +428,113 @@ func overlayCaptureCmd(c *cli.Context) error {
 	return nil
 }
 
-// mountReader reads one image of a mounted overlay in-process.
+// showProgress prints, every interval until stopped, how long the VM has
+// been customized and how many chunks it has written.
+func showProgress(w io.Writer, s *session.Session, interval time.Duration) (stop func()) {
+	start := time.Now()
+	done := make(chan struct{})
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				st := s.Fetcher.Stats()
+				fmt.Fprintf(w, "%8s  waiting for --ready: %d chunks written (disk %d, memory %d)\n",
+					time.Since(start).Round(time.Second), st.Disk.Modified+st.Memory.Modified, st.Disk.Modified, st.Memory.Modified)
+			}
+		}
+	}()
+	return func() { close(done); <-ended }
+}
+
+// captureDir makes a capture's work directory in the state dir, locked
+// for as long as the capture runs, and first removes those that captures
+// killed before they could clean up left behind. One lock on the state dir
+// orders the two, so a directory is never taken for stale between its
+// creation and its lock.
+func captureDir(dir string, log zerolog.Logger) (work string, unlock func(), err error) {
+	all, err := flock(filepath.Join(dir, "capture.lock"), true)
+	if err != nil {
+		return "", nil, err
+	}
+	defer all.Close()
+	stale, _ := filepath.Glob(filepath.Join(dir, "capture-*"))
+	for _, w := range stale {
+		cleanStaleCapture(w, log)
+	}
+	if work, err = os.MkdirTemp(dir, "capture-*"); err != nil {
+		return "", nil, err
+	}
+	lock, err := flock(filepath.Join(work, "lock"), true)
+	if err != nil {
+		os.RemoveAll(work)
+		return "", nil, err
+	}
+	return work, func() { lock.Close() }, nil
+}
+
+// flock opens path, creating it, and locks it exclusively, waiting or not.
+func flock(path string, wait bool) (*os.File, error) {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	how := syscall.LOCK_EX
+	if !wait {
+		how |= syscall.LOCK_NB
+	}
+	if err := syscall.Flock(int(f.Fd()), how); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("locking %s: %w", path, err)
+	}
+	return f, nil
+}
+
+// cleanStaleCapture removes the work directory of a capture that no longer
+// runs: one whose lock is free. The mount inside, whose daemon is gone, is
+// detached first, so the removal never reaches into a mount.
+func cleanStaleCapture(work string, log zerolog.Logger) {
+	lock, err := flock(filepath.Join(work, "lock"), false)
+	if err != nil {
+		return // a capture running now
+	}
+	defer lock.Close()
+	mnt := filepath.Join(work, "mnt")
+	if fstype, err := session.MountType(mnt); err != nil {
+		return
+	} else if fstype != "" {
+		if fstype != session.FSType || !session.IsDead(mnt) || session.CleanDead(mnt) != nil {
+			log.Warn().Str("dir", work).Msg("a killed capture left a mount behind that cannot be cleaned: unmount it, then remove the directory")
+			return
+		}
+	}
+	if err := os.RemoveAll(work); err != nil {
+		log.Warn().Err(err).Str("dir", work).Msg("could not remove what a killed capture left behind")
+		return
+	}
+	log.Info().Str("dir", work).Msg("removed what a killed capture left behind")
+}
+
+// mountReader reads one image of a mounted overlay in-process, until ctx
+// ends.
 type mountReader struct {
-	s   *session
+	ctx context.Context
+	s   *session.Session
 	img overlay.Image
 }
 
 func (r mountReader) ReadAt(p []byte, off int64) (int, error) {
-	size := r.s.o.Header.ImageSize(r.img)
+	size := r.s.Overlay.Header.ImageSize(r.img)
 	if off >= size {
 		return 0, io.EOF
 	}
 	n := min(int64(len(p)), size-off)
-	if err := r.s.f.ReadAt(context.Background(), r.img, p[:n], off); err != nil {
+	if err := r.s.Fetcher.ReadAt(r.ctx, r.img, p[:n], off); err != nil {
 		return 0, err
 	}
 	if n < int64(len(p)) {
@@ -475,16 +580,6 @@ type vmWriter struct{ vm *qemu.VM }
 
 func (w vmWriter) Write(p []byte) (int, error) { return len(p), w.vm.Type(string(p)) }
 
-// freePort asks the kernel for a free TCP port on 127.0.0.1.
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
 func launchCmd(c *cli.Context) error {
 	if c.NArg() < 1 {
 		return errors.New("launch: want OVERLAY (see --help)")
@@ -498,201 +593,23 @@ func launchCmd(c *cli.Context) error {
 		return err
 	}
 	ref := c.Args().First()
-	w := c.App.Writer
-	start := time.Now()
-	mark := func(what string) {
-		fmt.Fprintf(w, "%8.3f s  %s\n", time.Since(start).Seconds(), what)
+	sopt, err := sessionOptions(c, ref, "")
+	if err != nil {
+		return err
 	}
-	// The VM's files: from a mount of the overlay, or, for the full
-	// synthesis baseline, from a directory `overlay extract` wrote.
-	var memory, disk, state, baseDir string
-	var cfg *qemu.Config
-	var s *session
+	opt := launch.Options{Session: sopt, QEMU: bin, Accel: accel, Extra: c.Args().Tail(),
+		Probe: c.String("probe"), ProbeTimeout: c.Duration("probe-timeout"), ExitAfterProbe: c.Bool("exit-after-probe"),
+		Timeline: c.App.Writer, Console: consoleOut(c)}
 	if st, err := os.Stat(ref); err == nil && st.IsDir() {
-		memory, disk, state = filepath.Join(ref, overlay.MemoryFile), filepath.Join(ref, overlay.DiskFile), filepath.Join(ref, overlay.StateFile)
-		raw, err := os.ReadFile(filepath.Join(ref, overlay.VMConfigFile))
-		if err != nil {
-			return fmt.Errorf("%s: not an extracted VM: %w", ref, err)
-		}
-		if cfg, err = qemu.LoadConfig(raw); err != nil {
-			return err
-		}
-		mark("local files of an extracted VM")
-	} else {
-		mnt, err := os.MkdirTemp("", "cloudletfs-launch-")
-		if err != nil {
-			return err
-		}
-		defer os.Remove(mnt)
-		// The VM must be able to run before earlier writes are discarded.
-		check := func(o *overlay.Overlay, base *store.Base) error {
-			if o.VMConfig == nil {
-				return fmt.Errorf("overlay %s carries no vm.json: build it with `overlay capture`, or pass --vm-config to `overlay create`", fetch.Redact(ref))
-			}
-			var err error
-			if cfg, err = qemu.LoadConfig(o.VMConfig); err != nil {
-				return err
-			}
-			baseCfg, dir, err := baseConfig(base)
-			if err != nil {
-				return err
-			}
-			if a, b := mustJSON(cfg), mustJSON(baseCfg); a != b {
-				return fmt.Errorf("the overlay's vm.json does not match base %s's QEMU configuration:\n overlay: %s\n base:    %s", base.Name, a, b)
-			}
-			baseDir = dir
-			return nil
-		}
-		if s, err = openSession(c, ref, mnt, sessionOptions{timeout: c.Duration("fetch-timeout"), fresh: true, check: check}); err != nil {
-			return err
-		}
-		defer s.finish()
-		limitMemory(s.o.Header)
-		defer s.unmount()
-		mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.o.Header.TotalLen())), len(s.o.Manifest.Segments)))
-		memory, disk, state = filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image"), filepath.Join(mnt, "state")
+		opt.Dir = ref
 	}
-	cfg.Extra = append(cfg.Extra, c.Args().Tail()...)
-	port, err := freePort()
-	if err != nil {
-		return err
-	}
-	qmp := filepath.Join(os.TempDir(), fmt.Sprintf("cloudletfs-qmp-%d.sock", os.Getpid()))
-	defer os.Remove(qmp)
-	args := cfg.Args(qemu.Run{Accel: accel, Memory: memory, Share: false,
-		Disk: disk, QMP: qmp, Incoming: true, HostPort: port, Dir: baseDir})
-	vm, err := qemu.Start(c.Context, bin, args, qmp, consoleOut(c))
-	if err != nil {
-		return err
-	}
-	defer vm.Quit(context.Background())
-	if err := vm.Resume(c.Context, state); err != nil {
-		// QEMU reads guest memory while it resumes; if a read fails it
-		// dies, and the QMP error alone would not say why.
-		if c.Context.Err() != nil {
-			return err
-		}
-		select {
-		case <-vm.Exited():
-			return fmt.Errorf("resuming the VM: %w", vmEnded(vm, s, false))
-		case <-time.After(2 * time.Second):
-			return err
-		}
-	}
-	mark(fmt.Sprintf("QEMU running (%s; guest port %d on 127.0.0.1:%d)", accel, cfg.GuestPort, port))
-
-	probed := make(chan error, 1)
-	if p := c.String("probe"); p != "" {
-		go func() { probed <- probe(c, s, p, port, vm, mark) }()
-	} else {
-		close(probed)
-	}
-	var complete <-chan struct{} // nil, never ready, without a mount
-	if s != nil {
-		complete = s.f.Complete()
-	}
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(sigs)
-	probeDone := c.String("probe") == ""
-	for {
-		select {
-		case err, more := <-probed:
-			if !more {
-				probed = nil
-				continue
-			}
-			if errors.Is(err, errVMExited) {
-				probed = nil // the VM's exit is reported below
-				continue
-			}
-			if err != nil {
-				return err
-			}
-			probeDone, probed = true, nil
-		case <-complete:
-			st := s.f.Stats()
-			mark(fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, %.0f ms stalled)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallMs))
-			complete = nil
-		case <-vm.Exited():
-			mark("the VM exited")
-			if err := writeLaunchTrace(c, s); err != nil {
-				return err
-			}
-			return vmEnded(vm, s, probeDone)
-		case sig := <-sigs:
-			mark("stopping on " + sig.String())
-			vm.Quit(context.Background())
-			return writeLaunchTrace(c, s)
-		}
-		if c.Bool("exit-after-probe") && probeDone && (s == nil || complete == nil || c.String("policy") == string(order.DemandOnly)) {
-			vm.Quit(context.Background())
-			mark("stopped the VM")
-			return writeLaunchTrace(c, s)
-		}
-	}
-}
-
-// vmEnded is the outcome of a launch whose VM exited on its own: an error
-// if QEMU failed, or if it ended before the probe succeeded. Reads the
-// mount failed are named, since QEMU dies of SIGBUS when a page of guest
-// memory cannot be read.
-func vmEnded(vm *qemu.VM, s *session, probeDone bool) error {
-	err := vm.ExitErr()
-	if err == nil && probeDone {
-		return nil
-	}
-	what := "QEMU exited before the probe succeeded"
-	if err != nil {
-		what = fmt.Sprintf("QEMU exited: %v", err)
-	}
-	if s != nil {
-		if st := s.f.Stats(); st.FailedFetches+st.Timeouts > 0 {
-			what += fmt.Sprintf("; the mount answered reads with EIO: %d timed out waiting for their segment, %d segment fetches failed (%d fetch errors)", st.Timeouts, st.FailedFetches, st.FetchErrors)
-		}
-	}
-	return fmt.Errorf("%s; last console lines:\n%s", what, vm.Tail(10))
-}
-
-func writeLaunchTrace(c *cli.Context, s *session) error {
-	if out := c.Path("trace-out"); out != "" && s != nil {
-		if err := writeTrace(out, s.m.WriteTrace); err != nil {
-			return fmt.Errorf("--trace-out: %w", err)
-		}
-	}
-	return nil
-}
-
-// errVMExited ends a probe whose VM has exited.
-var errVMExited = errors.New("the VM exited")
-
-// probe runs the probe command until it succeeds, and marks the first
-// response on the timeline.
-func probe(c *cli.Context, s *session, command string, port int, vm *qemu.VM, mark func(string)) error {
-	deadline := time.Now().Add(c.Duration("probe-timeout"))
-	for {
-		cmd := exec.Command("sh", "-c", command)
-		cmd.Env = append(os.Environ(), "CLOUDLETFS_PORT="+strconv.Itoa(port))
-		out, err := cmd.Output()
-		if err == nil {
-			mark("first response: " + strings.TrimSpace(string(out)))
-			if s != nil {
-				s.m.Mark(order.FirstResponse)
+	if out := c.Path("trace-out"); out != "" {
+		opt.Stopped = func(s *session.Session) error {
+			if err := writeTrace(out, s.Mount.WriteTrace); err != nil {
+				return fmt.Errorf("--trace-out: %w", err)
 			}
 			return nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("--probe never succeeded within %s (last: %v); last console lines:\n%s", c.Duration("probe-timeout"), err, vm.Tail(10))
-		}
-		select {
-		case <-vm.Exited():
-			return errVMExited
-		case <-time.After(50 * time.Millisecond):
-		}
 	}
-}
-
-func mustJSON(v any) string {
-	b, _ := json.Marshal(v)
-	return string(b)
+	return launch.Run(c.Context, opt)
 }
