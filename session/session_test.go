@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -117,6 +118,19 @@ func TestChildInheritsNoFUSEDevice(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Process.Kill(); c.Wait() })
+		// Look once it sleeps: while it starts, sleep opens files of its
+		// own (the C library's locale files).
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(c.Process.Pid), "syscall"))
+			if f := strings.Fields(string(b)); len(f) > 0 && (f[0] == "230" || f[0] == "35") {
+				break // clock_nanosleep or nanosleep
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the child did not reach its sleep within 10 s (%q)", b)
+			}
+			runtime.Gosched()
+		}
 		return c.Process.Pid
 	}
 	if fuse := fdsOf(t, child(), func(n int, target string) bool { return target == "/dev/fuse" }); len(fuse) > 0 {
