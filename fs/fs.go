@@ -576,8 +576,8 @@ func (n *streamNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 // stays under, whatever is read: a fixed part for the program, the store
 // and buffers, the segments the fetcher keeps in memory while the cache
 // cannot store them (fetch.MemCacheBytes), and per chunk of the images
-// the manifest's reference, the
-// fetcher's and recorder's per-chunk state, and the chunk's entry in the
+// the manifest's reference, the fetcher's and recorder's per-chunk
+// state, and the chunk's entry in the
 // access trace once it is touched. docs/BENCHMARKS.md has the figures it
 // was set from.
 func MemoryBound(h *overlay.Header) int64 {
