@@ -19,7 +19,8 @@ import (
 // The scheduler, in one place.
 //
 // A segment is in one of these states; f.mu guards them all (f.segs,
-// f.flights, f.demanding).
+// f.flights, f.demanding, the backoffs of the source and the cache, and
+// f.mem).
 //
 //   - absent: not cached, not in flight. The streamer (stream, in overlay
 //     order) or a reader (requestLocked, via ensure) starts a flight for it.
@@ -71,31 +72,33 @@ import (
 //
 // Who wakes whom: a flight's goroutine (run) closes flight.done when it
 // ends, waking every reader on it, and pokes f.wake, waking the streamer.
-// The streamer stands aside while a demand flight transfers
-// (f.demanding counts demand flights with flight.transferring set), so
-// the stream never competes with a waiting reader for the link. A demand
-// flight that only waits (for a demand slot, between retries, or out a
-// Retry-After) does not hold the stream back: it drops out of
-// f.demanding and pokes f.wake while it waits, and preempts the stream
-// again when it next transfers. The streamer also stands aside while the
-// cache backs off (f.cacheRetryAt), and while the source backs off
-// (f.srcRetryAt) after the stream's own fetch failed for it (f.srcHold):
-// every segment would fail the same way. A reader's failing fetch of one
-// segment does not hold the stream back: the others may well arrive. It sleeps until the earliest retry
-// time when every segment left is backing off. Close cancels f.ctx:
-// every flight, the streamer and every waiting reader return.
+// The streamer stands aside while a demand flight transfers (f.demanding
+// counts demand flights with flight.transfer set), so the stream never
+// competes with a waiting reader for the link. A demand flight that only
+// waits (for a demand slot, between retries, or out a Retry-After) does
+// not hold the stream back: it drops out of f.demanding and pokes f.wake
+// while it waits, and preempts the stream again when it next transfers.
+// The streamer also stands aside while the cache backs off
+// (f.cacheRetryAt), and while the source backs off (f.srcRetryAt) after
+// the stream's own fetch failed for it (f.srcHold): every segment would
+// fail the same way. A reader's failing fetch of one segment does not
+// hold the stream back: the others may well arrive. A backoff that ends
+// early (recoveredLocked) pokes f.wake. Close cancels f.ctx: every
+// flight, the streamer and every waiting reader return.
 //
 // What bounds each wait: a reader waits at most Options.Timeout for all
-// the segments of its read, re-verifying cached ones included (one
-// deadline; a read by the same caller within the range of one that timed
-// out less than repeatWindow ago fails at once), then gives up,
-// which cancels flights no one else waits on. A single request waits at
-// most the source's no-progress limit for each byte
-// (HTTPSource.SetNoProgress), so a stream flight, one attempt, ends unless
-// bytes keep arriving. A demand flight lives only while a reader waits on
-// it. A retry within a flight waits at most demandRetry, or the server's
-// Retry-After (at most MaxBackoff). The streamer's sleep ends at the
-// earliest retry time, a flight's end, or Close.
+// the segments of its read (one deadline, which also ends a wait behind
+// another read's re-verification of a cached segment; a read by the same
+// caller within the range of one that timed out less than repeatWindow
+// ago fails at once), then gives up, which cancels flights no one else
+// waits on. A single request waits at most the source's no-progress limit
+// for each byte (HTTPSource.SetNoProgress), so a stream flight, one
+// attempt, ends unless bytes keep arriving. A demand flight lives only
+// while a reader waits on it. A retry within a flight waits at most
+// demandRetry, or the server's Retry-After (at most MaxBackoff). The
+// streamer's sleep ends at the earliest retry time of a segment, the
+// source or the cache (each at most MaxBackoff away), a flight's end, a
+// poke, or Close.
 
 // Cache is where verified chunks and written chunks live; store.Cache is
 // the real one. Cached chunks are read at their image offsets.

@@ -577,9 +577,8 @@ func (n *streamNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 // and buffers, the segments the fetcher keeps in memory while the cache
 // cannot store them (fetch.MemCacheBytes), and per chunk of the images
 // the manifest's reference, the fetcher's and recorder's per-chunk
-// state, and the chunk's entry in the
-// access trace once it is touched. docs/BENCHMARKS.md has the figures it
-// was set from.
+// state, and the chunk's entry in the access trace once it is touched.
+// docs/BENCHMARKS.md has the figures it was set from.
 func MemoryBound(h *overlay.Header) int64 {
 	chunks := h.Chunks(overlay.Disk) + h.Chunks(overlay.Memory)
 	return 96<<20 + fetch.MemCacheBytes + 96*int64(chunks)
