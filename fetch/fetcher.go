@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -18,7 +19,8 @@ import (
 // The scheduler, in one place.
 //
 // A segment is in one of these states; f.mu guards them all (f.segs,
-// f.flights, f.demanding).
+// f.flights, f.demanding, the backoffs of the source and the cache, and
+// f.mem).
 //
 //   - absent: not cached, not in flight. The streamer (stream, in overlay
 //     order) or a reader (requestLocked, via ensure) starts a flight for it.
@@ -32,49 +34,71 @@ import (
 //     demand flight, or a stream flight a reader joined (which makes it
 //     demand), retries errors that may pass for as long as any reader
 //     waits on it (flight.waiters > 0).
-//   - preempted: a stream flight cancelled because a demand flight started
-//     (preemptLocked). Its request is cut at once; the segment goes back
-//     to absent with no failure counted. A reader that finds it
-//     waits for it to end and asks again.
+//   - preempted: a stream flight cancelled because a demand flight began
+//     to transfer (preemptLocked). Its request is cut at once; the segment
+//     goes back to absent with no failure counted, and the stream takes it
+//     up again before moving on. A reader that finds it waits for it to end
+//     and asks again.
 //   - abandoned: a flight whose last waiting reader gave up (its deadline,
 //     or the kernel interrupted it) is cancelled (leaveLocked), so no fetch
 //     is left hanging with no one to serve; the next reader starts anew,
 //     on a new connection.
-//   - failing: segState.failures > 0. Each failed attempt (an error of the
-//     network or the server, a stall, a wrong Content-Range, a segment that
-//     arrived corrupt twice, a cache that cannot store it) counts one and
-//     moves retryAt out by a backoff that doubles per failure from
-//     Options.Backoff to Options.MaxBackoff, or to the server's
-//     Retry-After (notBefore). The streamer skips the segment until then
-//     and comes back for it. A reader starts a fetch at once, ignoring the
-//     backoff but not Retry-After, unless the last error was permanent
-//     (Permanent, or corrupt): then, until retryAt, it fails at once with
-//     that error.
+//   - failing: segState.failures > 0. Each failed attempt counts one, and
+//     is blamed on one of three things, each with its own backoff that
+//     doubles per failure from Options.Backoff to Options.MaxBackoff:
+//     the segment (a 4xx other than 408/429, a wrong Content-Range, a
+//     segment that arrived corrupt twice: segState.own), the source (an
+//     error of the network, a stall, a 5xx, 408 or 429: f.srcFails, which
+//     a failure while the source already backs off does not double), or
+//     the cache (it cannot store the segment: f.cacheFails). retryAt is
+//     the end of that backoff, or later the server's Retry-After
+//     (notBefore). The streamer skips the segment until then and comes
+//     back for it. Any fetch that succeeds ends the source's backoff and
+//     the retry times of the segments it was blamed for: after an outage
+//     the stream goes on at once. A cache that takes a segment again does
+//     the same for the cache. A reader starts a fetch at once, ignoring
+//     the backoff but not Retry-After, unless the last error was the
+//     segment's own (permanent): then, until retryAt, it fails at once
+//     with that error.
 //   - dead: arrived corrupt maxCorrupt times in this mount. Never fetched
 //     again until the overlay is mounted again; reads fail at once with
 //     the reason.
 //   - present: verified and cached. Final. A segment that verified but
 //     could not be cached is handed to the readers waiting on its flight
 //     from memory (flight.mem) and counts as failing, so it is fetched
-//     again later.
+//     again later. It is kept in memory too (f.mem, the most recently used
+//     segments up to MemCacheBytes), so that later reads of it are served
+//     without fetching it again.
 //
 // Who wakes whom: a flight's goroutine (run) closes flight.done when it
 // ends, waking every reader on it, and pokes f.wake, waking the streamer.
-// The streamer stands aside while any demand flight runs (f.demanding > 0),
-// so the stream never competes with a waiting reader, and sleeps until the
-// earliest retryAt when every segment left is backing off. Close cancels
-// f.ctx: every flight, the streamer and every waiting reader return.
+// The streamer stands aside while a demand flight transfers (f.demanding
+// counts demand flights with flight.transfer set), so the stream never
+// competes with a waiting reader for the link. A demand flight that only
+// waits (for a demand slot, between retries, or out a Retry-After) does
+// not hold the stream back: it drops out of f.demanding and pokes f.wake
+// while it waits, and preempts the stream again when it next transfers.
+// The streamer also stands aside while the cache backs off
+// (f.cacheRetryAt), and while the source backs off (f.srcRetryAt) after
+// the stream's own fetch failed for it (f.srcHold): every segment would
+// fail the same way. A reader's failing fetch of one segment does not
+// hold the stream back: the others may well arrive. A backoff that ends
+// early (recoveredLocked) pokes f.wake. Close cancels f.ctx: every
+// flight, the streamer and every waiting reader return.
 //
 // What bounds each wait: a reader waits at most Options.Timeout for all
-// the segments of its read (one deadline; a read within the range of one
-// that timed out less than repeatWindow ago fails at once), then gives up,
-// which cancels flights no one else waits on. A single request waits at
-// most the source's no-progress limit for each byte
-// (HTTPSource.SetNoProgress), so a stream flight, one attempt, ends unless
-// bytes keep arriving. A demand flight lives only while a reader waits on
-// it. A retry within a flight waits at most demandRetry, or the server's
-// Retry-After (at most MaxBackoff). The streamer's sleep ends at the
-// earliest retry time, a flight's end, or Close.
+// the segments of its read (one deadline, which also ends a wait behind
+// another read's re-verification of a cached segment; a read by the same
+// caller within the range of one that timed out less than repeatWindow
+// ago fails at once), then gives up, which cancels flights no one else
+// waits on. A single request waits at most the source's no-progress limit
+// for each byte (HTTPSource.SetNoProgress), so a stream flight, one
+// attempt, ends unless bytes keep arriving. A demand flight lives only
+// while a reader waits on it. A retry within a flight waits at most
+// demandRetry, or the server's Retry-After (at most MaxBackoff). The
+// streamer's sleep ends at the earliest retry time of a segment, the
+// source or the cache (each at most MaxBackoff away), a flight's end, a
+// poke, or Close.
 
 // Cache is where verified chunks and written chunks live; store.Cache is
 // the real one. Cached chunks are read at their image offsets.
@@ -109,6 +133,10 @@ type Options struct {
 // Observer is told of every segment fetched, verified and cached, with the
 // chunks it carried.
 type Observer func(seg int, chunks []overlay.ChunkID, demand bool)
+
+// MemCacheBytes bounds the segments kept in memory because the cache could
+// not store them (at least one is kept, whatever its size).
+const MemCacheBytes = 8 << 20
 
 // Errors a read can fail with. The file system turns all of them into EIO.
 var (
@@ -153,12 +181,23 @@ type Fetcher struct {
 	segs      []segState
 	nPresent  int
 	flights   map[int]*flight
-	demanding int // demand flights running
+	demanding int // demand flights transferring
 	complete  chan struct{}
 	completed bool     // complete is closed
 	gaveUp    []giveUp // reads that timed out within the last repeatWindow
 
-	verifyMu sync.Mutex // one cache verification at a time
+	// The backoffs of the source and the cache (see the states above).
+	srcFails, cacheFails     int
+	srcRetryAt, cacheRetryAt time.Time
+	srcHold                  bool // the stream's own fetch failed for the source: it waits out srcRetryAt
+
+	// Segments the cache could not store, by segment, and their use:
+	// least recently used first.
+	mem      map[int]map[overlay.ChunkID][]byte
+	memOrder []int
+	memBytes int64
+
+	verifying chan struct{} // one cache verification at a time
 
 	// segOf maps each data or self chunk to the segment that carries its
 	// bytes (-1 for zero and base chunks); selfOf lists, per data chunk,
@@ -170,8 +209,6 @@ type Fetcher struct {
 	cow    [2][]bool
 	anyCow atomic.Bool
 
-	cacheFailing atomic.Bool // the cache refused a segment; logged once until it takes one again
-
 	st       counters
 	observer atomic.Pointer[Observer]
 }
@@ -182,13 +219,24 @@ type segState struct {
 	present   bool
 	verified  bool // present and known good in this mount
 	dead      bool
-	failures  int
+	failures  int   // every failure, whatever it is blamed on
+	own       int   // failures blamed on the segment itself
 	corrupt   int   // downloads that failed verification, this mount
 	lastErr   error // of the last failure
+	blame     blame // of the last failure
 	permanent bool  // lastErr will not pass by asking again at once
 	retryAt   time.Time
 	notBefore time.Time // the server's Retry-After: no request before it
 }
+
+// blame is what a failure is put down to; each has its own backoff.
+type blame int
+
+const (
+	blameSegment blame = iota // the segment's own: 4xx, wrong range, corrupt
+	blameSource               // the network or the server: may pass for every segment at once
+	blameCache                // the cache could not store it
+)
 
 // nextTry is when the stream may try the segment again.
 func (st *segState) nextTry() time.Time {
@@ -210,6 +258,8 @@ type flight struct {
 	mem       map[overlay.ChunkID][]byte // the chunks, when the cache could not keep them
 	demand    bool                       // a reader waits or waited on it: never preempt
 	cancelled bool                       // preempted or abandoned: waited out, never joined
+	preempted bool                       // cancelled for a demand: the stream takes it up again first
+	transfer  bool                       // a request is under way, not a wait
 	movedOn   bool                       // a stream attempt failed with no reader on it: a reader asks again
 	waiters   int                        // readers waiting on it
 	cancel    context.CancelCauseFunc
@@ -221,17 +271,18 @@ type giveUp struct {
 	at time.Time
 }
 
-// readKey is the part of an image a read asked for.
+// readKey is the part of an image a read asked for, and who asked.
 type readKey struct {
+	caller   uint32
 	img      overlay.Image
 	off, end int64
 }
 
-// repeatWindow is how long after a read times out that a read within the
-// same range fails at once. The kernel answers a failed read-ahead by
-// reading the one page the caller wants, at once: that is the same read to
-// the caller, and must not wait a second timeout. Other reads of the same
-// segment wait as usual.
+// repeatWindow is how long after a read times out that a read by the same
+// caller within the same range fails at once. The kernel answers a failed
+// read-ahead by reading the one page the caller wants, at once: that is
+// the same read to the caller, and must not wait a second timeout. Other
+// callers, and other reads of the same segment, wait as usual.
 const repeatWindow = time.Second
 
 // New prepares a fetcher. Segments already in the cache count as present;
@@ -260,6 +311,9 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 		flights:  map[int]*flight{},
 		selfOf:   map[overlay.ChunkID][]overlay.ChunkID{},
 		complete: make(chan struct{}),
+		mem:      map[int]map[overlay.ChunkID][]byte{},
+
+		verifying: make(chan struct{}, 1),
 	}
 	m := o.Manifest
 	for _, img := range overlay.Images {
@@ -331,9 +385,10 @@ func (f *Fetcher) Complete() <-chan struct{} { return f.complete }
 
 // stream walks the segments in order, skipping those present, in flight,
 // failed for good or backing off, and fetches one at a time. It stands
-// aside while any demand is outstanding, so the stream's bytes in flight
-// never exceed one segment and never compete with a waiting reader. It
-// ends when every segment is present or failed for good.
+// aside while a demand flight transfers, so the stream's bytes in flight
+// never exceed one segment and never compete with a waiting reader. A
+// segment whose fetch was preempted is taken up again before the next.
+// It ends when every segment is present or failed for good.
 func (f *Fetcher) stream() {
 	defer f.wg.Done()
 	timer := time.NewTimer(time.Hour)
@@ -376,15 +431,23 @@ func (f *Fetcher) stream() {
 			return
 		}
 		next = seg + 1
+		if fl.preempted {
+			next = seg
+		}
 	}
 }
 
 // pickLocked returns the first segment from next on (wrapping around) that
-// the stream may fetch now, or -1 and how long until a backing-off segment
-// may be tried again (0 if none is backing off: only a flight ending can
-// give the stream work). finished is true when nothing is left to fetch.
+// the stream may fetch now, or -1 and how long until a backing-off segment,
+// the source or the cache may be tried again (0 if none is backing off:
+// only a flight ending can give the stream work). finished is true when
+// nothing is left to fetch.
 func (f *Fetcher) pickLocked(next int) (seg int, sleep time.Duration, finished bool) {
 	now := time.Now()
+	hold := f.cacheRetryAt
+	if f.srcHold && f.srcRetryAt.After(hold) {
+		hold = f.srcRetryAt
+	}
 	var soonest time.Time
 	finished = true
 	n := len(f.segs)
@@ -405,6 +468,9 @@ func (f *Fetcher) pickLocked(next int) (seg int, sleep time.Duration, finished b
 			}
 			continue
 		}
+		if hold.After(now) {
+			return -1, hold.Sub(now), false
+		}
 		return s, 0, false
 	}
 	if !soonest.IsZero() {
@@ -414,15 +480,11 @@ func (f *Fetcher) pickLocked(next int) (seg int, sleep time.Duration, finished b
 }
 
 // startLocked starts a flight for segment seg. A demand flight preempts the
-// stream's flight, which will be fetched again later.
+// stream's flight when it begins to transfer (transferLocked).
 func (f *Fetcher) startLocked(seg int, demand bool) *flight {
 	ctx, cancel := context.WithCancelCause(f.ctx)
 	fl := &flight{seg: seg, done: make(chan struct{}), demand: demand, cancel: cancel}
 	f.flights[seg] = fl
-	if demand {
-		f.demanding++
-		f.preemptLocked(fl)
-	}
 	f.wg.Add(1)
 	go f.run(ctx, fl, demand)
 	return fl
@@ -433,7 +495,7 @@ func (f *Fetcher) startLocked(seg int, demand bool) *flight {
 func (f *Fetcher) preemptLocked(keep *flight) {
 	for _, fl := range f.flights {
 		if fl != keep && !fl.demand && !fl.cancelled {
-			fl.cancelled = true
+			fl.cancelled, fl.preempted = true, true
 			fl.cancel(errPreempted)
 			f.st.preempted.Add(1)
 		}
@@ -461,12 +523,69 @@ func (f *Fetcher) run(ctx context.Context, fl *flight, demand bool) {
 	if err == nil && mem == nil {
 		f.markPresentLocked(fl.seg)
 	}
-	if fl.demand {
-		f.demanding--
-	}
+	f.transferLocked(fl, false)
 	fl.err, fl.mem = err, mem
 	close(fl.done)
+	f.pokeLocked()
 	f.mu.Unlock()
+}
+
+// transferLocked notes that fl starts or stops a request. A demand flight
+// holds the stream back, and preempts it, only while it transfers.
+func (f *Fetcher) transferLocked(fl *flight, on bool) {
+	if fl.transfer == on {
+		return
+	}
+	fl.transfer = on
+	if !fl.demand {
+		return
+	}
+	if on {
+		f.demanding++
+		f.preemptLocked(fl)
+	} else {
+		f.demanding--
+		f.pokeLocked()
+	}
+}
+
+// memPutLocked keeps the chunks of a segment the cache could not store,
+// n bytes, dropping the least recently used ones past MemCacheBytes.
+func (f *Fetcher) memPutLocked(seg int, m map[overlay.ChunkID][]byte, n int64) {
+	f.memDropLocked(seg)
+	f.mem[seg] = m
+	f.memOrder = append(f.memOrder, seg)
+	f.memBytes += n
+	for f.memBytes > MemCacheBytes && len(f.memOrder) > 1 {
+		f.memDropLocked(f.memOrder[0])
+	}
+}
+
+// memGetLocked returns the chunks of seg kept in memory, nil if none, and
+// makes it the most recently used.
+func (f *Fetcher) memGetLocked(seg int) map[overlay.ChunkID][]byte {
+	m := f.mem[seg]
+	if m != nil {
+		f.memOrder = append(slices.DeleteFunc(f.memOrder, func(s int) bool { return s == seg }), seg)
+	}
+	return m
+}
+
+// memDropLocked forgets the chunks of seg kept in memory.
+func (f *Fetcher) memDropLocked(seg int) {
+	m := f.mem[seg]
+	if m == nil {
+		return
+	}
+	for _, b := range m {
+		f.memBytes -= int64(len(b))
+	}
+	delete(f.mem, seg)
+	f.memOrder = slices.DeleteFunc(f.memOrder, func(s int) bool { return s == seg })
+}
+
+// pokeLocked wakes the streamer.
+func (f *Fetcher) pokeLocked() {
 	select {
 	case f.wake <- struct{}{}:
 	default:
@@ -479,6 +598,7 @@ func (f *Fetcher) markPresentLocked(seg int) {
 		return
 	}
 	*st = segState{present: true, verified: true, corrupt: st.corrupt}
+	f.memDropLocked(seg)
 	f.nPresent++
 	f.closeCompleteLocked()
 }
@@ -492,21 +612,69 @@ func (f *Fetcher) closeCompleteLocked() {
 	}
 }
 
-// failLocked counts a failure of segment seg and sets when the stream may
-// try it again.
-func (f *Fetcher) failLocked(seg int, err error, permanent bool, after time.Duration) {
+// failLocked counts a failure of segment seg, blames it on the segment,
+// the source or the cache, and sets when the stream may try it again: at
+// the end of the backoff of what it is blamed on.
+func (f *Fetcher) failLocked(seg int, err error, b blame, after time.Duration) {
 	st := &f.segs[seg]
 	st.failures++
-	st.lastErr, st.permanent = err, permanent
-	d := f.opt.Backoff
-	for i := 1; i < st.failures && d < f.opt.MaxBackoff; i++ {
-		d *= 2
-	}
+	st.lastErr, st.blame, st.permanent = err, b, b == blameSegment
 	now := time.Now()
-	st.retryAt = now.Add(min(d, f.opt.MaxBackoff))
+	switch b {
+	case blameSegment:
+		st.own++
+		st.retryAt = now.Add(f.backoff(st.own))
+	case blameSource:
+		// Failures while the source already backs off, of other
+		// segments or of a reader's retries, are the same outage: they
+		// do not double it again.
+		if !now.Before(f.srcRetryAt) {
+			f.srcFails++
+			f.srcRetryAt = now.Add(f.backoff(f.srcFails))
+		}
+		st.retryAt = f.srcRetryAt
+	case blameCache:
+		if !now.Before(f.cacheRetryAt) {
+			f.cacheFails++
+			f.cacheRetryAt = now.Add(f.backoff(f.cacheFails))
+		}
+		st.retryAt = f.cacheRetryAt
+	}
 	if after > 0 {
 		st.notBefore = now.Add(min(after, f.opt.MaxBackoff))
 	}
+}
+
+// backoff is the delay after the nth failure in a row.
+func (f *Fetcher) backoff(n int) time.Duration {
+	d := f.opt.Backoff
+	for i := 1; i < n && d < f.opt.MaxBackoff; i++ {
+		d *= 2
+	}
+	return min(d, f.opt.MaxBackoff)
+}
+
+// recoveredLocked ends the backoff of the source or the cache after it
+// served a segment, and the retry times of the segments whose last
+// failure was blamed on it.
+func (f *Fetcher) recoveredLocked(b blame) {
+	fails, at := &f.srcFails, &f.srcRetryAt
+	if b == blameCache {
+		fails, at = &f.cacheFails, &f.cacheRetryAt
+	}
+	if *fails == 0 {
+		return
+	}
+	*fails, *at = 0, time.Time{}
+	if b == blameSource {
+		f.srcHold = false
+	}
+	for i := range f.segs {
+		if st := &f.segs[i]; !st.present && st.failures > 0 && st.blame == b {
+			st.retryAt = time.Time{}
+		}
+	}
+	f.pokeLocked()
 }
 
 // endCause says why a flight's context ended, in the words a reader
@@ -533,8 +701,14 @@ func (f *Fetcher) fetch(ctx context.Context, fl *flight) (map[overlay.ChunkID][]
 		if !sleep(ctx, wait) {
 			return nil, f.endCause(ctx)
 		}
+		f.mu.Lock()
+		f.transferLocked(fl, true)
+		f.mu.Unlock()
 		stored, err := f.src.ReadRange(ctx, s.Offset, int64(s.Stored))
 		if err == nil {
+			f.mu.Lock()
+			f.recoveredLocked(blameSource)
+			f.mu.Unlock()
 			f.st.bytesFetched.Add(int64(len(stored)))
 			var raw []byte
 			if raw, err = overlay.DecodeSegment(seg, s, stored); err == nil {
@@ -550,7 +724,7 @@ func (f *Fetcher) fetch(ctx context.Context, fl *flight) (map[overlay.ChunkID][]
 					st.dead = true
 					err = fmt.Errorf("%w: it arrived corrupt %d times and is not fetched again until the overlay is mounted again (last: %w)", ErrFailing, n, err)
 				}
-				f.failLocked(seg, err, true, 0)
+				f.failLocked(seg, err, blameSegment, 0)
 			}
 			f.mu.Unlock()
 			f.opt.Log.Error().Err(err).Int("segment", seg).Int("downloads_corrupt", n).Msg("segment failed verification")
@@ -565,9 +739,17 @@ func (f *Fetcher) fetch(ctx context.Context, fl *flight) (map[overlay.ChunkID][]
 		}
 		f.st.errors.Add(1)
 		permanent := Permanent(err)
+		b := blameSource
+		if permanent {
+			b = blameSegment
+		}
 		f.mu.Lock()
-		f.failLocked(seg, err, permanent, retryAfter(err))
+		f.failLocked(seg, err, b, retryAfter(err))
+		f.transferLocked(fl, false)
 		demand := fl.waiters > 0
+		if !fl.demand && !permanent {
+			f.srcHold = true
+		}
 		fl.movedOn = !permanent && !demand
 		pause := min(time.Until(f.segs[seg].retryAt), demandRetry)
 		f.mu.Unlock()
@@ -604,8 +786,9 @@ func sleep(ctx context.Context, d time.Duration) bool {
 
 // keep caches a verified segment's chunks, and the chunks that repeat
 // them, at their offsets. When the cache cannot take them, it returns them
-// for the waiting readers and counts a failure, so the segment is fetched
-// again later.
+// for the waiting readers, keeps them in memory for later ones, and counts
+// a failure, so the segment is fetched again once the cache takes
+// segments again.
 func (f *Fetcher) keep(seg int, s overlay.Segment, raw []byte, fl *flight) (map[overlay.ChunkID][]byte, error) {
 	ids := f.o.Manifest.Order[s.First : s.First+s.Count]
 	chunks := make([]store.ChunkData, 0, len(ids))
@@ -625,21 +808,27 @@ func (f *Fetcher) keep(seg int, s overlay.Segment, raw []byte, fl *flight) (map[
 	}
 	if err := f.cache.WriteSegment(seg, chunks); err != nil {
 		err = fmt.Errorf("segment %d: cache: %w", seg, err)
-		if !f.cacheFailing.Swap(true) {
-			f.opt.Log.Error().Err(err).Msg("the cache cannot store fetched segments; serving them from memory and fetching them again later (free space in the state dir, or make it writable)")
-		}
 		f.st.uncached.Add(1)
 		mem := make(map[overlay.ChunkID][]byte, len(chunks))
+		n := int64(0)
 		for _, c := range chunks {
 			mem[c.ID] = c.Data
+			n += int64(len(c.Data))
 		}
 		f.mu.Lock()
-		f.failLocked(seg, err, false, 0)
+		if f.cacheFails == 0 {
+			f.opt.Log.Error().Err(err).Msg("the cache cannot store fetched segments; serving them from memory and fetching them again later (free space in the state dir, or make it writable)")
+		}
+		f.failLocked(seg, err, blameCache, 0)
+		f.memPutLocked(seg, mem, n)
 		f.mu.Unlock()
 		return mem, nil
 	}
-	f.cacheFailing.Store(false)
 	f.mu.Lock()
+	if f.cacheFails > 0 {
+		f.opt.Log.Info().Int("segment", seg).Msg("the cache stores fetched segments again")
+	}
+	f.recoveredLocked(blameCache)
 	demand := fl.demand
 	f.mu.Unlock()
 	for _, img := range overlay.Images {
@@ -674,8 +863,9 @@ func (f *Fetcher) requestLocked(seg int) (*flight, error) {
 		// Being cancelled: the caller waits for it to end, then asks again.
 	case fl != nil && !fl.demand:
 		fl.demand = true
-		f.demanding++
-		f.preemptLocked(fl)
+		if fl.transfer {
+			f.demanding++
+		}
 		f.st.demandJoins.Add(1)
 	case fl != nil:
 		f.st.demandJoins.Add(1)
@@ -713,8 +903,9 @@ func (f *Fetcher) leaveLocked(fls []*flight) {
 
 // verifyCached re-checks, once per mount, the cache's copy of each of segs
 // that an earlier mount cached; a bad copy makes the segment absent, so it
-// is fetched again.
-func (f *Fetcher) verifyCached(segs []int) error {
+// is fetched again. A wait for another verification ends with the read's
+// deadline (expired), ctx or Close.
+func (f *Fetcher) verifyCached(ctx context.Context, expired <-chan time.Time, segs []int) error {
 	unverified := func(seg int) bool {
 		f.mu.Lock()
 		defer f.mu.Unlock()
@@ -724,11 +915,20 @@ func (f *Fetcher) verifyCached(segs []int) error {
 		if !unverified(seg) {
 			continue
 		}
-		f.verifyMu.Lock()
+		select {
+		case f.verifying <- struct{}{}:
+		case <-expired:
+			f.st.timeouts.Add(1)
+			return fmt.Errorf("segment %d: %w after %s, waiting to re-verify its cached copy", seg, ErrTimeout, f.opt.Timeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-f.ctx.Done():
+			return ErrClosed
+		}
 		if unverified(seg) {
 			ok, err := f.cache.VerifySegment(seg)
 			if err != nil {
-				f.verifyMu.Unlock()
+				<-f.verifying
 				return fmt.Errorf("segment %d: verifying the cache: %w", seg, err)
 			}
 			f.mu.Lock()
@@ -742,7 +942,7 @@ func (f *Fetcher) verifyCached(segs []int) error {
 			}
 			f.mu.Unlock()
 		}
-		f.verifyMu.Unlock()
+		<-f.verifying
 	}
 	return nil
 }
@@ -753,11 +953,11 @@ func (f *Fetcher) verifyCached(segs []int) error {
 // repeatWindow ago, or the fetcher closes. All the fetches are requested
 // before any is waited on, and one deadline covers them all.
 func (f *Fetcher) ensure(ctx context.Context, rk readKey, segs ...int) (map[int]map[overlay.ChunkID][]byte, error) {
-	if err := f.verifyCached(segs); err != nil {
-		return nil, err
-	}
 	deadline := time.NewTimer(f.opt.Timeout)
 	defer deadline.Stop()
+	if err := f.verifyCached(ctx, deadline.C, segs); err != nil {
+		return nil, err
+	}
 	start := time.Now()
 	waited := false
 	defer func() {
@@ -770,6 +970,14 @@ func (f *Fetcher) ensure(ctx context.Context, rk readKey, segs ...int) (map[int]
 		f.mu.Lock()
 		missing := false
 		for _, seg := range segs {
+			if mem[seg] == nil && !f.segs[seg].present {
+				if m := f.memGetLocked(seg); m != nil {
+					if mem == nil {
+						mem = map[int]map[overlay.ChunkID][]byte{}
+					}
+					mem[seg] = m
+				}
+			}
 			missing = missing || mem[seg] == nil && !f.segs[seg].present
 		}
 		if !missing {
@@ -848,9 +1056,9 @@ func (f *Fetcher) ensure(ctx context.Context, rk readKey, segs ...int) (map[int]
 	}
 }
 
-// repeatLocked fails a read within the range of a read that timed out less
-// than repeatWindow (or the timeout, if shorter) ago, and forgets older
-// timeouts.
+// repeatLocked fails a read within the range of a read by the same caller
+// that timed out less than repeatWindow (or the timeout, if shorter) ago,
+// and forgets older timeouts.
 func (f *Fetcher) repeatLocked(rk readKey) error {
 	window := min(f.opt.Timeout, repeatWindow)
 	kept := f.gaveUp[:0]
@@ -860,7 +1068,7 @@ func (f *Fetcher) repeatLocked(rk readKey) error {
 			continue
 		}
 		kept = append(kept, g)
-		if g.rk.img == rk.img && g.rk.off <= rk.off && rk.end <= g.rk.end {
+		if g.rk.caller == rk.caller && g.rk.img == rk.img && g.rk.off <= rk.off && rk.end <= g.rk.end {
 			hit = &g
 		}
 	}
@@ -880,7 +1088,8 @@ type counters struct {
 	fetched                                         [2]atomic.Int64 // chunks, per image
 
 	mu      sync.Mutex
-	waits   []time.Duration
+	waits   []time.Duration // a sample, of at most maxWaits
+	count   int             // every wait
 	total   time.Duration
 	waiting int       // readers waiting now
 	since   time.Time // when waiting last rose from 0
@@ -913,6 +1122,7 @@ func (c *counters) endWait(d time.Duration) {
 		c.stalled += time.Since(c.since)
 	}
 	c.total += d
+	c.count++
 	if len(c.waits) < maxWaits {
 		c.waits = append(c.waits, d)
 	} else {
@@ -1064,8 +1274,8 @@ func (f *Fetcher) Stats() Stats {
 		stalled += time.Since(c.since)
 	}
 	s.StallMs = ms(stalled)
+	s.Waits = c.count
 	c.mu.Unlock()
-	s.Waits = len(waits)
 	if len(waits) > 0 {
 		sort.Slice(waits, func(i, j int) bool { return waits[i] < waits[j] })
 		s.WaitP50Ms = ms(waits[len(waits)/2])

@@ -19,6 +19,22 @@ const (
 	srcMem          // a fetched chunk the cache could not keep, one at a time
 )
 
+// callerKey is the context key of the process a read is made for.
+type callerKey struct{}
+
+// WithCaller returns ctx carrying pid, the process a read is made for:
+// a read that timed out makes only that process's repeat of it fail at
+// once (see repeatWindow).
+func WithCaller(ctx context.Context, pid uint32) context.Context {
+	return context.WithValue(ctx, callerKey{}, pid)
+}
+
+// callerOf returns the process set by WithCaller, 0 if none.
+func callerOf(ctx context.Context) uint32 {
+	pid, _ := ctx.Value(callerKey{}).(uint32)
+	return pid
+}
+
 // ReadAt fills dest with the bytes of image img at off, which must lie
 // within the image: written data first, then zero, the base or the cache,
 // fetching the segments of chunks that have not arrived. Runs of chunks
@@ -35,7 +51,7 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 	if len(dest) == 0 {
 		return nil
 	}
-	mem, err := f.await(ctx, readKey{img, off, end}, off/cs, (end-1)/cs)
+	mem, err := f.await(ctx, readKey{callerOf(ctx), img, off, end}, off/cs, (end-1)/cs)
 	if err != nil {
 		return err
 	}

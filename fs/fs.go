@@ -390,7 +390,7 @@ func (n *imageNode) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte,
 	end := min(off+int64(len(dest)), n.size)
 	t := n.m.rec.since()
 	start := time.Now()
-	if err := n.m.f.ReadAt(ctx, n.img, dest[:end-off], off); err != nil {
+	if err := n.m.f.ReadAt(withCaller(ctx), n.img, dest[:end-off], off); err != nil {
 		errno := errnoOf(ctx, err)
 		n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Int("length", len(dest)).Msgf("read failed: %s", errnoName(errno))
 		return nil, errno
@@ -398,6 +398,14 @@ func (n *imageNode) Read(ctx context.Context, fh fusefs.FileHandle, dest []byte,
 	cs := int64(n.m.f.Overlay().Header.ChunkSize)
 	n.m.rec.touch(n.img, "read", off, int(end-off), uint32(off/cs), uint32((end-1)/cs), t, time.Since(start).Seconds())
 	return fuse.ReadResultData(dest[:end-off]), 0
+}
+
+// withCaller tells the fetcher which process a read is for.
+func withCaller(ctx context.Context) context.Context {
+	if c, ok := fuse.FromContext(ctx); ok {
+		return fetch.WithCaller(ctx, c.Pid)
+	}
+	return ctx
 }
 
 // Write stores whole new versions of the chunks it touches. A partial chunk
@@ -423,7 +431,7 @@ func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte
 		mu := &n.locks[idx%int64(len(n.locks))]
 		mu.Lock()
 		if pos != start || end < start+clen {
-			if err := n.m.f.ReadAt(ctx, n.img, chunk, start); err != nil {
+			if err := n.m.f.ReadAt(withCaller(ctx), n.img, chunk, start); err != nil {
 				mu.Unlock()
 				errno := errnoOf(ctx, err)
 				n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write: reading the chunk to merge into failed: %s", errnoName(errno))
@@ -567,11 +575,12 @@ func (n *streamNode) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 
 // MemoryBound is the resident memory a mount of an overlay with header h
 // stays under, whatever is read: a fixed part for the program, the store
-// and buffers, and per chunk of the images the manifest's reference, the
-// fetcher's and recorder's per-chunk state, and the chunk's entry in the
-// access trace once it is touched. docs/BENCHMARKS.md has the figures it
-// was set from.
+// and buffers, the segments the fetcher keeps in memory while the cache
+// cannot store them (fetch.MemCacheBytes), and per chunk of the images
+// the manifest's reference, the fetcher's and recorder's per-chunk
+// state, and the chunk's entry in the access trace once it is touched.
+// docs/BENCHMARKS.md has the figures it was set from.
 func MemoryBound(h *overlay.Header) int64 {
 	chunks := h.Chunks(overlay.Disk) + h.Chunks(overlay.Memory)
-	return 96<<20 + 96*int64(chunks)
+	return 96<<20 + fetch.MemCacheBytes + 96*int64(chunks)
 }

@@ -227,6 +227,27 @@ func TestLastUsedAtClose(t *testing.T) {
 	cl := open(long) // mounted first, for long
 	cs := open(short)
 	cs.Close()
+	// Close records the time it was closed, to the clock's own precision:
+	// the writes to the lock before it leave only the kernel's coarse
+	// clock, which lags the time taken before Close. Three closes in a row
+	// make a clock tick between the two times unlikely to hide it.
+	for _, id := range []overlay.Digest{{3}, {4}, {5}} {
+		c := open(id)
+		before := time.Now()
+		c.Close()
+		ents, err := s.Caches()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range ents {
+			if e.ID == id && e.LastUsed.Before(before) {
+				t.Fatalf("cache closed after %s was last used at %s, before it was closed", before.Format(time.RFC3339Nano), e.LastUsed.Format(time.RFC3339Nano))
+			}
+		}
+		if err := s.RemoveCache(id); err != nil {
+			t.Fatal(err)
+		}
+	}
 	cl.Close()
 	ents, err := s.Caches()
 	if err != nil || len(ents) != 2 {

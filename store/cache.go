@@ -268,6 +268,13 @@ func (s *Store) VerifyCache(id overlay.Digest) (checked int, bad []int, err erro
 func (c *Cache) Close() error {
 	var err error
 	c.closeOnce.Do(func() {
+		// The probe writes to the lock, which sets its mtime to the
+		// kernel's coarse clock: it goes first, so that touch has the
+		// last word.
+		var perr error
+		if c.db != nil {
+			perr = c.room.probeWrite()
+		}
 		if c.mounted {
 			// Before the lock goes: a collection that runs once it is
 			// free must see this cache as the most recently used.
@@ -279,7 +286,7 @@ func (c *Cache) Close() error {
 			}
 		}
 		if c.db != nil {
-			if perr := c.room.probeWrite(); errors.Is(perr, syscall.EROFS) {
+			if errors.Is(perr, syscall.EROFS) {
 				// Badger's Close flushes the memtable, and retries a
 				// failed flush forever. What the logs hold is replayed at
 				// the next open.
