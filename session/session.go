@@ -49,6 +49,11 @@ type Options struct {
 	// first: a VM resumed from the overlay's saved state must see the disk
 	// that state was saved with.
 	Fresh bool
+	// DropWritten discards, once the file system is unmounted and before
+	// the cache closes, everything written through this mount: a capture
+	// reads what the guest wrote into its overlay and must not leave it to
+	// the next run of the base.
+	DropWritten bool
 	// CacheSize caps the chunk cache of all overlays; 0 is no cap.
 	CacheSize  int64
 	AllowOther bool // let users other than the mounting one in
@@ -175,6 +180,14 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 	// the cap too.
 	s.close = append(s.close, func() { collectCaches(opt.StateDir, log, limit) })
 	s.close = append(s.close, func() { cache.Close() })
+	if opt.DropWritten {
+		// Runs before the cache closes: a closed cache refuses to drop.
+		s.close = append(s.close, func() {
+			if err := cache.DropWritten(); err != nil {
+				log.Error().Err(err).Str("overlay", s.Shown).Msg("could not discard the data written through the mount; the next run with --fresh discards it")
+			}
+		})
+	}
 	if freed, err := st.GC(limit, o.ID); err != nil {
 		log.Warn().Err(err).Msg("cache: collecting least recently used overlays failed")
 	} else if freed > 0 {

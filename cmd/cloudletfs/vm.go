@@ -326,15 +326,12 @@ func overlayCaptureCmd(c *cli.Context) error {
 	}
 	// Start from the base as it is, whatever an earlier capture wrote.
 	s, err := session.Open(c.Context, session.Options{Overlay: ident, Mountpoint: mnt, StateDir: c.String("state-dir"),
-		Log: logger(c), FetchTimeout: time.Minute, Fresh: true})
+		Log: logger(c), FetchTimeout: time.Minute, Fresh: true, DropWritten: true})
 	if err != nil {
 		return err
 	}
 	// Unmounted after QEMU has quit (deferred later, run earlier).
-	defer func() {
-		s.Close()
-		s.Cache.DropWritten()
-	}()
+	defer s.Close()
 	cfg, err := qemu.LoadConfig(s.Overlay.VMConfig)
 	if err != nil {
 		return err
