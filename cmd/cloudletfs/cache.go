@@ -164,6 +164,10 @@ func cacheVerify(c *cli.Context) error {
 	}
 	var total, failed int
 	for _, id := range ids {
+		// One cache is checked whole; a stop ends the run between caches.
+		if err := c.Context.Err(); err != nil {
+			return err
+		}
 		checked, bad, err := st.VerifyCache(id)
 		if errors.Is(err, store.ErrInUse) && !named {
 			fmt.Fprintf(c.App.Writer, "%s: mounted, skipped\n", id)

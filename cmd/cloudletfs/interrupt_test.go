@@ -148,3 +148,73 @@ func TestInterruptLeavesNothing(t *testing.T) {
 		e.nothingAt("out/m.trace")
 	})
 }
+
+// A long command that has nothing to clean up still stops on SIGINT: base
+// import of a large image ends within a bound of the signal, non-zero,
+// with one line, and registers nothing.
+func TestInterruptBaseImport(t *testing.T) {
+	e := newEnv(t)
+	// Sparse: large to hash, nothing on disk.
+	disk := e.path("huge/disk.img")
+	e.write("huge/memory.img", make([]byte, 4096))
+	e.write("huge/state", []byte("state"))
+	f, err := os.Create(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(64 << 30); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	cmd := exec.Command(cloudletfsBinary(t), "--state-dir", e.state, "base", "import", "--name", "huge",
+		"--disk", disk, "--memory", e.path("huge/memory.img"), "--state", e.path("huge/state"))
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	// It has started hashing once it holds the image open.
+	fdDir := filepath.Join("/proc", fmt.Sprint(cmd.Process.Pid), "fd")
+	for deadline := time.Now().Add(time.Minute); ; {
+		opened := false
+		ents, _ := os.ReadDir(fdDir)
+		for _, ent := range ents {
+			if target, _ := os.Readlink(filepath.Join(fdDir, ent.Name())); target == disk {
+				opened = true
+			}
+		}
+		if opened {
+			break
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("base import ended (%v) before it opened the image; stderr:\n%s", err, &stderr)
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("base import did not open the image within a minute")
+		}
+	}
+	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err = <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("base import did not end within 10 s of SIGINT")
+	}
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() <= 0 {
+		t.Errorf("exit %v after SIGINT, want a non-zero status; stdout:\n%s", err, &stdout)
+	}
+	msg := stderr.String()
+	if strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "stopped: interrupt") {
+		t.Errorf("stderr %q, want one line that says it was stopped by the interrupt", msg)
+	}
+	if out := e.ok("base", "list"); strings.Contains(out, "huge") {
+		t.Fatalf("an interrupted import registered the base:\n%s", out)
+	}
+}

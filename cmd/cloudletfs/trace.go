@@ -243,7 +243,7 @@ func overlayReorder(c *cli.Context) error {
 }
 
 func replayCmd(c *cli.Context) error {
-	o, f, err := openOverlay(c.Path("overlay"))
+	o, f, err := openOverlayContext(c.Context, c.Path("overlay"))
 	if err != nil {
 		return err
 	}
@@ -275,7 +275,7 @@ func replayCmd(c *cli.Context) error {
 			}
 			runs = append(runs, rt)
 		}
-		return tune(w, o, t, runs, m, p)
+		return tune(c.Context, w, o, t, runs, m, p)
 	}
 	r := order.Replay(order.LayoutOf(o), t, m, p)
 	fmt.Fprintf(w, "replay of %s on %s/s, RTT %s, %s\n", filepath.Base(c.Path("overlay")), humanize.SI(rate*8, "bit"), c.Duration("rtt"), p)
@@ -309,7 +309,7 @@ func replayCmd(c *cli.Context) error {
 }
 
 // tune ranks segment sizes and orders by predicted first response.
-func tune(w io.Writer, o *overlay.Overlay, t *order.Trace, runs []*order.Trace, m order.Model, p order.Policy) error {
+func tune(ctx context.Context, w io.Writer, o *overlay.Overlay, t *order.Trace, runs []*order.Trace, m order.Model, p order.Policy) error {
 	type row struct {
 		size  int64
 		order string
@@ -327,6 +327,10 @@ func tune(w io.Writer, o *overlay.Overlay, t *order.Trace, runs []*order.Trace, 
 	names := []string{"overlay", string(order.Earliest), string(order.Median), string(order.Weighted)}
 	var rows []row
 	for size := int64(64 << 10); size <= 4<<20; size *= 2 {
+		// Each replay takes a while on a long trace; a stop ends the ranking.
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		for _, name := range names {
 			l := order.Resegment(o, orders[name], size)
 			rows = append(rows, row{size, name, order.Replay(l, t, m, p), len(l.Segments)})

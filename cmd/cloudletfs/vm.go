@@ -142,11 +142,24 @@ func readyWait(c *cli.Context, vm *qemu.VM) error {
 			return nil
 		case <-vm.Exited():
 			return fmt.Errorf("QEMU exited; last console lines:\n%s", vm.Tail(15))
+		case <-ctx.Done():
+			return ctx.Err()
 		}
 	case term.IsTerminal(int(os.Stdin.Fd())):
 		fmt.Fprintln(c.App.ErrWriter, "press Enter to capture the VM")
-		bufio.NewReader(os.Stdin).ReadString('\n')
-		return nil
+		entered := make(chan struct{})
+		go func() {
+			bufio.NewReader(os.Stdin).ReadString('\n')
+			close(entered)
+		}()
+		select {
+		case <-entered:
+			return nil
+		case <-vm.Exited():
+			return fmt.Errorf("QEMU exited; last console lines:\n%s", vm.Tail(15))
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 	return errors.New("say when the VM is ready: --ready REGEX or --ready-after DURATION")
 }
