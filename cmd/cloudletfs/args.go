@@ -28,7 +28,9 @@ func interspersed(app *cli.App, args []string) []string {
 			return args
 		}
 		if strings.HasPrefix(a, "-") {
-			i += flagWidth(flags, a)
+			// A trailing flag that wants a value has none: urfave/cli
+			// refuses it in one line.
+			i = min(i+flagWidth(flags, a), len(args))
 			continue
 		}
 		var next *cli.Command
@@ -208,10 +210,18 @@ func groupAction(group ...string) cli.ActionFunc {
 			if len(words) == 1 {
 				return cli.ShowSubcommandHelp(c)
 			}
-			if c.Command.Command(words[1]) != nil {
-				// The command's own --help, wherever it sits in the tree.
-				args := append(append(append([]string{c.App.Name}, group...), words[1:]...), "--help")
-				return c.App.RunContext(c.Context, args)
+			if cmd := c.Command.Command(words[1]); cmd != nil {
+				// The command's own --help, wherever it sits in the tree:
+				// only the words that name commands are passed on, so
+				// that what follows is never run.
+				path := append(append([]string{c.App.Name}, group...), words[1])
+				for _, w := range words[2:] {
+					if cmd = cmd.Command(w); cmd == nil {
+						break
+					}
+					path = append(path, w)
+				}
+				return c.App.RunContext(c.Context, append(path, "--help"))
 			}
 			words = words[1:]
 		}

@@ -72,6 +72,8 @@ func TestUsageErrorsAreOneLine(t *testing.T) {
 		{[]string{"cache", "rm"}, `cache rm: want one OVERLAY-ID`},
 		{[]string{"cache", "ls", "x"}, `cache ls: unexpected argument "x"`},
 		{[]string{"--bogus", "base", "list"}, `unknown flag --bogus`},
+		{[]string{"--state-dir"}, `--state-dir needs a value`},
+		{[]string{"--log-level"}, `--log-level needs a value`},
 	} {
 		stdout, stderr, err := e.runAll(c.args...)
 		name := strings.Join(c.args, " ")
@@ -123,6 +125,9 @@ func TestHelpAndUnknownCommand(t *testing.T) {
 		{[]string{"help", "overlay"}, "cloudletfs overlay - create, capture"},
 		{[]string{"help", "overlay", "create"}, "cloudletfs overlay create - build an overlay"},
 		{[]string{"overlay", "help", "extract"}, "cloudletfs overlay extract - rebuild"},
+		// What follows the command's name is not run.
+		{[]string{"help", "launch", "extra"}, "cloudletfs launch - mount an overlay"},
+		{[]string{"help", "overlay", "info", "nosuch.overlay"}, "cloudletfs overlay info - "},
 		{[]string{"overlay"}, "cloudletfs overlay - create, capture"},
 		{[]string{"replay", "--help"}, "--trace"},
 	} {
