@@ -337,7 +337,9 @@ func (s *Session) Serve(stop <-chan struct{}) {
 			continue
 		}
 		if err != nil {
-			s.log.Error().Err(err).Msg("unmount failed; serving on")
+			// Refused all the same: a second stop forces it.
+			refused = time.Now()
+			s.log.Error().Err(err).Msgf("unmount failed; serving on. Stop again within %s to detach the mount", forceWindow)
 			continue
 		}
 		return

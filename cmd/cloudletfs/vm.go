@@ -271,7 +271,7 @@ func consoleOut(c *cli.Context) io.Writer {
 	return nil
 }
 
-func overlayCaptureCmd(c *cli.Context) error {
+func overlayCaptureCmd(c *cli.Context) (err error) {
 	bin, err := qemu.CheckBinary(c.String("qemu"))
 	if err != nil {
 		return err
@@ -353,7 +353,15 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	defer consoleLog.Close()
+	// Kept to read when the capture fails; nothing to read once it worked.
+	defer func() {
+		consoleLog.Close()
+		if err == nil {
+			os.Remove(consoleLog.Name())
+		} else {
+			fmt.Fprintf(c.App.ErrWriter, "the guest's console is kept in %s\n", consoleLog.Name())
+		}
+	}()
 	console := io.Writer(consoleLog)
 	if out := consoleOut(c); out != nil {
 		console = io.MultiWriter(out, consoleLog)
