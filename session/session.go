@@ -44,6 +44,10 @@ type Options struct {
 	// FetchTimeout bounds a read's wait for its segment, and the metadata
 	// fetch at the start.
 	FetchTimeout time.Duration
+	// MetadataTimeout, if set, bounds the metadata fetch instead of
+	// FetchTimeout: a mount whose reads must fail fast can still come up
+	// on a loaded link.
+	MetadataTimeout time.Duration
 	Policy       order.Policy // stream+demand (the default) or demand-only
 	// Fresh discards data written through earlier mounts of the overlay
 	// first: a VM resumed from the overlay's saved state must see the disk
@@ -127,7 +131,11 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 		return nil, err
 	}
 	s.close = append(s.close, func() { src.Close() })
-	mctx, cancel := context.WithTimeout(ctx, opt.FetchTimeout)
+	metaTimeout := opt.FetchTimeout
+	if opt.MetadataTimeout > 0 {
+		metaTimeout = opt.MetadataTimeout
+	}
+	mctx, cancel := context.WithTimeout(ctx, metaTimeout)
 	o, err := fetch.OpenOverlay(mctx, src)
 	cancel()
 	if err != nil {
