@@ -48,7 +48,7 @@ type Options struct {
 	// FetchTimeout: a mount whose reads must fail fast can still come up
 	// on a loaded link.
 	MetadataTimeout time.Duration
-	Policy       order.Policy // stream+demand (the default) or demand-only
+	Policy          order.Policy // stream+demand (the default) or demand-only
 	// Fresh discards data written through earlier mounts of the overlay
 	// first: a VM resumed from the overlay's saved state must see the disk
 	// that state was saved with.
