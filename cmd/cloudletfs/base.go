@@ -71,7 +71,7 @@ the new size and modification time, and the base can be used again.`,
 func baseImport(c *cli.Context) error {
 	cs := c.Int("chunk-size")
 	if cs < overlay.MinChunkSize || cs > overlay.MaxChunkSize || cs&(cs-1) != 0 {
-		return fmt.Errorf("--chunk-size %d: want a power of two between %d and %d", cs, overlay.MinChunkSize, overlay.MaxChunkSize)
+		return badFlag("--chunk-size %d: want a power of two between %d and %d", cs, overlay.MinChunkSize, overlay.MaxChunkSize)
 	}
 	st, err := openStore(c)
 	if err != nil {

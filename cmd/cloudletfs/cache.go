@@ -25,7 +25,7 @@ func parseCacheSize(c *cli.Context) (int64, error) {
 	}
 	n, err := humanize.ParseBytes(c.String("cache-size"))
 	if err != nil {
-		return 0, fmt.Errorf("--cache-size %q: want a size such as 20GiB", c.String("cache-size"))
+		return 0, badFlag("--cache-size %q: want a size such as 20GiB", c.String("cache-size"))
 	}
 	return int64(n), nil
 }

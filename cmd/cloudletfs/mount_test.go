@@ -431,8 +431,32 @@ func TestUmountOnlyCloudletfs(t *testing.T) {
 	}
 	t.Cleanup(func() { syscall.Unmount(dir, syscall.MNT_DETACH) })
 	e.fails([]string{"not a cloudletfs mount but tmpfs"}, "umount", dir)
+	// Through a symlink, the mount it points to is the one looked at.
+	if err := os.Symlink("tmpfs", e.path("to-tmpfs")); err != nil {
+		t.Fatal(err)
+	}
+	e.fails([]string{"not a cloudletfs mount but tmpfs"}, "umount", e.path("to-tmpfs"))
 	if fstype, _ := session.MountType(dir); fstype != "tmpfs" {
 		t.Fatalf("the tmpfs is gone after a refused umount (%q)", fstype)
+	}
+	e.importBase("base", "base")
+	e.create("app.overlay")
+	mnt := e.path("mnt")
+	os.MkdirAll(mnt, 0o755)
+	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
+	m := e.mount(e.path("app.overlay"), mnt)
+	if err := os.Symlink(mnt, e.path("link")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("link", e.path("link2")); err != nil {
+		t.Fatal(err)
+	}
+	e.ok("umount", e.path("link2"))
+	if err := m.wait(t); err != nil {
+		t.Fatalf("mount after umount through a symlink: %v", err)
+	}
+	if fstype, _ := session.MountType(mnt); fstype != "" {
+		t.Fatalf("still mounted (%s) after umount through a symlink", fstype)
 	}
 }
 

@@ -121,11 +121,11 @@ func readSmall(what, path string, limit int64) ([]byte, error) {
 func overlayCreate(c *cli.Context) error {
 	segSize, err := humanize.ParseBytes(c.String("segment-size"))
 	if err != nil || segSize == 0 || segSize > overlay.MaxSegmentRaw {
-		return fmt.Errorf("--segment-size %q: want a size such as 1MiB or 256KiB, at most %s", c.String("segment-size"), humanize.IBytes(overlay.MaxSegmentRaw))
+		return badFlag("--segment-size %q: want a size such as 1MiB or 256KiB, at most %s", c.String("segment-size"), humanize.IBytes(overlay.MaxSegmentRaw))
 	}
 	codec, err := overlay.ParseCodec(c.String("codec"))
 	if err != nil || codec == overlay.CodecNone {
-		return fmt.Errorf("--codec %q: want xz or zstd", c.String("codec"))
+		return badFlag("--codec %q: want xz or zstd", c.String("codec"))
 	}
 	out := c.Path("output")
 

@@ -104,7 +104,7 @@ the order they had in IN. Needs only IN and its base.`,
 func readTraces(paths []string, strategy string, o *overlay.Overlay) (*order.Trace, error) {
 	s, err := order.ParseStrategy(strategy)
 	if err != nil {
-		return nil, fmt.Errorf("--strategy: %w", err)
+		return nil, badFlag("--strategy: %v", err)
 	}
 	var runs []*order.Trace
 	for _, p := range paths {
@@ -156,7 +156,7 @@ func traceMerge(c *cli.Context) error {
 	}
 	s, err := order.ParseStrategy(c.String("strategy"))
 	if err != nil {
-		return fmt.Errorf("--strategy: %w", err)
+		return badFlag("--strategy: %v", err)
 	}
 	var runs []*order.Trace
 	for _, p := range c.Args().Slice() {
@@ -203,7 +203,7 @@ func overlayReorder(c *cli.Context) error {
 	}
 	segSize, err := humanize.ParseBytes(c.String("segment-size"))
 	if err != nil || segSize == 0 || segSize > overlay.MaxSegmentRaw {
-		return fmt.Errorf("--segment-size %q: want a size such as 1MiB, at most %s", c.String("segment-size"), humanize.IBytes(overlay.MaxSegmentRaw))
+		return badFlag("--segment-size %q: want a size such as 1MiB, at most %s", c.String("segment-size"), humanize.IBytes(overlay.MaxSegmentRaw))
 	}
 	codec := overlay.CodecXZ
 	if len(o.Manifest.Segments) > 0 {
@@ -211,7 +211,7 @@ func overlayReorder(c *cli.Context) error {
 	}
 	if name := c.String("codec"); name != "" {
 		if codec, err = overlay.ParseCodec(name); err != nil || codec == overlay.CodecNone {
-			return fmt.Errorf("--codec %q: want xz or zstd", name)
+			return badFlag("--codec %q: want xz or zstd", name)
 		}
 	}
 	st, err := openStore(c)
@@ -254,11 +254,11 @@ func replayCmd(c *cli.Context) error {
 	}
 	rate, err := serve.ParseRate(c.String("rate"))
 	if err != nil || rate <= 0 {
-		return fmt.Errorf("--rate %q: want a link rate such as 38mbit", c.String("rate"))
+		return badFlag("--rate %q: want a link rate such as 38mbit", c.String("rate"))
 	}
 	p, err := order.ParsePolicy(c.String("policy"))
 	if err != nil {
-		return fmt.Errorf("--policy: %w", err)
+		return badFlag("--policy: %v", err)
 	}
 	m := order.Model{Rate: rate, RTT: c.Duration("rtt").Seconds(), Decode: order.DefaultDecode, Startup: c.Duration("startup").Seconds()}
 	w := c.App.Writer

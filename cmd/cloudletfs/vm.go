@@ -133,7 +133,7 @@ func readyWait(c *cli.Context, vm *qemu.VM) error {
 	case c.String("ready") != "":
 		re, err := regexp.Compile(c.String("ready"))
 		if err != nil {
-			return fmt.Errorf("--ready: %w", err)
+			return badFlag("--ready: %v", err)
 		}
 		return vm.WaitConsole(ctx, re, c.Duration("ready-timeout"))
 	case c.Duration("ready-after") > 0:
@@ -175,7 +175,7 @@ func baseCreateCmd(c *cli.Context) error {
 	}
 	memSize, err := humanize.ParseBytes(c.String("memory-size"))
 	if err != nil || memSize < 16<<20 || memSize%(1<<20) != 0 {
-		return fmt.Errorf("--memory-size %q: want whole MiB, at least 16MiB, e.g. 256MiB", c.String("memory-size"))
+		return badFlag("--memory-size %q: want whole MiB, at least 16MiB, e.g. 256MiB", c.String("memory-size"))
 	}
 	for _, f := range []string{"disk", "kernel", "initrd"} {
 		if p := c.Path(f); p != "" {
@@ -208,7 +208,7 @@ func baseCreateCmd(c *cli.Context) error {
 	}()
 	cfg := &qemu.Config{Machine: c.String("machine"), CPU: c.String("cpu"), SMP: c.Int("smp"), MemoryMiB: int(memSize >> 20),
 		DiskIf: c.String("disk-interface"), NIC: c.String("nic"), GuestPort: c.Int("guest-port"), Append: c.String("append"),
-		Extra: c.Args().Slice()}
+		Extra: extra(c)}
 	if p := c.Path("kernel"); p != "" {
 		cfg.Kernel = "vmlinuz"
 		if err := copyFile(p, filepath.Join(dir, cfg.Kernel)); err != nil {
@@ -282,7 +282,7 @@ func overlayCaptureCmd(c *cli.Context) (err error) {
 	}
 	codec, err := overlay.ParseCodec(c.String("codec"))
 	if err != nil || codec == overlay.CodecNone {
-		return fmt.Errorf("--codec %q: want xz or zstd", c.String("codec"))
+		return badFlag("--codec %q: want xz or zstd", c.String("codec"))
 	}
 	var script []byte
 	if p := c.Path("script"); p != "" {
@@ -615,7 +615,7 @@ func launchCmd(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	opt := launch.Options{Session: sopt, QEMU: bin, Accel: accel, Extra: c.Args().Tail(),
+	opt := launch.Options{Session: sopt, QEMU: bin, Accel: accel, Extra: extra(c),
 		Probe: c.String("probe"), ProbeTimeout: c.Duration("probe-timeout"), ExitAfterProbe: c.Bool("exit-after-probe"),
 		Timeline: c.App.Writer, Console: consoleOut(c)}
 	if st, err := os.Stat(ref); err == nil && st.IsDir() {
@@ -630,4 +630,10 @@ func launchCmd(c *cli.Context) error {
 		}
 	}
 	return launch.Run(c.Context, opt)
+}
+
+// extra is what follows "--": arguments passed on to QEMU.
+func extra(c *cli.Context) []string {
+	_, e := extraArgs(c)
+	return e
 }
