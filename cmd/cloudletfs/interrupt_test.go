@@ -8,62 +8,114 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
-// createWatch reports on the returned channel the first name created in
-// dir for which match holds. It uses inotify, so that the test acts on the
-// event itself rather than on a poll that might miss a short-lived file.
-func createWatch(t *testing.T, dir string, match func(name string) bool) <-chan string {
+// holdOpens holds every open of a file in dir whose name matches, until
+// hold(name) has returned, and lets every other open through. It uses
+// fanotify permission events: the process that opens waits in the kernel,
+// so the test acts while the file is being created, whatever the load.
+// Without the privilege for fanotify the test is skipped.
+func holdOpens(t *testing.T, dir string, match func(name string) bool, hold func(name string)) {
 	t.Helper()
-	fd, err := syscall.InotifyInit1(syscall.IN_CLOEXEC | syscall.IN_NONBLOCK)
+	fd, err := unix.FanotifyInit(unix.FAN_CLASS_CONTENT|unix.FAN_CLOEXEC|unix.FAN_NONBLOCK, unix.O_RDONLY|unix.O_CLOEXEC|unix.O_LARGEFILE)
 	if err != nil {
-		t.Fatal(err)
+		t.Skipf("fanotify: %v", err)
 	}
-	f := os.NewFile(uintptr(fd), "inotify")
-	t.Cleanup(func() { f.Close() })
-	if _, err := syscall.InotifyAddWatch(fd, dir, syscall.IN_CREATE); err != nil {
-		t.Fatal(err)
+	if err := unix.FanotifyMark(fd, unix.FAN_MARK_ADD, unix.FAN_OPEN_PERM|unix.FAN_EVENT_ON_CHILD, unix.AT_FDCWD, dir); err != nil {
+		unix.Close(fd)
+		t.Skipf("fanotify on %s: %v", dir, err)
 	}
-	found := make(chan string, 1)
+	// Non-blocking, so the runtime's poller serves it and Close wakes the
+	// reader.
+	f := os.NewFile(uintptr(fd), "fanotify")
+	ended := make(chan struct{})
+	// Closing the group lets any open still held through, and ends the
+	// reader.
+	t.Cleanup(func() { f.Close(); <-ended })
 	go func() {
-		buf := make([]byte, 64<<10)
+		defer close(ended)
+		buf := make([]byte, 4096)
+		held := false
 		for {
 			n, err := f.Read(buf)
 			if err != nil {
 				return
 			}
-			for off := 0; off+syscall.SizeofInotifyEvent <= n; {
-				ev := (*syscall.InotifyEvent)(unsafe.Pointer(&buf[off]))
-				name := string(bytes.TrimRight(buf[off+syscall.SizeofInotifyEvent:off+syscall.SizeofInotifyEvent+int(ev.Len)], "\x00"))
-				off += syscall.SizeofInotifyEvent + int(ev.Len)
-				if match(name) {
-					found <- name
-					return
+			for off := 0; off+int(unsafe.Sizeof(unix.FanotifyEventMetadata{})) <= n; {
+				ev := (*unix.FanotifyEventMetadata)(unsafe.Pointer(&buf[off]))
+				off += int(ev.Event_len)
+				if ev.Fd < 0 {
+					continue
 				}
+				name, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", ev.Fd))
+				if !held && match(filepath.Base(name)) {
+					held = true
+					hold(filepath.Base(name))
+				}
+				resp := unix.FanotifyResponse{Fd: ev.Fd, Response: unix.FAN_ALLOW}
+				f.Write((*[unsafe.Sizeof(resp)]byte)(unsafe.Pointer(&resp))[:])
+				unix.Close(int(ev.Fd))
 			}
 		}
 	}()
-	return found
 }
 
-// interruptWhenWriting starts cloudletfs with args, waits until it creates
-// in dir a temporary file or directory, then sends it SIGINT. It wants the
-// process to end with a non-zero status and one line on stderr that says it
-// was interrupted, and nothing temporary left in dir.
+// signalDelivered waits until no signal is pending for process pid: its
+// handler has taken it.
+func signalDelivered(pid int) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+		if err != nil {
+			return err
+		}
+		pending := false
+		for _, l := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(l); len(f) == 2 && (f[0] == "SigPnd:" || f[0] == "ShdPnd:") && strings.Trim(f[1], "0") != "" {
+				pending = true
+			}
+		}
+		if !pending {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("a signal is still pending for pid %d after 10 s", pid)
+		}
+		runtime.Gosched()
+	}
+}
+
+// interruptWhenWriting starts cloudletfs with args and, when it opens in
+// dir a temporary file it is creating, holds that open until SIGINT has
+// reached the process. It wants the process to end with a non-zero
+// status and one line on stderr that says it was interrupted, and nothing
+// temporary left in dir.
 func (e *env) interruptWhenWriting(dir string, args ...string) {
 	t := e.t
 	t.Helper()
-	created := createWatch(t, dir, func(name string) bool {
-		return strings.Contains(name, ".tmp-") || strings.HasPrefix(name, ".reorder-")
-	})
 	cmd := exec.Command(cloudletfsBinary(t), append([]string{"--state-dir", e.state}, args...)...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	created := make(chan string, 1)
+	signalled := make(chan error, 1)
+	holdOpens(t, dir, func(name string) bool {
+		return strings.Contains(name, ".tmp-") || strings.HasPrefix(name, ".reorder-")
+	}, func(name string) {
+		created <- name
+		err := cmd.Process.Signal(syscall.SIGINT)
+		if err == nil {
+			err = signalDelivered(cmd.Process.Pid)
+		}
+		signalled <- err
+	})
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -72,8 +124,8 @@ func (e *env) interruptWhenWriting(dir string, args ...string) {
 	t.Cleanup(func() { cmd.Process.Kill() })
 	select {
 	case name := <-created:
-		if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
-			t.Fatalf("%s: SIGINT after %s appeared: %v", args[0], name, err)
+		if err := <-signalled; err != nil {
+			t.Fatalf("%s: SIGINT while %s was being opened: %v", args[0], name, err)
 		}
 	case err := <-done:
 		t.Fatalf("%s ended (%v) before it wrote anything; stderr:\n%s", strings.Join(args[:2], " "), err, &stderr)

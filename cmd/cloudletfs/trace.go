@@ -176,7 +176,12 @@ func traceMerge(c *cli.Context) error {
 	out := c.Path("output")
 	write := func(w io.Writer) error {
 		fmt.Fprintf(w, "# cloudletfs trace: %d runs merged (%s)\n", len(runs), s)
-		return order.Write(w, m)
+		if err := order.Write(w, m); err != nil {
+			return err
+		}
+		// A stop that came during the write keeps the file from
+		// appearing.
+		return c.Context.Err()
 	}
 	if err := overlay.WriteFile(c.Context, out, write); err != nil {
 		if c.Context.Err() != nil && errors.Is(err, context.Canceled) {
