@@ -270,3 +270,67 @@ func TestInterruptBaseImport(t *testing.T) {
 		t.Fatalf("an interrupted import registered the base:\n%s", out)
 	}
 }
+
+// The first Ctrl-C asks a command to stop; once it has, the next one ends
+// the process at once, whatever the command is stuck on. Here `trace
+// merge` waits on a FIFO that never delivers, which nothing cancels.
+func TestSecondInterruptKills(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "stuck.trace")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(cloudletfsBinary(t), "--state-dir", filepath.Join(dir, "state"), "trace", "merge", fifo, "-o", filepath.Join(dir, "m.trace"))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	// A writer's open without blocking succeeds once the command has the
+	// FIFO open to read; the writer then stays silent.
+	var w *os.File
+	for deadline := time.Now().Add(time.Minute); ; {
+		f, err := os.OpenFile(fifo, os.O_WRONLY|syscall.O_NONBLOCK, 0)
+		if err == nil {
+			w = f
+			break
+		}
+		if !errors.Is(err, syscall.ENXIO) || time.Now().After(deadline) {
+			t.Fatalf("the command never opened the FIFO (%v); stderr:\n%s", err, &stderr)
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("trace merge ended (%v) before it opened the FIFO; stderr:\n%s", err, &stderr)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	defer w.Close()
+	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	if err := signalDelivered(cmd.Process.Pid); err != nil {
+		t.Fatal(err)
+	}
+	// Until the process ends: the first signal after the command has let
+	// go of them takes the default action.
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		cmd.Process.Signal(syscall.SIGINT)
+		select {
+		case err = <-done:
+		case <-time.After(100 * time.Millisecond):
+			if time.Now().After(deadline) {
+				t.Fatalf("trace merge, stuck on a FIFO, still runs after Ctrl-C twice and more for 10 s; stderr:\n%s", &stderr)
+			}
+			continue
+		}
+		break
+	}
+	ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus)
+	if !ok || !ws.Signaled() || ws.Signal() != syscall.SIGINT {
+		t.Fatalf("trace merge ended with %v, want killed by SIGINT; stderr:\n%s", err, &stderr)
+	}
+}
