@@ -201,25 +201,13 @@ func TestInterruptLeavesNothing(t *testing.T) {
 	})
 }
 
-// A long command that has nothing to clean up still stops on SIGINT: base
-// import of a large image ends within a bound of the signal, non-zero,
-// with one line, and registers nothing.
-func TestInterruptBaseImport(t *testing.T) {
-	e := newEnv(t)
-	// Sparse: large to hash, nothing on disk.
-	disk := e.path("huge/disk.img")
-	e.write("huge/memory.img", make([]byte, 4096))
-	e.write("huge/state", []byte("state"))
-	f, err := os.Create(disk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Truncate(64 << 30); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	cmd := exec.Command(cloudletfsBinary(t), "--state-dir", e.state, "base", "import", "--name", "huge",
-		"--disk", disk, "--memory", e.path("huge/memory.img"), "--state", e.path("huge/state"))
+// interruptWhenOpen starts cloudletfs with args, sends SIGINT once the
+// process holds file open, and wants it to end within 10 s, non-zero, with
+// one line that says the interrupt stopped it.
+func (e *env) interruptWhenOpen(file string, args ...string) {
+	t := e.t
+	t.Helper()
+	cmd := exec.Command(cloudletfsBinary(t), append([]string{"--state-dir", e.state}, args...)...)
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Start(); err != nil {
@@ -228,13 +216,13 @@ func TestInterruptBaseImport(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
 	t.Cleanup(func() { cmd.Process.Kill() })
-	// It has started hashing once it holds the image open.
+	name := strings.Join(args[:2], " ")
 	fdDir := filepath.Join("/proc", fmt.Sprint(cmd.Process.Pid), "fd")
 	for deadline := time.Now().Add(time.Minute); ; {
 		opened := false
 		ents, _ := os.ReadDir(fdDir)
 		for _, ent := range ents {
-			if target, _ := os.Readlink(filepath.Join(fdDir, ent.Name())); target == disk {
+			if target, _ := os.Readlink(filepath.Join(fdDir, ent.Name())); target == file {
 				opened = true
 			}
 		}
@@ -243,32 +231,67 @@ func TestInterruptBaseImport(t *testing.T) {
 		}
 		select {
 		case err := <-done:
-			t.Fatalf("base import ended (%v) before it opened the image; stderr:\n%s", err, &stderr)
+			t.Fatalf("%s ended (%v) before it opened %s; stderr:\n%s", name, err, file, &stderr)
 		case <-time.After(10 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("base import did not open the image within a minute")
+			t.Fatalf("%s did not open %s within a minute", name, file)
 		}
 	}
 	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
 	}
+	var err error
 	select {
 	case err = <-done:
 	case <-time.After(10 * time.Second):
-		t.Fatalf("base import did not end within 10 s of SIGINT")
+		t.Fatalf("%s did not end within 10 s of SIGINT", name)
 	}
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() <= 0 {
-		t.Errorf("exit %v after SIGINT, want a non-zero status; stdout:\n%s", err, &stdout)
+		t.Errorf("%s: exit %v after SIGINT, want a non-zero status; stdout:\n%s", name, err, &stdout)
 	}
 	msg := stderr.String()
 	if strings.Count(msg, "\n") != 1 || !strings.Contains(msg, "stopped: interrupt") {
-		t.Errorf("stderr %q, want one line that says it was stopped by the interrupt", msg)
+		t.Errorf("%s: stderr %q, want one line that says it was stopped by the interrupt", name, msg)
 	}
-	if out := e.ok("base", "list"); strings.Contains(out, "huge") {
-		t.Fatalf("an interrupted import registered the base:\n%s", out)
+}
+
+// Long commands that have nothing to clean up still stop on SIGINT: base
+// import and base verify of a large image end within a bound of the
+// signal, non-zero, with one line; the import registers nothing.
+func TestInterruptHashing(t *testing.T) {
+	e := newEnv(t)
+	e.importBase("base", "base")
+	// Sparse: large to hash, nothing on disk.
+	huge := func(path string) {
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if err := f.Truncate(64 << 30); err != nil {
+			t.Fatal(err)
+		}
 	}
+	disk := e.path("huge/disk.img")
+	e.write("huge/memory.img", make([]byte, 4096))
+	e.write("huge/state", []byte("state"))
+	huge(disk)
+	t.Run("base import", func(t *testing.T) {
+		e := e.in(t)
+		e.interruptWhenOpen(disk, "base", "import", "--name", "huge",
+			"--disk", disk, "--memory", e.path("huge/memory.img"), "--state", e.path("huge/state"))
+		if out := e.ok("base", "list"); strings.Contains(out, "huge") {
+			t.Fatalf("an interrupted import registered the base:\n%s", out)
+		}
+	})
+	t.Run("base verify", func(t *testing.T) {
+		e := e.in(t)
+		// The registered disk grows: verify hashes all of it.
+		huge(e.path("base/disk.img"))
+		e.interruptWhenOpen(e.path("base/disk.img"), "base", "verify", "base")
+	})
 }
 
 // The first Ctrl-C asks a command to stop; once it has, the next one ends
