@@ -363,6 +363,7 @@ func (f *Fetcher) Overlay() *overlay.Overlay { return f.o }
 
 // Start launches the streamer.
 func (f *Fetcher) Start() {
+	f.st.streaming.Store(true)
 	f.wg.Add(1)
 	go f.stream()
 }
@@ -1086,6 +1087,7 @@ type counters struct {
 	abandoned, uncached, cacheBad                   atomic.Int64
 	demandSegments, streamSegments                  atomic.Int64
 	fetched                                         [2]atomic.Int64 // chunks, per image
+	streaming                                       atomic.Bool     // Start was called
 
 	mu      sync.Mutex
 	waits   []time.Duration // a sample, of at most maxWaits
@@ -1205,6 +1207,10 @@ type Stats struct {
 	CacheBadSegments int64            `json:"cache_bad_segments"`
 	FailingSegments  []SegmentFailure `json:"failing_segments"`
 	Complete         bool             `json:"complete"`
+	// Policy is "stream+demand" once the streamer was started, else
+	// "demand-only": such a mount completes only if reads ask for every
+	// segment.
+	Policy string `json:"policy"`
 }
 
 // Stats returns a snapshot.
@@ -1227,6 +1233,10 @@ func (f *Fetcher) Stats() Stats {
 		UncachedSegments:  c.uncached.Load(),
 		CacheBadSegments:  c.cacheBad.Load(),
 		FailingSegments:   []SegmentFailure{},
+		Policy:            "demand-only",
+	}
+	if c.streaming.Load() {
+		s.Policy = "stream+demand"
 	}
 	imgs := [2]*ImageStats{&s.Disk, &s.Memory}
 	f.mu.Lock()

@@ -28,8 +28,10 @@ import (
 
 	"github.com/cloudletfs/cloudletfs/fetch"
 	"github.com/cloudletfs/cloudletfs/fs"
+	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/serve"
+	"github.com/cloudletfs/cloudletfs/session"
 	"github.com/cloudletfs/cloudletfs/store"
 )
 
@@ -94,7 +96,7 @@ func newScaledVM(t testing.TB, codec overlay.Codec, segSize, scale, run int) *vm
 		}
 	}
 	var err error
-	if v.st, err = store.Open(filepath.Join(v.dir, "state"), zerolog.Nop()); err != nil {
+	if err = v.reopen(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { v.st.Close() })
@@ -206,6 +208,7 @@ type mounted struct {
 	f     *fetch.Fetcher
 	m     *fs.Mount
 	cache *store.Cache
+	s     *session.Session // nil for a mount the fault suite wires itself
 }
 
 // mount mounts the overlay at url through a fresh fetcher.
@@ -213,45 +216,44 @@ func (v *vm) mount(t testing.TB, url string, timeout time.Duration) (*mounted, e
 	return v.mountWith(t, url, timeout, true)
 }
 
-// mountWith mounts, starting the streamer only if stream is set.
+// mountWith mounts the overlay at url as `cloudletfs mount` does, through
+// a session, starting the streamer only if stream is set (the demand-only
+// policy otherwise).
 func (v *vm) mountWith(t testing.TB, url string, timeout time.Duration, stream bool) (*mounted, error) {
 	t.Helper()
-	src, err := fetch.OpenSource(url, nil, nil)
-	if err != nil {
-		return nil, err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	o, err := fetch.OpenOverlay(ctx, src)
-	if err != nil {
-		return nil, err
-	}
-	base, closeBase, err := v.st.Open(v.rec)
-	if err != nil {
-		return nil, err
-	}
-	t.Cleanup(closeBase)
-	cache, err := v.st.OpenCache(o.ID, int(o.Header.ChunkSize), [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)})
-	if err != nil {
-		return nil, err
-	}
-	t.Cleanup(func() { cache.Close() })
-	f, err := fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: zerolog.Nop()})
-	if err != nil {
-		return nil, err
+	policy := order.StreamDemand
+	if !stream {
+		policy = order.DemandOnly
 	}
 	dir := t.TempDir()
-	m, err := fs.New(dir, f, fs.Options{Log: zerolog.Nop()})
-	if err != nil {
-		f.Close()
+	// The session takes the registry while it starts; the tests' own
+	// handle lets go of it meanwhile.
+	if err := v.st.Close(); err != nil {
 		return nil, err
 	}
-	if stream {
-		f.Start()
+	s, err := session.Open(context.Background(), session.Options{Overlay: url, Mountpoint: dir, StateDir: v.stateDir(),
+		Log: zerolog.Nop(), FetchTimeout: timeout, MetadataTimeout: 10 * time.Second, Policy: policy})
+	if rerr := v.reopen(); rerr != nil {
+		if s != nil {
+			s.Close()
+		}
+		return nil, rerr
 	}
-	mt := &mounted{dir: dir, f: f, m: m, cache: cache}
+	if err != nil {
+		return nil, err
+	}
+	mt := &mounted{dir: s.Dir, f: s.Fetcher, m: s.Mount, cache: s.Cache, s: s}
 	t.Cleanup(mt.unmount)
 	return mt, nil
+}
+
+// stateDir is the state directory the base is registered in.
+func (v *vm) stateDir() string { return filepath.Join(v.dir, "state") }
+
+// reopen opens the tests' handle on the registry again.
+func (v *vm) reopen() (err error) {
+	v.st, err = store.Open(v.stateDir(), zerolog.Nop())
+	return err
 }
 
 // resetCache drops every cached chunk, so the next mount starts cold.
@@ -262,12 +264,17 @@ func (v *vm) resetCache(t testing.TB) {
 	}
 }
 
+// unmount unmounts and lets go of the cache, so that the next mount of the
+// overlay, or a reset, can take it.
 func (m *mounted) unmount() {
+	if m.s != nil {
+		m.s.Close()
+		return
+	}
 	m.f.Close()
 	if err := m.m.Unmount(); err == nil {
 		m.m.Wait()
 	}
-	// The next mount of the overlay, or a reset, needs the cache let go.
 	m.cache.Close()
 }
 
@@ -562,7 +569,7 @@ func TestFaults(t *testing.T) {
 		if st := m.f.Stats(); st.FetchErrors == 0 || st.Timeouts+st.FailedFetches == 0 {
 			t.Fatalf("stats: %+v", st)
 		}
-		if err := m.m.Unmount(); err != nil {
+		if err := m.s.Unmount(false); err != nil {
 			t.Fatalf("umount with a dead server: %v", err)
 		}
 	})

@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/dustin/go-humanize"
@@ -59,7 +60,10 @@ type Options struct {
 // unmounts. An error says how the VM ended when that was not asked for.
 func Run(ctx context.Context, opt Options) (err error) {
 	start := time.Now()
+	var markMu sync.Mutex // the probe marks too
 	mark := func(what string) {
+		markMu.Lock()
+		defer markMu.Unlock()
 		fmt.Fprintf(opt.Timeline, "%8.3f s  %s\n", time.Since(start).Seconds(), what)
 	}
 	// The VM's files: from a mount of the overlay, or, for the full
@@ -119,8 +123,13 @@ func Run(ctx context.Context, opt Options) (err error) {
 	if err != nil {
 		return err
 	}
-	qmp := filepath.Join(os.TempDir(), fmt.Sprintf("cloudletfs-qmp-%d.sock", os.Getpid()))
-	defer os.Remove(qmp)
+	// A directory of its own: launches in one process never share a socket.
+	qmpDir, err := os.MkdirTemp("", "cloudletfs-qmp-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(qmpDir)
+	qmp := filepath.Join(qmpDir, "qmp.sock")
 	args := cfg.Args(qemu.Run{Accel: opt.Accel, Memory: memory, Share: false,
 		Disk: disk, QMP: qmp, Incoming: true, HostPort: port, Dir: baseDir})
 	vm, err := qemu.Start(ctx, opt.QEMU, args, qmp, opt.Console)
@@ -162,7 +171,15 @@ func Run(ctx context.Context, opt Options) (err error) {
 
 	probed := make(chan error, 1)
 	if opt.Probe != "" {
-		go func() { probed <- probe(opt, s, port, vm, mark) }()
+		// The probe ends before Run does, and before the mount it marks
+		// goes.
+		pctx, cancel := context.WithCancel(ctx)
+		ended := make(chan struct{})
+		defer func() { cancel(); <-ended }()
+		go func() {
+			defer close(ended)
+			probed <- probe(pctx, opt, s, port, vm, mark)
+		}()
 	} else {
 		close(probed)
 	}
@@ -234,13 +251,16 @@ var errVMExited = errors.New("the VM exited")
 
 // probe runs the probe command until it succeeds, and marks the first
 // response on the timeline.
-func probe(opt Options, s *session.Session, port int, vm *qemu.VM, mark func(string)) error {
+func probe(ctx context.Context, opt Options, s *session.Session, port int, vm *qemu.VM, mark func(string)) error {
 	deadline := time.Now().Add(opt.ProbeTimeout)
 	for {
-		cmd := exec.Command("sh", "-c", opt.Probe)
+		cmd := exec.CommandContext(ctx, "sh", "-c", opt.Probe)
 		cmd.Env = append(os.Environ(), "CLOUDLETFS_PORT="+strconv.Itoa(port))
 		qemu.CloseOnExec()
 		out, err := cmd.Output()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
 		if err == nil {
 			mark("first response: " + strings.TrimSpace(string(out)))
 			if s != nil {
@@ -254,6 +274,8 @@ func probe(opt Options, s *session.Session, port int, vm *qemu.VM, mark func(str
 		select {
 		case <-vm.Exited():
 			return errVMExited
+		case <-ctx.Done():
+			return ctx.Err()
 		case <-time.After(50 * time.Millisecond):
 		}
 	}

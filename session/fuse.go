@@ -53,7 +53,18 @@ func mountFUSE(dir string, f *fetch.Fetcher, opt cfs.Options) (*cfs.Mount, error
 		}
 		return nil, err
 	}
-	m, err := cfs.New(fmt.Sprintf("/dev/fd/%d", fd), f, opt)
+	// go-fuse gets a duplicate: it closes its descriptor on some of its
+	// failures and not on others, so closing the one given to it here could
+	// close an unrelated file that took the number. This one is closed
+	// either way; the connection lives on in go-fuse's when it serves.
+	dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		syscall.Close(fd)
+		syscall.Unmount(dir, syscall.MNT_DETACH)
+		return nil, fmt.Errorf("duplicating the FUSE device: %w", err)
+	}
+	m, err := cfs.New(fmt.Sprintf("/dev/fd/%d", dup), f, opt)
+	syscall.Close(fd)
 	if err != nil {
 		syscall.Unmount(dir, syscall.MNT_DETACH)
 		return nil, err

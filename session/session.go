@@ -44,11 +44,20 @@ type Options struct {
 	// FetchTimeout bounds a read's wait for its segment, and the metadata
 	// fetch at the start.
 	FetchTimeout time.Duration
-	Policy       order.Policy // stream+demand (the default) or demand-only
+	// MetadataTimeout, if set, bounds the metadata fetch instead of
+	// FetchTimeout: a mount whose reads must fail fast can still come up
+	// on a loaded link.
+	MetadataTimeout time.Duration
+	Policy          order.Policy // stream+demand (the default) or demand-only
 	// Fresh discards data written through earlier mounts of the overlay
 	// first: a VM resumed from the overlay's saved state must see the disk
 	// that state was saved with.
 	Fresh bool
+	// DropWritten discards, once the file system is unmounted and before
+	// the cache closes, everything written through this mount: a capture
+	// reads what the guest wrote into its overlay and must not leave it to
+	// the next run of the base.
+	DropWritten bool
 	// CacheSize caps the chunk cache of all overlays; 0 is no cap.
 	CacheSize  int64
 	AllowOther bool // let users other than the mounting one in
@@ -122,7 +131,11 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 		return nil, err
 	}
 	s.close = append(s.close, func() { src.Close() })
-	mctx, cancel := context.WithTimeout(ctx, opt.FetchTimeout)
+	metaTimeout := opt.FetchTimeout
+	if opt.MetadataTimeout > 0 {
+		metaTimeout = opt.MetadataTimeout
+	}
+	mctx, cancel := context.WithTimeout(ctx, metaTimeout)
 	o, err := fetch.OpenOverlay(mctx, src)
 	cancel()
 	if err != nil {
@@ -175,6 +188,14 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 	// the cap too.
 	s.close = append(s.close, func() { collectCaches(opt.StateDir, log, limit) })
 	s.close = append(s.close, func() { cache.Close() })
+	if opt.DropWritten {
+		// Runs before the cache closes: a closed cache refuses to drop.
+		s.close = append(s.close, func() {
+			if err := cache.DropWritten(); err != nil {
+				log.Error().Err(err).Str("overlay", s.Shown).Msg("could not discard the data written through the mount; the next run with --fresh discards it")
+			}
+		})
+	}
 	if freed, err := st.GC(limit, o.ID); err != nil {
 		log.Warn().Err(err).Msg("cache: collecting least recently used overlays failed")
 	} else if freed > 0 {
@@ -324,7 +345,9 @@ func (s *Session) Serve(stop <-chan struct{}) {
 			continue
 		}
 		if err != nil {
-			s.log.Error().Err(err).Msg("unmount failed; serving on")
+			// Refused all the same: a second stop forces it.
+			refused = time.Now()
+			s.log.Error().Err(err).Msgf("unmount failed; serving on. Stop again within %s to detach the mount", forceWindow)
 			continue
 		}
 		return

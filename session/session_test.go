@@ -224,3 +224,52 @@ func TestUnmountRefusedWhileHeld(t *testing.T) {
 		t.Fatalf("still mounted (%s) after a forced Unmount", fstype)
 	}
 }
+
+// With DropWritten, what was written through the mount is gone from the
+// overlay's cache once the session closes; without it, it stays.
+func TestDropWrittenAtClose(t *testing.T) {
+	fx := newFixture(t)
+	for _, drop := range []bool{false, true} {
+		s, err := Open(context.Background(), Options{Overlay: fx.overlay, Mountpoint: fx.mnt, StateDir: fx.state,
+			Log: zerolog.Nop(), FetchTimeout: 10 * time.Second, DropWritten: drop})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := os.OpenFile(filepath.Join(fx.mnt, "disk", "image"), os.O_WRONLY, 0)
+		if err != nil {
+			s.Close()
+			t.Fatal(err)
+		}
+		_, err = f.WriteAt(bytes.Repeat([]byte{7}, 8192), 4096)
+		if err == nil {
+			err = f.Sync()
+		}
+		f.Close()
+		id := s.Overlay.ID
+		s.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := store.Open(fx.state, zerolog.Nop())
+		if err != nil {
+			t.Fatal(err)
+		}
+		cache, err := st.OpenCache(id, int(s.Overlay.Header.ChunkSize), [2]int64{s.Overlay.Header.ImageSize(overlay.Disk), s.Overlay.Header.ImageSize(overlay.Memory)})
+		if err != nil {
+			st.Close()
+			t.Fatal(err)
+		}
+		written, err := cache.CowChunks()
+		cache.Close()
+		st.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if drop && len(written) > 0 {
+			t.Fatalf("DropWritten: %d written chunks left in the cache after Close", len(written))
+		}
+		if !drop && len(written) == 0 {
+			t.Fatal("without DropWritten the written chunks are gone too: the test cannot tell")
+		}
+	}
+}

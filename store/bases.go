@@ -1,12 +1,14 @@
 package store
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
@@ -74,6 +76,11 @@ type ImportFiles struct {
 // under name. The files stay where they are; the registry remembers their
 // paths, sizes and modification times to notice later changes.
 func (s *Store) Import(name string, in ImportFiles, chunkSize, workers int, progress func(n, total int64)) (*Base, error) {
+	return s.ImportContext(context.Background(), name, in, chunkSize, workers, progress)
+}
+
+// ImportContext is Import that stops, registering nothing, once ctx ends.
+func (s *Store) ImportContext(ctx context.Context, name string, in ImportFiles, chunkSize, workers int, progress func(n, total int64)) (*Base, error) {
 	if name == "" || strings.ContainsAny(name, "/\n") {
 		return nil, fmt.Errorf("base name %q: use a non-empty name without '/' or newlines", name)
 	}
@@ -106,7 +113,7 @@ func (s *Store) Import(name string, in ImportFiles, chunkSize, workers int, prog
 		if err != nil {
 			return nil, fmt.Errorf("%s %s: %w", names[i], paths[i], err)
 		}
-		sum, hs, err := overlay.HashImage(fh, files[i].Size, chunkSize, workers, prog)
+		sum, hs, err := overlay.HashImage(ctxReader{ctx, fh}, files[i].Size, chunkSize, workers, prog)
 		fh.Close()
 		if err != nil {
 			return nil, fmt.Errorf("%s %s: %w", names[i], paths[i], err)
@@ -122,6 +129,9 @@ func (s *Store) Import(name string, in ImportFiles, chunkSize, workers int, prog
 		Disk: files[0], Memory: files[1], State: files[2], Imported: time.Now().UTC()}
 	if len(files) > 3 {
 		b.VMConfig = &files[3]
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
 	}
 	if old, err := s.lookupID(b.ID.String()); err == nil {
 		return nil, fmt.Errorf("this base is already registered as %q (ID %s)", old.Name, b.ID)
@@ -425,7 +435,7 @@ func (b *Base) CheckFiles() error {
 // Verify re-hashes every file of the base and compares it with the digest
 // taken at import.
 func (b *Base) Verify(progress func(n, total int64)) error {
-	_, err := b.verify(progress)
+	_, err := b.verify(context.Background(), progress)
 	return err
 }
 
@@ -435,7 +445,12 @@ func (b *Base) Verify(progress func(n, total int64)) error {
 // the bytes), the registry takes the new ones, so that the base passes the
 // cheap check at every use again; refreshed says so.
 func (s *Store) Verify(b *Base, progress func(n, total int64)) (refreshed bool, err error) {
-	seen, err := b.verify(progress)
+	return s.VerifyContext(context.Background(), b, progress)
+}
+
+// VerifyContext is Verify that stops, recording nothing, once ctx ends.
+func (s *Store) VerifyContext(ctx context.Context, b *Base, progress func(n, total int64)) (refreshed bool, err error) {
+	seen, err := b.verify(ctx, progress)
 	if err != nil {
 		return false, err
 	}
@@ -472,7 +487,7 @@ func (s *Store) Verify(b *Base, progress func(n, total int64)) (refreshed bool, 
 // verify hashes the base's files and returns the size and modification
 // time each had while it was hashed. A file that changed while it was
 // being hashed counts as changed.
-func (b *Base) verify(progress func(n, total int64)) ([]File, error) {
+func (b *Base) verify(ctx context.Context, progress func(n, total int64)) ([]File, error) {
 	var total int64
 	for _, f := range b.Files() {
 		total += f.File.Size
@@ -494,7 +509,7 @@ func (b *Base) verify(progress func(n, total int64)) ([]File, error) {
 			if progress != nil {
 				progress(n, total)
 			}
-		})), fh)
+		})), io.NewSectionReader(ctxReader{ctx, fh}, 0, math.MaxInt64))
 		sum := overlay.Digest(h.Sum(nil))
 		after, serr := fstat(fh)
 		fh.Close()
@@ -641,6 +656,20 @@ func (c *checkedFile) ReadAt(p []byte, off int64) (int, error) {
 		return 0, cerr
 	}
 	return n, err
+}
+
+// ctxReader fails every read once ctx has ended, so that hashing a large
+// file stops at the next block.
+type ctxReader struct {
+	ctx context.Context
+	r   io.ReaderAt
+}
+
+func (r ctxReader) ReadAt(p []byte, off int64) (int, error) {
+	if err := r.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return r.r.ReadAt(p, off)
 }
 
 // progressWriter reports the length of every write.

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"regexp"
 	"slices"
@@ -13,7 +14,10 @@ import (
 // interspersed moves the flags of the command being run in front of its
 // positional arguments, so that `overlay extract FILE -o DIR` works as the
 // usage lines show; urfave/cli stops reading flags at the first positional
-// argument. Everything after "--" is left as it is.
+// argument. Everything after "--" is left as it is, and for a command at
+// the end of the path the "--" itself stays among the positional
+// arguments, so that the command can tell extra arguments meant for QEMU
+// from a positional argument too many.
 func interspersed(app *cli.App, args []string) []string {
 	if len(args) < 2 {
 		return args
@@ -21,6 +25,7 @@ func interspersed(app *cli.App, args []string) []string {
 	cmds := app.Commands
 	flags := app.Flags
 	i := 1
+	leaf := false
 	// Walk down the command path, keeping global flags in place.
 	for i < len(args) {
 		a := args[i]
@@ -28,7 +33,9 @@ func interspersed(app *cli.App, args []string) []string {
 			return args
 		}
 		if strings.HasPrefix(a, "-") {
-			i += flagWidth(flags, a)
+			// A trailing flag that wants a value has none: urfave/cli
+			// refuses it in one line.
+			i = min(i+flagWidth(flags, a), len(args))
 			continue
 		}
 		var next *cli.Command
@@ -43,6 +50,7 @@ func interspersed(app *cli.App, args []string) []string {
 		i++
 		cmds, flags = next.Subcommands, next.Flags
 		if len(cmds) == 0 {
+			leaf = true
 			break
 		}
 	}
@@ -63,7 +71,21 @@ func interspersed(app *cli.App, args []string) []string {
 			i++
 		}
 	}
+	if leaf && len(pos) > 0 {
+		// Flag parsing takes this one, and stops here whatever follows.
+		out = append(out, "--")
+	}
 	return append(out, pos...)
+}
+
+// extraArgs splits a command's positional arguments at the first "--":
+// those before it, and the extra arguments after it.
+func extraArgs(c *cli.Context) (pos, extra []string) {
+	all := c.Args().Slice()
+	if i := slices.Index(all, "--"); i >= 0 {
+		return all[:i], all[i+1:]
+	}
+	return all, nil
 }
 
 // flagWidth is how many words flag word a takes: two for a flag that needs a
@@ -90,28 +112,30 @@ func flagWidth(flags []cli.Flag, a string) int {
 // path below the program's name: at least min, at most max (-1: no
 // limit), and what they are. A command not listed takes none.
 var positional = map[string]args{
-	"base create":     {0, -1, ""}, // extra QEMU arguments after --
-	"base rm":         {1, 1, "one base ID or NAME"},
-	"base verify":     {1, 1, "one base ID or NAME"},
-	"overlay info":    {1, 1, "one overlay FILE"},
-	"overlay verify":  {1, 1, "one overlay FILE"},
-	"overlay extract": {1, 1, "one overlay FILE"},
-	"overlay reorder": {1, 1, "one overlay IN"},
-	"serve":           {1, 1, "one DIR to serve"},
-	"mount":           {2, 2, "OVERLAY and MOUNTPOINT"},
-	"umount":          {1, 1, "one MOUNTPOINT"},
-	"status":          {1, 1, "one MOUNTPOINT"},
-	"launch":          {1, -1, "an OVERLAY or DIR, then -- and extra QEMU arguments if any"},
-	"trace show":      {1, 1, "one TRACE"},
-	"trace merge":     {1, -1, "one TRACE or more"},
-	"cache verify":    {0, -1, ""},
-	"cache rm":        {1, 1, "one OVERLAY-ID (see cloudletfs cache ls)"},
+	"base create":     {0, 0, "", true}, // extra QEMU arguments after --
+	"base rm":         {1, 1, "one base ID or NAME", false},
+	"base verify":     {1, 1, "one base ID or NAME", false},
+	"overlay info":    {1, 1, "one overlay FILE", false},
+	"overlay verify":  {1, 1, "one overlay FILE", false},
+	"overlay extract": {1, 1, "one overlay FILE", false},
+	"overlay reorder": {1, 1, "one overlay IN", false},
+	"serve":           {1, 1, "one DIR to serve", false},
+	"mount":           {2, 2, "OVERLAY and MOUNTPOINT", false},
+	"umount":          {1, 1, "one MOUNTPOINT", false},
+	"status":          {1, 1, "one MOUNTPOINT", false},
+	"launch":          {1, 1, "an OVERLAY or DIR, then -- and extra QEMU arguments if any", true},
+	"trace show":      {1, 1, "one TRACE", false},
+	"trace merge":     {1, -1, "one TRACE or more", false},
+	"cache verify":    {0, -1, "", false},
+	"cache rm":        {1, 1, "one OVERLAY-ID (see cloudletfs cache ls)", false},
 }
 
 // args is what a command takes as positional arguments.
 type args struct {
 	min, max int
 	what     string
+	// extra: arguments after "--" are passed on (to QEMU), not counted.
+	extra bool
 }
 
 // zeroDuration names the duration flags for which zero means something
@@ -208,10 +232,18 @@ func groupAction(group ...string) cli.ActionFunc {
 			if len(words) == 1 {
 				return cli.ShowSubcommandHelp(c)
 			}
-			if c.Command.Command(words[1]) != nil {
-				// The command's own --help, wherever it sits in the tree.
-				args := append(append(append([]string{c.App.Name}, group...), words[1:]...), "--help")
-				return c.App.RunContext(c.Context, args)
+			if cmd := c.Command.Command(words[1]); cmd != nil {
+				// The command's own --help, wherever it sits in the tree:
+				// only the words that name commands are passed on, so
+				// that what follows is never run.
+				path := append(append([]string{c.App.Name}, group...), words[1])
+				for _, w := range words[2:] {
+					if cmd = cmd.Command(w); cmd == nil {
+						break
+					}
+					path = append(path, w)
+				}
+				return c.App.RunContext(c.Context, append(path, "--help"))
 			}
 			words = words[1:]
 		}
@@ -234,13 +266,20 @@ func checked(name string, pos args, flags []cli.Flag, action cli.ActionFunc) cli
 		fail := func(format string, a ...any) error {
 			return fmt.Errorf("%s: %s (see %s --help)", strings.TrimPrefix(name, c.App.Name+" "), fmt.Sprintf(format, a...), name)
 		}
-		switch n := c.NArg(); {
+		given := c.Args().Slice()
+		if pos.extra {
+			given, _ = extraArgs(c)
+		}
+		switch n := len(given); {
 		case n > pos.max && pos.max >= 0:
 			takes := "no arguments"
 			if pos.what != "" {
 				takes = pos.what
 			}
-			return fail("unexpected argument %q; it takes %s", c.Args().Get(pos.max), takes)
+			if pos.extra {
+				return fail("unexpected argument %q; extra QEMU arguments go after --", given[pos.max])
+			}
+			return fail("unexpected argument %q; it takes %s", given[pos.max], takes)
 		case n < pos.min:
 			return fail("want %s", pos.what)
 		}
@@ -254,8 +293,24 @@ func checked(name string, pos args, flags []cli.Flag, action cli.ActionFunc) cli
 				return fail("--%s is required", r)
 			}
 		}
-		return action(c)
+		err := action(c)
+		var fv *flagValueError
+		if errors.As(err, &fv) {
+			return fail("%v", fv)
+		}
+		return err
 	}
+}
+
+// flagValueError is a flag value a command refused once it parsed it: the
+// command's wrapper gives it the one-line form usage errors have.
+type flagValueError struct{ msg string }
+
+func (e *flagValueError) Error() string { return e.msg }
+
+// badFlag reports a flag value that a command refuses.
+func badFlag(format string, a ...any) error {
+	return &flagValueError{fmt.Sprintf(format, a...)}
 }
 
 // unrequire takes the Required mark off a flag, so that urfave/cli does

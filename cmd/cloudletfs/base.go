@@ -71,7 +71,7 @@ the new size and modification time, and the base can be used again.`,
 func baseImport(c *cli.Context) error {
 	cs := c.Int("chunk-size")
 	if cs < overlay.MinChunkSize || cs > overlay.MaxChunkSize || cs&(cs-1) != 0 {
-		return fmt.Errorf("--chunk-size %d: want a power of two between %d and %d", cs, overlay.MinChunkSize, overlay.MaxChunkSize)
+		return badFlag("--chunk-size %d: want a power of two between %d and %d", cs, overlay.MinChunkSize, overlay.MaxChunkSize)
 	}
 	st, err := openStore(c)
 	if err != nil {
@@ -80,7 +80,7 @@ func baseImport(c *cli.Context) error {
 	defer st.Close()
 	p := newProgress(c.App.ErrWriter)
 	start := time.Now()
-	b, err := st.Import(c.String("name"), store.ImportFiles{
+	b, err := st.ImportContext(c.Context, c.String("name"), store.ImportFiles{
 		Disk: c.Path("disk"), Memory: c.Path("memory"), State: c.Path("state"), VMConfig: c.Path("vm-config"),
 	}, cs, c.Int("jobs"), func(n, total int64) { p.add("hashing", n, total) })
 	p.done()
@@ -199,7 +199,7 @@ func baseVerify(c *cli.Context) error {
 	}
 	defer st.Close()
 	p := newProgress(c.App.ErrWriter)
-	refreshed, err := st.Verify(b, func(n, total int64) { p.add("verifying", n, total) })
+	refreshed, err := st.VerifyContext(c.Context, b, func(n, total int64) { p.add("verifying", n, total) })
 	p.done()
 	if err != nil {
 		return err

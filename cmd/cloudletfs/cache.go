@@ -25,7 +25,7 @@ func parseCacheSize(c *cli.Context) (int64, error) {
 	}
 	n, err := humanize.ParseBytes(c.String("cache-size"))
 	if err != nil {
-		return 0, fmt.Errorf("--cache-size %q: want a size such as 20GiB", c.String("cache-size"))
+		return 0, badFlag("--cache-size %q: want a size such as 20GiB", c.String("cache-size"))
 	}
 	return int64(n), nil
 }
@@ -164,6 +164,10 @@ func cacheVerify(c *cli.Context) error {
 	}
 	var total, failed int
 	for _, id := range ids {
+		// One cache is checked whole; a stop ends the run between caches.
+		if err := c.Context.Err(); err != nil {
+			return err
+		}
 		checked, bad, err := st.VerifyCache(id)
 		if errors.Is(err, store.ErrInUse) && !named {
 			fmt.Fprintf(c.App.Writer, "%s: mounted, skipped\n", id)

@@ -30,6 +30,11 @@ func main() {
 	// Signals are caught before anything is mounted or started: every
 	// command sees them as the end of c.Context and cleans up after itself.
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	// After the first signal the default action comes back, so a second
+	// Ctrl-C ends a command that is slow to stop. Commands that handle a
+	// second signal themselves (a mount that is held) have their own
+	// channel.
+	context.AfterFunc(ctx, stop)
 	app := newApp(os.Stdout, os.Stderr)
 	err := app.RunContext(ctx, interspersed(app, os.Args))
 	if ctx.Err() != nil && errors.Is(err, context.Canceled) {

@@ -86,8 +86,8 @@ func serveCmd(c *cli.Context) error {
 		return err
 	}
 	rate, err := serve.ParseRate(c.String("rate"))
-	if err != nil {
-		return fmt.Errorf("--rate: %w", err)
+	if err != nil || rate < 0 {
+		return badFlag("--rate %q: want a link rate such as 38mbit, or 0 for no limit", c.String("rate"))
 	}
 	dir := c.Args().First()
 	s, err := serve.New(dir, serve.Options{Rate: rate, RTT: c.Duration("rtt"), Log: logger(c), Token: c.String("token")})
@@ -122,6 +122,11 @@ func sessionOptions(c *cli.Context, ref, dir string) (session.Options, error) {
 	limit, err := parseCacheSize(c)
 	if err != nil {
 		return session.Options{}, err
+	}
+	switch p := order.Policy(c.String("policy")); p {
+	case order.StreamDemand, order.DemandOnly:
+	default:
+		return session.Options{}, badFlag("--policy %q: want %s or %s", p, order.StreamDemand, order.DemandOnly)
 	}
 	return session.Options{
 		Overlay: ref, Mountpoint: dir, StateDir: c.String("state-dir"), Log: logger(c),
@@ -217,7 +222,7 @@ func umountCmd(c *cli.Context) error {
 	if err := need(c, 1, "one MOUNTPOINT"); err != nil {
 		return err
 	}
-	abs, err := filepath.Abs(c.Args().First())
+	abs, err := resolveMountpoint(c.Args().First())
 	if err != nil {
 		return err
 	}
@@ -248,4 +253,34 @@ func umountCmd(c *cli.Context) error {
 	}
 	fmt.Fprintf(c.App.Writer, "unmounted %s\n", abs)
 	return nil
+}
+
+// resolveMountpoint makes path absolute and follows symlinks, as mountinfo
+// names mounts by their real path. The last component is never looked
+// into: the root of a mount whose daemon died answers only ENOTCONN.
+func resolveMountpoint(path string) (string, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return "", err
+	}
+	for range 40 { // the kernel's own limit on links followed
+		dir, err := filepath.EvalSymlinks(filepath.Dir(abs))
+		if err != nil {
+			return "", err
+		}
+		abs = filepath.Join(dir, filepath.Base(abs))
+		fi, err := os.Lstat(abs)
+		if err != nil || fi.Mode()&os.ModeSymlink == 0 {
+			return abs, nil
+		}
+		target, err := os.Readlink(abs)
+		if err != nil {
+			return "", err
+		}
+		if !filepath.IsAbs(target) {
+			target = filepath.Join(dir, target)
+		}
+		abs = filepath.Clean(target)
+	}
+	return "", fmt.Errorf("%s: too many levels of symbolic links", path)
 }

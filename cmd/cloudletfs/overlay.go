@@ -121,11 +121,11 @@ func readSmall(what, path string, limit int64) ([]byte, error) {
 func overlayCreate(c *cli.Context) error {
 	segSize, err := humanize.ParseBytes(c.String("segment-size"))
 	if err != nil || segSize == 0 || segSize > overlay.MaxSegmentRaw {
-		return fmt.Errorf("--segment-size %q: want a size such as 1MiB or 256KiB, at most %s", c.String("segment-size"), humanize.IBytes(overlay.MaxSegmentRaw))
+		return badFlag("--segment-size %q: want a size such as 1MiB or 256KiB, at most %s", c.String("segment-size"), humanize.IBytes(overlay.MaxSegmentRaw))
 	}
 	codec, err := overlay.ParseCodec(c.String("codec"))
 	if err != nil || codec == overlay.CodecNone {
-		return fmt.Errorf("--codec %q: want xz or zstd", c.String("codec"))
+		return badFlag("--codec %q: want xz or zstd", c.String("codec"))
 	}
 	out := c.Path("output")
 
@@ -235,6 +235,12 @@ func printCounts(w io.Writer, counts [2][len(overlay.Kinds)]int) {
 // openOverlay opens and verifies an overlay file's metadata. Errors name the
 // file.
 func openOverlay(path string) (*overlay.Overlay, *os.File, error) {
+	return openOverlayContext(context.Background(), path)
+}
+
+// openOverlayContext opens an overlay whose reads fail once ctx ends, so
+// that a long pass over its segments stops on a signal.
+func openOverlayContext(ctx context.Context, path string) (*overlay.Overlay, *os.File, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("overlay: %w", err)
@@ -244,12 +250,25 @@ func openOverlay(path string) (*overlay.Overlay, *os.File, error) {
 		f.Close()
 		return nil, nil, fmt.Errorf("overlay %s: %w", path, err)
 	}
-	o, err := overlay.Open(f, st.Size())
+	o, err := overlay.Open(ctxReaderAt{ctx, f}, st.Size())
 	if err != nil {
 		f.Close()
 		return nil, nil, fmt.Errorf("overlay %s: %w", path, err)
 	}
 	return o, f, nil
+}
+
+// ctxReaderAt fails every read once ctx has ended.
+type ctxReaderAt struct {
+	ctx context.Context
+	r   io.ReaderAt
+}
+
+func (r ctxReaderAt) ReadAt(p []byte, off int64) (int, error) {
+	if err := r.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return r.r.ReadAt(p, off)
 }
 
 // overlayArg opens the overlay named by the command's one argument.
@@ -258,7 +277,7 @@ func overlayArg(c *cli.Context, what string) (string, *overlay.Overlay, *os.File
 		return "", nil, nil, err
 	}
 	path := c.Args().First()
-	o, f, err := openOverlay(path)
+	o, f, err := openOverlayContext(c.Context, path)
 	return path, o, f, err
 }
 

@@ -104,8 +104,15 @@ func TestQEMUEndToEnd(t *testing.T) {
 	srvDir := filepath.Join(e.dir, "srv")
 	os.MkdirAll(srvDir, 0o755)
 	ovl := filepath.Join(srvDir, "app.overlay")
-	mustRun("overlay", "capture", "--base", "guest", "--script", filepath.Join(g, "app.script"),
+	captured := mustRun("overlay", "capture", "--base", "guest", "--script", filepath.Join(g, "app.script"),
 		"--ready", "^app-ready", "--accel", "tcg", "-o", ovl)
+	// The console log is for a capture that failed.
+	if m := regexp.MustCompile(`its console goes to (\S+)`).FindStringSubmatch(captured); m == nil {
+		t.Fatalf("the capture did not say where its console goes:\n%s", captured)
+	} else if _, err := os.Stat(m[1]); !errors.Is(err, os.ErrNotExist) {
+		os.Remove(m[1])
+		t.Fatalf("a successful capture left its console log %s (%v)", m[1], err)
+	}
 
 	srv := e.start("serve", "--addr", "127.0.0.1:0", "--rate", "38mbit", "--rtt", "20ms", srvDir)
 	url := strings.Fields(srv.line(t))[3] + "/app.overlay"

@@ -28,7 +28,7 @@ wall-clock time in which at least one read waited) and the wait total (every rea
 wait, summed), and the segments whose fetches keep failing with the last reason.
 It ends when every segment is present, or when the mount goes away. A mount with
 --policy demand-only fetches only what reads ask for and is never complete: status
-then runs until it is unmounted. On a terminal the lines are redrawn in place.`,
+shows it once and says so. On a terminal the lines are redrawn in place.`,
 		Flags: []cli.Flag{
 			&cli.BoolFlag{Name: "once", Usage: "print the current state once and exit"},
 			&cli.DurationFlag{Name: "interval", Value: 500 * time.Millisecond, Usage: "refresh interval"},
@@ -66,7 +66,7 @@ func statusCmd(c *cli.Context) error {
 		case err != nil && seen && errors.Is(err, os.ErrNotExist):
 			fmt.Fprintf(w, "%s is no longer mounted\n", mnt)
 			return nil
-		case err != nil && seen && errors.Is(err, syscall.ENOTCONN):
+		case err != nil && errors.Is(err, syscall.ENOTCONN):
 			return fmt.Errorf("status: the daemon behind %s stopped without unmounting; 'cloudletfs umount %s' cleans it up", mnt, mnt)
 		case err != nil:
 			return fmt.Errorf("status: %w (is a cloudletfs overlay mounted on %s?)", err, mnt)
@@ -91,9 +91,13 @@ func statusCmd(c *cli.Context) error {
 				fmt.Fprintln(w, l)
 			}
 		}
-		if s.Complete || c.Bool("once") {
+		demandOnly := s.Policy == "demand-only"
+		if s.Complete || c.Bool("once") || demandOnly {
 			if tty {
 				fmt.Fprintln(w)
+			}
+			if demandOnly && !s.Complete {
+				fmt.Fprintln(w, "this mount fetches on demand only (--policy demand-only): it never completes")
 			}
 			return nil
 		}

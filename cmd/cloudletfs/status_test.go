@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -74,10 +75,11 @@ func TestStatusRateIsSmoothed(t *testing.T) {
 	}
 }
 
-// TestStatusEndsWithTheMount: a mount that fetches on demand only is never
-// complete, so status shows it until the mount goes away, then says so and
-// exits 0. A stream+demand mount ends status when it is complete.
-func TestStatusEndsWithTheMount(t *testing.T) {
+// TestStatusEnds: a mount that fetches on demand only is never complete,
+// so status shows it once, says why, and exits 0; a stream+demand mount
+// ends status when it is complete; a mount whose daemon died is named as
+// such, with the command that cleans it.
+func TestStatusEnds(t *testing.T) {
 	requireFUSE(t)
 	e := newEnv(t)
 	e.importBase("base", "base")
@@ -87,29 +89,55 @@ func TestStatusEndsWithTheMount(t *testing.T) {
 	t.Cleanup(func() { syscall.Unmount(mnt, syscall.MNT_DETACH) })
 
 	m := e.mount("--policy", "demand-only", e.path("app.overlay"), mnt)
+	if b, err := os.ReadFile(filepath.Join(mnt, "stats")); err != nil || !strings.Contains(string(b), `"policy": "demand-only"`) {
+		t.Fatalf("stats of a demand-only mount: %v\n%s", err, b)
+	}
 	st := e.start("status", "--interval", "50ms", mnt)
-	for range 3 {
-		if l := st.line(t); utf8.RuneCountInString(l) > statusWidth {
+	var out []string
+	for deadline := time.After(30 * time.Second); ; {
+		var l string
+		var more bool
+		select {
+		case l, more = <-st.lines:
+		case <-deadline:
+			t.Fatalf("status of a demand-only mount still runs after 30 s:\n%s", strings.Join(out, "\n"))
+		}
+		if !more {
+			break
+		}
+		if utf8.RuneCountInString(l) > statusWidth {
 			t.Fatalf("status line of %d columns: %q", utf8.RuneCountInString(l), l)
 		}
+		out = append(out, l)
+	}
+	if err := st.wait(t); err != nil {
+		t.Fatalf("status of a demand-only mount: %v; stderr:\n%s", err, st.errText())
+	}
+	if len(out) < 2 || !strings.Contains(out[0], "segments") || !strings.Contains(out[len(out)-1], "on demand only") ||
+		!strings.Contains(out[len(out)-1], "never completes") {
+		t.Fatalf("status of a demand-only mount printed:\n%s", strings.Join(out, "\n"))
 	}
 	e.ok("umount", mnt)
 	if err := m.wait(t); err != nil {
 		t.Fatalf("mount: %v", err)
 	}
-	var last string
-	for l := range st.lines {
-		last = l
-	}
-	if err := st.wait(t); err != nil || last != mnt+" is no longer mounted" {
-		t.Fatalf("status after the unmount: %v, last line %q; stderr:\n%s", err, last, st.errText())
-	}
 
 	m = e.mount(e.path("app.overlay"), mnt)
+	if b, err := os.ReadFile(filepath.Join(mnt, "stats")); err != nil || !strings.Contains(string(b), `"policy": "stream+demand"`) {
+		t.Fatalf("stats of a stream+demand mount: %v\n%s", err, b)
+	}
 	st = e.start("status", "--interval", "50ms", mnt)
 	if err := st.wait(t); err != nil {
 		t.Fatalf("status of a stream+demand mount: %v; stderr:\n%s", err, st.errText())
 	}
-	e.ok("umount", mnt)
+
+	// The daemon dies; status says so at its first read.
+	m.cmd.Process.Kill()
 	m.wait(t)
+	out2, err := e.run("status", mnt)
+	if err == nil || !strings.Contains(out2+err.Error(), "stopped without unmounting") ||
+		!strings.Contains(out2+err.Error(), "cloudletfs umount "+mnt) {
+		t.Fatalf("status of a dead mount: %v\n%s", err, out2)
+	}
+	e.ok("umount", mnt)
 }

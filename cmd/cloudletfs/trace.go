@@ -104,7 +104,7 @@ the order they had in IN. Needs only IN and its base.`,
 func readTraces(paths []string, strategy string, o *overlay.Overlay) (*order.Trace, error) {
 	s, err := order.ParseStrategy(strategy)
 	if err != nil {
-		return nil, fmt.Errorf("--strategy: %w", err)
+		return nil, badFlag("--strategy: %v", err)
 	}
 	var runs []*order.Trace
 	for _, p := range paths {
@@ -156,7 +156,7 @@ func traceMerge(c *cli.Context) error {
 	}
 	s, err := order.ParseStrategy(c.String("strategy"))
 	if err != nil {
-		return fmt.Errorf("--strategy: %w", err)
+		return badFlag("--strategy: %v", err)
 	}
 	var runs []*order.Trace
 	for _, p := range c.Args().Slice() {
@@ -176,7 +176,12 @@ func traceMerge(c *cli.Context) error {
 	out := c.Path("output")
 	write := func(w io.Writer) error {
 		fmt.Fprintf(w, "# cloudletfs trace: %d runs merged (%s)\n", len(runs), s)
-		return order.Write(w, m)
+		if err := order.Write(w, m); err != nil {
+			return err
+		}
+		// A stop that came during the write keeps the file from
+		// appearing.
+		return c.Context.Err()
 	}
 	if err := overlay.WriteFile(c.Context, out, write); err != nil {
 		if c.Context.Err() != nil && errors.Is(err, context.Canceled) {
@@ -203,7 +208,7 @@ func overlayReorder(c *cli.Context) error {
 	}
 	segSize, err := humanize.ParseBytes(c.String("segment-size"))
 	if err != nil || segSize == 0 || segSize > overlay.MaxSegmentRaw {
-		return fmt.Errorf("--segment-size %q: want a size such as 1MiB, at most %s", c.String("segment-size"), humanize.IBytes(overlay.MaxSegmentRaw))
+		return badFlag("--segment-size %q: want a size such as 1MiB, at most %s", c.String("segment-size"), humanize.IBytes(overlay.MaxSegmentRaw))
 	}
 	codec := overlay.CodecXZ
 	if len(o.Manifest.Segments) > 0 {
@@ -211,7 +216,7 @@ func overlayReorder(c *cli.Context) error {
 	}
 	if name := c.String("codec"); name != "" {
 		if codec, err = overlay.ParseCodec(name); err != nil || codec == overlay.CodecNone {
-			return fmt.Errorf("--codec %q: want xz or zstd", name)
+			return badFlag("--codec %q: want xz or zstd", name)
 		}
 	}
 	st, err := openStore(c)
@@ -243,7 +248,7 @@ func overlayReorder(c *cli.Context) error {
 }
 
 func replayCmd(c *cli.Context) error {
-	o, f, err := openOverlay(c.Path("overlay"))
+	o, f, err := openOverlayContext(c.Context, c.Path("overlay"))
 	if err != nil {
 		return err
 	}
@@ -254,11 +259,11 @@ func replayCmd(c *cli.Context) error {
 	}
 	rate, err := serve.ParseRate(c.String("rate"))
 	if err != nil || rate <= 0 {
-		return fmt.Errorf("--rate %q: want a link rate such as 38mbit", c.String("rate"))
+		return badFlag("--rate %q: want a link rate such as 38mbit", c.String("rate"))
 	}
 	p, err := order.ParsePolicy(c.String("policy"))
 	if err != nil {
-		return fmt.Errorf("--policy: %w", err)
+		return badFlag("--policy: %v", err)
 	}
 	m := order.Model{Rate: rate, RTT: c.Duration("rtt").Seconds(), Decode: order.DefaultDecode, Startup: c.Duration("startup").Seconds()}
 	w := c.App.Writer
@@ -275,7 +280,7 @@ func replayCmd(c *cli.Context) error {
 			}
 			runs = append(runs, rt)
 		}
-		return tune(w, o, t, runs, m, p)
+		return tune(c.Context, w, o, t, runs, m, p)
 	}
 	r := order.Replay(order.LayoutOf(o), t, m, p)
 	fmt.Fprintf(w, "replay of %s on %s/s, RTT %s, %s\n", filepath.Base(c.Path("overlay")), humanize.SI(rate*8, "bit"), c.Duration("rtt"), p)
@@ -309,7 +314,7 @@ func replayCmd(c *cli.Context) error {
 }
 
 // tune ranks segment sizes and orders by predicted first response.
-func tune(w io.Writer, o *overlay.Overlay, t *order.Trace, runs []*order.Trace, m order.Model, p order.Policy) error {
+func tune(ctx context.Context, w io.Writer, o *overlay.Overlay, t *order.Trace, runs []*order.Trace, m order.Model, p order.Policy) error {
 	type row struct {
 		size  int64
 		order string
@@ -327,6 +332,10 @@ func tune(w io.Writer, o *overlay.Overlay, t *order.Trace, runs []*order.Trace, 
 	names := []string{"overlay", string(order.Earliest), string(order.Median), string(order.Weighted)}
 	var rows []row
 	for size := int64(64 << 10); size <= 4<<20; size *= 2 {
+		// Each replay takes a while on a long trace; a stop ends the ranking.
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		for _, name := range names {
 			l := order.Resegment(o, orders[name], size)
 			rows = append(rows, row{size, name, order.Replay(l, t, m, p), len(l.Segments)})

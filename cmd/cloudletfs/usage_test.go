@@ -72,6 +72,20 @@ func TestUsageErrorsAreOneLine(t *testing.T) {
 		{[]string{"cache", "rm"}, `cache rm: want one OVERLAY-ID`},
 		{[]string{"cache", "ls", "x"}, `cache ls: unexpected argument "x"`},
 		{[]string{"--bogus", "base", "list"}, `unknown flag --bogus`},
+		{[]string{"--state-dir"}, `--state-dir needs a value`},
+		{[]string{"mount", "--policy", "bogus", ovl, e.dir}, `mount: --policy "bogus": want stream+demand or demand-only`},
+		{[]string{"launch", "--policy", "bogus", ovl}, `launch: --policy "bogus"`},
+		{[]string{"base", "create", "--name", "n", "--disk", ovl, "--memory-size", "1"}, `base create: --memory-size "1": want whole MiB`},
+		{[]string{"serve", "--rate", "abc", e.dir}, `serve: --rate "abc": want a link rate`},
+		{replay("--rate", "abc"), `replay: --rate "abc"`},
+		{replay("--policy", "bogus"), `replay: --policy`},
+		{[]string{"overlay", "create", "--base", "base", "--disk", ovl, "--memory", ovl, "--state", ovl, "-o", e.path("x.overlay"), "--codec", "gz"}, `overlay create: --codec "gz"`},
+		{[]string{"launch", ovl, "extra"}, `launch: unexpected argument "extra"; extra QEMU arguments go after --`},
+		// What follows -- is QEMU's, not counted: the next check speaks.
+		{[]string{"base", "create", "--name", "n", "--disk", ovl, "--memory-size", "1", "--", "-device", "x"}, `base create: --memory-size "1"`},
+		{[]string{"launch", "--policy", "bogus", ovl, "--", "-device", "x"}, `launch: --policy "bogus"`},
+		{[]string{"base", "create", "--name", "n", "--disk", ovl, "--memory-size", "16MiB", "extra"}, `base create: unexpected argument "extra"`},
+		{[]string{"--log-level"}, `--log-level needs a value`},
 	} {
 		stdout, stderr, err := e.runAll(c.args...)
 		name := strings.Join(c.args, " ")
@@ -123,6 +137,9 @@ func TestHelpAndUnknownCommand(t *testing.T) {
 		{[]string{"help", "overlay"}, "cloudletfs overlay - create, capture"},
 		{[]string{"help", "overlay", "create"}, "cloudletfs overlay create - build an overlay"},
 		{[]string{"overlay", "help", "extract"}, "cloudletfs overlay extract - rebuild"},
+		// What follows the command's name is not run.
+		{[]string{"help", "launch", "extra"}, "cloudletfs launch - mount an overlay"},
+		{[]string{"help", "overlay", "info", "nosuch.overlay"}, "cloudletfs overlay info - "},
 		{[]string{"overlay"}, "cloudletfs overlay - create, capture"},
 		{[]string{"replay", "--help"}, "--trace"},
 	} {

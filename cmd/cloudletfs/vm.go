@@ -133,7 +133,7 @@ func readyWait(c *cli.Context, vm *qemu.VM) error {
 	case c.String("ready") != "":
 		re, err := regexp.Compile(c.String("ready"))
 		if err != nil {
-			return fmt.Errorf("--ready: %w", err)
+			return badFlag("--ready: %v", err)
 		}
 		return vm.WaitConsole(ctx, re, c.Duration("ready-timeout"))
 	case c.Duration("ready-after") > 0:
@@ -142,11 +142,24 @@ func readyWait(c *cli.Context, vm *qemu.VM) error {
 			return nil
 		case <-vm.Exited():
 			return fmt.Errorf("QEMU exited; last console lines:\n%s", vm.Tail(15))
+		case <-ctx.Done():
+			return ctx.Err()
 		}
 	case term.IsTerminal(int(os.Stdin.Fd())):
 		fmt.Fprintln(c.App.ErrWriter, "press Enter to capture the VM")
-		bufio.NewReader(os.Stdin).ReadString('\n')
-		return nil
+		entered := make(chan struct{})
+		go func() {
+			bufio.NewReader(os.Stdin).ReadString('\n')
+			close(entered)
+		}()
+		select {
+		case <-entered:
+			return nil
+		case <-vm.Exited():
+			return fmt.Errorf("QEMU exited; last console lines:\n%s", vm.Tail(15))
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
 	return errors.New("say when the VM is ready: --ready REGEX or --ready-after DURATION")
 }
@@ -162,7 +175,7 @@ func baseCreateCmd(c *cli.Context) error {
 	}
 	memSize, err := humanize.ParseBytes(c.String("memory-size"))
 	if err != nil || memSize < 16<<20 || memSize%(1<<20) != 0 {
-		return fmt.Errorf("--memory-size %q: want whole MiB, at least 16MiB, e.g. 256MiB", c.String("memory-size"))
+		return badFlag("--memory-size %q: want whole MiB, at least 16MiB, e.g. 256MiB", c.String("memory-size"))
 	}
 	for _, f := range []string{"disk", "kernel", "initrd"} {
 		if p := c.Path(f); p != "" {
@@ -195,7 +208,7 @@ func baseCreateCmd(c *cli.Context) error {
 	}()
 	cfg := &qemu.Config{Machine: c.String("machine"), CPU: c.String("cpu"), SMP: c.Int("smp"), MemoryMiB: int(memSize >> 20),
 		DiskIf: c.String("disk-interface"), NIC: c.String("nic"), GuestPort: c.Int("guest-port"), Append: c.String("append"),
-		Extra: c.Args().Slice()}
+		Extra: extra(c)}
 	if p := c.Path("kernel"); p != "" {
 		cfg.Kernel = "vmlinuz"
 		if err := copyFile(p, filepath.Join(dir, cfg.Kernel)); err != nil {
@@ -258,7 +271,7 @@ func consoleOut(c *cli.Context) io.Writer {
 	return nil
 }
 
-func overlayCaptureCmd(c *cli.Context) error {
+func overlayCaptureCmd(c *cli.Context) (err error) {
 	bin, err := qemu.CheckBinary(c.String("qemu"))
 	if err != nil {
 		return err
@@ -269,7 +282,7 @@ func overlayCaptureCmd(c *cli.Context) error {
 	}
 	codec, err := overlay.ParseCodec(c.String("codec"))
 	if err != nil || codec == overlay.CodecNone {
-		return fmt.Errorf("--codec %q: want xz or zstd", c.String("codec"))
+		return badFlag("--codec %q: want xz or zstd", c.String("codec"))
 	}
 	var script []byte
 	if p := c.Path("script"); p != "" {
@@ -326,15 +339,12 @@ func overlayCaptureCmd(c *cli.Context) error {
 	}
 	// Start from the base as it is, whatever an earlier capture wrote.
 	s, err := session.Open(c.Context, session.Options{Overlay: ident, Mountpoint: mnt, StateDir: c.String("state-dir"),
-		Log: logger(c), FetchTimeout: time.Minute, Fresh: true})
+		Log: logger(c), FetchTimeout: time.Minute, Fresh: true, DropWritten: true})
 	if err != nil {
 		return err
 	}
 	// Unmounted after QEMU has quit (deferred later, run earlier).
-	defer func() {
-		s.Close()
-		s.Cache.DropWritten()
-	}()
+	defer s.Close()
 	cfg, err := qemu.LoadConfig(s.Overlay.VMConfig)
 	if err != nil {
 		return err
@@ -343,7 +353,15 @@ func overlayCaptureCmd(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	defer consoleLog.Close()
+	// Kept to read when the capture fails; nothing to read once it worked.
+	defer func() {
+		consoleLog.Close()
+		if err == nil {
+			os.Remove(consoleLog.Name())
+		} else {
+			fmt.Fprintf(c.App.ErrWriter, "the guest's console is kept in %s\n", consoleLog.Name())
+		}
+	}()
 	console := io.Writer(consoleLog)
 	if out := consoleOut(c); out != nil {
 		console = io.MultiWriter(out, consoleLog)
@@ -597,7 +615,7 @@ func launchCmd(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	opt := launch.Options{Session: sopt, QEMU: bin, Accel: accel, Extra: c.Args().Tail(),
+	opt := launch.Options{Session: sopt, QEMU: bin, Accel: accel, Extra: extra(c),
 		Probe: c.String("probe"), ProbeTimeout: c.Duration("probe-timeout"), ExitAfterProbe: c.Bool("exit-after-probe"),
 		Timeline: c.App.Writer, Console: consoleOut(c)}
 	if st, err := os.Stat(ref); err == nil && st.IsDir() {
@@ -612,4 +630,10 @@ func launchCmd(c *cli.Context) error {
 		}
 	}
 	return launch.Run(c.Context, opt)
+}
+
+// extra is what follows "--": arguments passed on to QEMU.
+func extra(c *cli.Context) []string {
+	_, e := extraArgs(c)
+	return e
 }
