@@ -22,10 +22,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/rs/zerolog"
-
 	"github.com/cloudletfs/cloudletfs/fetch"
-	"github.com/cloudletfs/cloudletfs/fs"
 	"github.com/cloudletfs/cloudletfs/overlay"
 )
 
@@ -410,47 +407,13 @@ type faultEnv struct {
 	cleared chan struct{} // closed when the fault is over
 }
 
-// mountFaulty mounts the overlay at url from a cold cache, with the HTTP
-// source's no-progress limit set to limit; the streamer is started by the
-// caller, once the fault is in place.
+// mountFaulty mounts the overlay at url from a cold cache as `cloudletfs
+// mount --policy demand-only` does, with the HTTP source's no-progress
+// limit set to limit; the streamer is started by the caller, once the
+// fault is in place.
 func (s *faultSuite) mountFaulty(t *testing.T, url string, timeout, limit time.Duration) (*mounted, error) {
 	t.Helper()
-	v := s.v
-	src, err := fetch.OpenSource(url, nil, nil)
-	if err != nil {
-		return nil, err
-	}
-	t.Cleanup(func() { src.Close() })
-	src.(*fetch.HTTPSource).SetNoProgress(limit)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	o, err := fetch.OpenOverlay(ctx, src)
-	if err != nil {
-		return nil, err
-	}
-	base, closeBase, err := v.st.Open(v.rec)
-	if err != nil {
-		return nil, err
-	}
-	t.Cleanup(closeBase)
-	cache, err := v.st.OpenCache(o.ID, int(o.Header.ChunkSize), [2]int64{o.Header.ImageSize(overlay.Disk), o.Header.ImageSize(overlay.Memory)})
-	if err != nil {
-		return nil, err
-	}
-	t.Cleanup(func() { cache.Close() })
-	f, err := fetch.New(src, o, base, cache, fetch.Options{Timeout: timeout, Log: zerolog.Nop()})
-	if err != nil {
-		return nil, err
-	}
-	dir := t.TempDir()
-	m, err := fs.New(dir, f, fs.Options{Log: zerolog.Nop()})
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	mt := &mounted{dir: dir, f: f, m: m, cache: cache}
-	t.Cleanup(mt.unmount)
-	return mt, nil
+	return s.v.mountOpts(t, url, timeout, false, limit)
 }
 
 // setup starts a server (behind a proxy for the outage) and mounts the
@@ -837,10 +800,8 @@ func (s *faultSuite) unmountBlocked(t *testing.T, c faultCase, last overlay.Segm
 	}
 	start := time.Now()
 	unmounted := make(chan error, 1)
-	go func() {
-		e.m.f.Close()
-		unmounted <- e.m.m.Unmount()
-	}()
+	// As a stop of `cloudletfs mount` does once nothing holds the mount.
+	go func() { unmounted <- e.m.s.Unmount(true) }()
 	select {
 	case err := <-read:
 		if err == nil {

@@ -208,7 +208,7 @@ type mounted struct {
 	f     *fetch.Fetcher
 	m     *fs.Mount
 	cache *store.Cache
-	s     *session.Session // nil for a mount the fault suite wires itself
+	s     *session.Session
 }
 
 // mount mounts the overlay at url through a fresh fetcher.
@@ -221,6 +221,13 @@ func (v *vm) mount(t testing.TB, url string, timeout time.Duration) (*mounted, e
 // policy otherwise).
 func (v *vm) mountWith(t testing.TB, url string, timeout time.Duration, stream bool) (*mounted, error) {
 	t.Helper()
+	return v.mountOpts(t, url, timeout, stream, 0)
+}
+
+// mountOpts is mountWith with the HTTP source's no-progress limit (0 for
+// the default).
+func (v *vm) mountOpts(t testing.TB, url string, timeout time.Duration, stream bool, noProgress time.Duration) (*mounted, error) {
+	t.Helper()
 	policy := order.StreamDemand
 	if !stream {
 		policy = order.DemandOnly
@@ -232,7 +239,7 @@ func (v *vm) mountWith(t testing.TB, url string, timeout time.Duration, stream b
 		return nil, err
 	}
 	s, err := session.Open(context.Background(), session.Options{Overlay: url, Mountpoint: dir, StateDir: v.stateDir(),
-		Log: zerolog.Nop(), FetchTimeout: timeout, MetadataTimeout: 10 * time.Second, Policy: policy})
+		Log: zerolog.Nop(), FetchTimeout: timeout, MetadataTimeout: 10 * time.Second, NoProgress: noProgress, Policy: policy})
 	if rerr := v.reopen(); rerr != nil {
 		if s != nil {
 			s.Close()
@@ -266,17 +273,7 @@ func (v *vm) resetCache(t testing.TB) {
 
 // unmount unmounts and lets go of the cache, so that the next mount of the
 // overlay, or a reset, can take it.
-func (m *mounted) unmount() {
-	if m.s != nil {
-		m.s.Close()
-		return
-	}
-	m.f.Close()
-	if err := m.m.Unmount(); err == nil {
-		m.m.Wait()
-	}
-	m.cache.Close()
-}
+func (m *mounted) unmount() { m.s.Close() }
 
 func (m *mounted) path(img overlay.Image) string { return filepath.Join(m.dir, img.String(), "image") }
 

@@ -48,7 +48,10 @@ type Options struct {
 	// FetchTimeout: a mount whose reads must fail fast can still come up
 	// on a loaded link.
 	MetadataTimeout time.Duration
-	Policy          order.Policy // stream+demand (the default) or demand-only
+	// NoProgress cuts an HTTP request whose body stops arriving for this
+	// long, to retry it on a new connection; 0 is fetch.DefaultNoProgress.
+	NoProgress time.Duration
+	Policy     order.Policy // stream+demand (the default) or demand-only
 	// Fresh discards data written through earlier mounts of the overlay
 	// first: a VM resumed from the overlay's saved state must see the disk
 	// that state was saved with.
@@ -131,6 +134,9 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 		return nil, err
 	}
 	s.close = append(s.close, func() { src.Close() })
+	if h, ok := src.(*fetch.HTTPSource); ok && opt.NoProgress > 0 {
+		h.SetNoProgress(opt.NoProgress)
+	}
 	metaTimeout := opt.FetchTimeout
 	if opt.MetadataTimeout > 0 {
 		metaTimeout = opt.MetadataTimeout
