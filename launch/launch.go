@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/dustin/go-humanize"
@@ -256,6 +257,12 @@ func probe(ctx context.Context, opt Options, s *session.Session, port int, vm *q
 	for {
 		cmd := exec.CommandContext(ctx, "sh", "-c", opt.Probe)
 		cmd.Env = append(os.Environ(), "CLOUDLETFS_PORT="+strconv.Itoa(port))
+		// A stop ends the probe's whole process group, not only sh: a
+		// child left holding its output would keep Output, and so the
+		// stop, waiting.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+		cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+		cmd.WaitDelay = time.Second
 		qemu.CloseOnExec()
 		out, err := cmd.Output()
 		if ctx.Err() != nil {

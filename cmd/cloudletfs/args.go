@@ -26,6 +26,7 @@ func interspersed(app *cli.App, args []string) []string {
 	flags := app.Flags
 	i := 1
 	leaf := false
+	var path []string
 	// Walk down the command path, keeping global flags in place.
 	for i < len(args) {
 		a := args[i]
@@ -48,6 +49,7 @@ func interspersed(app *cli.App, args []string) []string {
 			break
 		}
 		i++
+		path = append(path, next.Name)
 		cmds, flags = next.Subcommands, next.Flags
 		if len(cmds) == 0 {
 			leaf = true
@@ -72,6 +74,12 @@ func interspersed(app *cli.App, args []string) []string {
 		}
 	}
 	if leaf && len(pos) > 0 {
+		// The user's own "--" before the first positional argument says
+		// what this one says, no more flags, unless the command takes
+		// extra arguments after it.
+		if pos[0] == "--" && !positional[strings.Join(path, " ")].extra {
+			pos = pos[1:]
+		}
 		// Flag parsing takes this one, and stops here whatever follows.
 		out = append(out, "--")
 	}

@@ -109,6 +109,11 @@ func TestUsageErrorsAreOneLine(t *testing.T) {
 	if _, _, err := e.runAll("status", e.dir, "--interval", "0"); err == nil || !strings.Contains(err.Error(), "--interval 0s") {
 		t.Errorf("status DIR --interval 0: %v", err)
 	}
+	// A "--" before the positional arguments ends the flags, as in other
+	// tools: the arguments after it are the command's own.
+	if out, _, err := e.runAll("overlay", "info", "--", ovl); err != nil || !strings.Contains(out, "segments") {
+		t.Errorf("overlay info -- OVERLAY: %v\n%s", err, out)
+	}
 }
 
 // TestHelpAndUnknownCommand runs the built program as a user does: help
