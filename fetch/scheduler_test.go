@@ -59,6 +59,53 @@ func TestWaitingReaderDoesNotFreezeStream(t *testing.T) {
 	}
 }
 
+// On a link where a segment takes longer to arrive than a reader's fetch
+// waits between tries, the retries of that reader's failing segment do not
+// cut the stream's request over and over: the other segments stream while
+// the reader still waits. Only a demand's first try preempts the stream.
+func TestDemandRetriesDoNotStopSlowStream(t *testing.T) {
+	r := newRig(t)
+	const bad = 0
+	srv := newFaultServer(t, r, bad, func(w http.ResponseWriter, req *http.Request, body []byte) bool {
+		http.Error(w, "injected", http.StatusInternalServerError)
+		return true
+	})
+	// Longer than the pause between a reader's tries (at most 1 s).
+	const took = 1200 * time.Millisecond
+	srv.setOther(slowly(took))
+	n := len(r.o.Manifest.Segments)
+	timeout := time.Duration(n+4) * 2 * took
+	f := r.httpFetcher(t, srv, fetch.Options{Timeout: timeout, Backoff: 50 * time.Millisecond, MaxBackoff: time.Second})
+	arrived := make(chan int, n)
+	f.Observe(func(seg int, _ []overlay.ChunkID, _ bool) { arrived <- seg })
+	img, off := r.firstChunk(bad)
+	done := make(chan error, 1)
+	go func() { done <- f.ReadAt(context.Background(), img, make([]byte, 100), off) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for f.Waiting() == 0 || srv.requests(bad) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the reader was not waiting on the failing segment after 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	f.Start()
+	for got := 0; got < n-1; {
+		select {
+		case seg := <-arrived:
+			if seg == bad {
+				t.Fatalf("segment %d arrived despite its fault", seg)
+			}
+			got++
+		case err := <-done:
+			t.Fatalf("the reader gave up (%v) with %d of the other %d segments streamed, each %s long: the reader's retries cut the stream: %+v", err, got, n-1, took, f.Stats())
+		}
+	}
+	if st := f.Stats(); st.StreamPreemptions != 0 {
+		t.Fatalf("%d preemptions of the stream by a reader that only retried: %+v", st.StreamPreemptions, st)
+	}
+	t.Logf("%d segments streamed while the reader retried segment %d %d times", n-1, bad, srv.requests(bad))
+}
+
 // With a cache that refuses every write, a chunk read again and again is
 // fetched once, from memory after that, and the stream does not download
 // the segments over and over: it waits for the cache, trying it on the
