@@ -520,7 +520,11 @@ func TestRetryAfterHoldsTheSource(t *testing.T) {
 	const margin = 20 * time.Millisecond
 	for _, q := range log[1:] {
 		if gap := q.at.Sub(log[0].at); gap < time.Second-margin {
-			t.Fatalf("segment %d asked for %s after a 503 with Retry-After: 1 (requests %+v)", q.seg, gap, log)
+			var seen []string
+			for _, q := range log {
+				seen = append(seen, fmt.Sprintf("%d at +%s", q.seg, q.at.Sub(log[0].at).Round(time.Millisecond)))
+			}
+			t.Fatalf("segment %d asked for %s after a 503 with Retry-After: 1 (requests: %s)", q.seg, gap.Round(time.Millisecond), strings.Join(seen, ", "))
 		}
 	}
 }

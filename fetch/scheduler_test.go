@@ -15,6 +15,7 @@ import (
 
 	"github.com/cloudletfs/cloudletfs/fetch"
 	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/store"
 )
 
 // A reader waiting on a segment that keeps failing does not hold the
@@ -411,5 +412,54 @@ func TestWaitsCountedPastTheSample(t *testing.T) {
 	f.NoteWaits(n, time.Millisecond)
 	if st := f.Stats(); st.Waits != n || st.WaitP50Ms != 1 {
 		t.Fatalf("%d waits of 1 ms: stats say %d waits, p50 %g ms", n, st.Waits, st.WaitP50Ms)
+	}
+}
+
+// blockingWrite is the real cache with the writes of one segment held
+// until released: the seam for a cache slow to write.
+type blockingWrite struct {
+	fetch.Cache
+	seg     int
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (c *blockingWrite) WriteSegment(seg int, chunks []store.ChunkData) error {
+	if seg == c.seg {
+		close(c.entered)
+		<-c.release
+	}
+	return c.Cache.WriteSegment(seg, chunks)
+}
+
+// A reader does not preempt a stream fetch whose whole segment is in and
+// being cached: there is nothing left on the link to cut.
+func TestNoPreemptionOnceArrived(t *testing.T) {
+	r := newRig(t)
+	cache := &blockingWrite{Cache: r.cache, seg: 0, entered: make(chan struct{}), release: make(chan struct{})}
+	f, err := fetch.New(r.src, r.o, r.base, cache, fetch.Options{Timeout: 5 * time.Second, Log: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.Close)
+	f.Start()
+	select {
+	case <-cache.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream did not cache segment 0 within 5 s")
+	}
+	img, off := r.firstChunk(1)
+	err = f.ReadAt(context.Background(), img, make([]byte, 100), off)
+	close(cache.release)
+	if err != nil {
+		t.Fatalf("read of segment 1 while segment 0 was being cached: %v", err)
+	}
+	select {
+	case <-f.Complete():
+	case <-time.After(10 * time.Second):
+		t.Fatalf("not complete: %+v", f.Stats())
+	}
+	if st := f.Stats(); st.StreamPreemptions != 0 || st.SegmentsStreamed+st.SegmentsDemanded != int64(st.Segments) {
+		t.Fatalf("a reader preempted a stream fetch already being cached: %+v", st)
 	}
 }
