@@ -291,7 +291,7 @@ func TestStreamResumesAfterOutage(t *testing.T) {
 }
 
 // The repeat window fails at once only the caller whose read timed out:
-// another process reading the same range waits, and gets the bytes once
+// another thread reading the same range waits, and gets the bytes once
 // the fault passes.
 func TestRepeatWindowPerCaller(t *testing.T) {
 	r := newRig(t)
