@@ -64,9 +64,8 @@ import (
 //     segments it was blamed for: after an outage the stream goes on at
 //     once. A cache that takes a segment again does the same for the
 //     cache. A reader starts a fetch at once, ignoring the backoff but not
-//     a Retry-After, unless the last error was the
-//     segment's own (permanent): then, until retryAt, it fails at once
-//     with that error.
+//     a Retry-After, unless the last error was the segment's own
+//     (permanent): then, until retryAt, it fails at once with that error.
 //   - dead: arrived corrupt maxCorrupt times in this mount. Never fetched
 //     again until the overlay is mounted again; reads fail at once with
 //     the reason.
@@ -90,10 +89,10 @@ import (
 // while the cache backs off (f.cacheRetryAt), out the server's
 // Retry-After (f.srcNotBefore), and while the source backs off
 // (f.srcRetryAt) after the stream's own fetch failed for it (f.srcHold):
-// every segment would fail the same way. A reader's failing fetch of one segment does not
-// hold the stream back: the others may well arrive. A backoff that ends
-// early (recoveredLocked) pokes f.wake. Close cancels f.ctx: every
-// flight, the streamer and every waiting reader return.
+// every segment would fail the same way. A reader's failing fetch of one
+// segment does not hold the stream back: the others may well arrive. A
+// backoff that ends early (recoveredLocked) pokes f.wake. Close cancels
+// f.ctx: every flight, the streamer and every waiting reader return.
 //
 // What bounds each wait: a reader waits at most Options.Timeout for all
 // the segments of its read (one deadline, which also ends a wait behind
@@ -101,9 +100,9 @@ import (
 // caller within the range of one that timed out less than repeatWindow
 // ago fails at once), then gives up, which cancels flights no one else
 // waits on (a joined stream flight mid-request goes back to the stream,
-// bounded as a stream flight is). A single request waits at most the source's no-progress limit
-// for each byte (HTTPSource.SetNoProgress), so a stream flight, one
-// attempt, ends unless bytes keep arriving. A demand flight lives only
+// bounded as a stream flight is). A single request waits at most the
+// source's no-progress limit for each byte (HTTPSource.SetNoProgress), so
+// a stream flight, one attempt, ends unless bytes keep arriving. A demand flight lives only
 // while a reader waits on it. A retry within a flight waits at most
 // demandRetry, or the server's Retry-After (at most MaxBackoff). The
 // streamer's sleep ends at the earliest retry time of a segment, the
@@ -288,10 +287,10 @@ type readKey struct {
 
 // repeatWindow is how long after a read times out that a read by the same
 // caller (the same thread: see WithCaller) within the same range fails at
-// once. The kernel answers a failed
-// read-ahead by reading the one page the caller wants, at once: that is
-// the same read to the caller, and must not wait a second timeout. Other
-// callers, and other reads of the same segment, wait as usual.
+// once. The kernel answers a failed read-ahead by reading the one page the
+// caller wants, at once: that is the same read to the caller, and must not
+// wait a second timeout. Other callers, and other reads of the same
+// segment, wait as usual.
 const repeatWindow = time.Second
 
 // New prepares a fetcher. Segments already in the cache count as present;
@@ -490,7 +489,7 @@ func (f *Fetcher) pickLocked(next int) (seg int, sleep time.Duration, finished b
 }
 
 // startLocked starts a flight for segment seg. A demand flight preempts the
-// stream's flight when it begins to transfer (transferLocked).
+// stream's flight when it begins its first try (fetch).
 func (f *Fetcher) startLocked(seg int, demand bool) *flight {
 	ctx, cancel := context.WithCancelCause(f.ctx)
 	fl := &flight{seg: seg, done: make(chan struct{}), demand: demand, stream: !demand, cancel: cancel}
