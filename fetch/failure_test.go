@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,13 +26,22 @@ import (
 )
 
 // faultServer serves a rig's overlay over real HTTP on 127.0.0.1, with a
-// fault hook for the requests of one segment, and counts those requests.
+// fault hook for the requests of one segment (and optionally another for
+// every other segment), and counts and times those requests.
 type faultServer struct {
 	*httptest.Server
 	mu    sync.Mutex
 	reqs  map[int]int // segment -> requests
-	seg   int         // the faulted segment
+	log   []segRequest
+	seg   int // the faulted segment
 	fault func(w http.ResponseWriter, r *http.Request, body []byte) bool
+	other func(w http.ResponseWriter, r *http.Request, body []byte) bool
+}
+
+// segRequest is a request of a segment, as the server saw it arrive.
+type segRequest struct {
+	seg int
+	at  time.Time
 }
 
 func newFaultServer(t *testing.T, r *rig, seg int, fault func(w http.ResponseWriter, r *http.Request, body []byte) bool) *faultServer {
@@ -54,12 +64,15 @@ func newFaultServer(t *testing.T, r *rig, seg int, fault func(w http.ResponseWri
 		if s, ok := byOff[off]; ok {
 			fs.mu.Lock()
 			fs.reqs[s]++
+			fs.log = append(fs.log, segRequest{s, time.Now()})
+			hook := fs.other
 			fs.mu.Unlock()
 			if s == fs.seg {
-				sg := r.o.Manifest.Segments[s]
-				if fs.fault(w, req, ovl[sg.Offset:sg.Offset+int64(sg.Stored)]) {
-					return
-				}
+				hook = fs.fault
+			}
+			sg := r.o.Manifest.Segments[s]
+			if hook != nil && hook(w, req, ovl[sg.Offset:sg.Offset+int64(sg.Stored)]) {
+				return
 			}
 		}
 		h.ServeHTTP(w, req)
@@ -72,6 +85,50 @@ func (fs *faultServer) requests(seg int) int {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	return fs.reqs[seg]
+}
+
+// setOther sets the hook for the requests of every segment but the
+// faulted one.
+func (fs *faultServer) setOther(hook func(w http.ResponseWriter, r *http.Request, body []byte) bool) {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	fs.other = hook
+}
+
+// requestLog returns every request of a segment so far, in order.
+func (fs *faultServer) requestLog() []segRequest {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	return slices.Clone(fs.log)
+}
+
+// slowly answers a range request with body as a link would that takes
+// took to carry it: the bytes arrive in even pieces, the last after took.
+// It stops when the client cuts the request.
+func slowly(took time.Duration) func(w http.ResponseWriter, req *http.Request, body []byte) bool {
+	const pieces = 8
+	return func(w http.ResponseWriter, req *http.Request, body []byte) bool {
+		first, _, _ := strings.Cut(strings.TrimPrefix(req.Header.Get("Range"), "bytes="), "-")
+		off, _ := strconv.ParseInt(first, 10, 64)
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/*", off, off+int64(len(body))-1))
+		w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+		w.WriteHeader(http.StatusPartialContent)
+		w.(http.Flusher).Flush()
+		t := time.NewTicker(took / pieces)
+		defer t.Stop()
+		for i := range pieces {
+			select {
+			case <-t.C:
+			case <-req.Context().Done():
+				return true
+			}
+			if _, err := w.Write(body[i*len(body)/pieces : (i+1)*len(body)/pieces]); err != nil {
+				return true
+			}
+			w.(http.Flusher).Flush()
+		}
+		return true
+	}
 }
 
 // httpFetcher is a fetcher of the rig's overlay through the server, with
@@ -428,5 +485,46 @@ func TestRetryAfterHonoured(t *testing.T) {
 	}
 	if gap := times[1].Sub(times[0]); gap < time.Second {
 		t.Fatalf("asked again %s after a Retry-After of 1 s", gap)
+	}
+}
+
+// A 503 with Retry-After quiets the whole source for as long as the server
+// asked: the stream sends no request of any segment before then, not just
+// none of the segment that got the 503.
+func TestRetryAfterHoldsTheSource(t *testing.T) {
+	r := newRig(t)
+	const bad = 0
+	var once sync.Once
+	srv := newFaultServer(t, r, bad, func(w http.ResponseWriter, req *http.Request, body []byte) bool {
+		refused := false
+		once.Do(func() {
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, "injected", http.StatusServiceUnavailable)
+			refused = true
+		})
+		return refused
+	})
+	f := r.httpFetcher(t, srv, fetch.Options{Timeout: 5 * time.Second})
+	f.Start()
+	select {
+	case <-f.Complete():
+	case <-time.After(15 * time.Second):
+		t.Fatalf("not complete 15 s after a Retry-After of 1 s: %+v", f.Stats())
+	}
+	log := srv.requestLog()
+	if len(log) < 2 || log[0].seg != bad {
+		t.Fatalf("requests %+v: want segment %d first", log, bad)
+	}
+	// The client hears the 503 after the server sent it: any later request
+	// is at least the Retry-After after it, less only clock granularity.
+	const margin = 20 * time.Millisecond
+	for _, q := range log[1:] {
+		if gap := q.at.Sub(log[0].at); gap < time.Second-margin {
+			var seen []string
+			for _, q := range log {
+				seen = append(seen, fmt.Sprintf("%d at +%s", q.seg, q.at.Sub(log[0].at).Round(time.Millisecond)))
+			}
+			t.Fatalf("segment %d asked for %s after a 503 with Retry-After: 1 (requests: %s)", q.seg, gap.Round(time.Millisecond), strings.Join(seen, ", "))
+		}
 	}
 }

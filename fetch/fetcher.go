@@ -35,14 +35,19 @@ import (
 //     demand), retries errors that may pass for as long as any reader
 //     waits on it (flight.waiters > 0).
 //   - preempted: a stream flight cancelled because a demand flight began
-//     to transfer (preemptLocked). Its request is cut at once; the segment
-//     goes back to absent with no failure counted, and the stream takes it
-//     up again before moving on. A reader that finds it waits for it to end
-//     and asks again.
+//     its first try (preemptLocked; a demand's retries do not preempt, or
+//     on a link slower than their pace the stream would never finish a
+//     segment). Its request is cut at once, unless its whole body is in;
+//     the segment goes back to absent with no failure counted, and the
+//     stream takes it up again before moving on. A reader that finds it
+//     waits for it to end and asks again.
 //   - abandoned: a flight whose last waiting reader gave up (its deadline,
 //     or the kernel interrupted it) is cancelled (leaveLocked), so no fetch
 //     is left hanging with no one to serve; the next reader starts anew,
-//     on a new connection.
+//     on a new connection. A stream flight a reader joined and left is
+//     not: mid-request it goes back to being the stream's (demand false),
+//     so a slow segment is not cut by every reader that times out on it;
+//     between retries it is cancelled like the others.
 //   - failing: segState.failures > 0. Each failed attempt counts one, and
 //     is blamed on one of three things, each with its own backoff that
 //     doubles per failure from Options.Backoff to Options.MaxBackoff:
@@ -52,14 +57,15 @@ import (
 //     a failure while the source already backs off does not double), or
 //     the cache (it cannot store the segment: f.cacheFails). retryAt is
 //     the end of that backoff, or later the server's Retry-After
-//     (notBefore). The streamer skips the segment until then and comes
-//     back for it. Any fetch that succeeds ends the source's backoff and
-//     the retry times of the segments it was blamed for: after an outage
-//     the stream goes on at once. A cache that takes a segment again does
-//     the same for the cache. A reader starts a fetch at once, ignoring
-//     the backoff but not Retry-After, unless the last error was the
-//     segment's own (permanent): then, until retryAt, it fails at once
-//     with that error.
+//     (notBefore; a Retry-After holds every request of the source until
+//     then too, f.srcNotBefore, which no success lifts). The streamer
+//     skips the segment until then and comes back for it. Any fetch that
+//     succeeds ends the source's backoff and the retry times of the
+//     segments it was blamed for: after an outage the stream goes on at
+//     once. A cache that takes a segment again does the same for the
+//     cache. A reader starts a fetch at once, ignoring the backoff but not
+//     a Retry-After, unless the last error was the segment's own
+//     (permanent): then, until retryAt, it fails at once with that error.
 //   - dead: arrived corrupt maxCorrupt times in this mount. Never fetched
 //     again until the overlay is mounted again; reads fail at once with
 //     the reason.
@@ -72,28 +78,31 @@ import (
 //
 // Who wakes whom: a flight's goroutine (run) closes flight.done when it
 // ends, waking every reader on it, and pokes f.wake, waking the streamer.
-// The streamer stands aside while a demand flight transfers (f.demanding
-// counts demand flights with flight.transfer set), so the stream never
-// competes with a waiting reader for the link. A demand flight that only
-// waits (for a demand slot, between retries, or out a Retry-After) does
-// not hold the stream back: it drops out of f.demanding and pokes f.wake
-// while it waits, and preempts the stream again when it next transfers.
-// The streamer also stands aside while the cache backs off
-// (f.cacheRetryAt), and while the source backs off (f.srcRetryAt) after
-// the stream's own fetch failed for it (f.srcHold): every segment would
-// fail the same way. A reader's failing fetch of one segment does not
-// hold the stream back: the others may well arrive. A backoff that ends
-// early (recoveredLocked) pokes f.wake. Close cancels f.ctx: every
-// flight, the streamer and every waiting reader return.
+// The streamer starts no segment while a demand flight transfers
+// (f.demanding counts demand flights with flight.transfer set), and a
+// demand's first try cuts the stream's request, so a new reader does not
+// compete with the stream for the link; a retry lets the stream's request
+// under way finish. A demand flight that only waits (for a demand slot,
+// between retries, or out a Retry-After) does not hold the stream back:
+// it drops out of f.demanding and pokes f.wake while it waits, and holds
+// it back again when it next transfers. The streamer also stands aside
+// while the cache backs off (f.cacheRetryAt), out the server's
+// Retry-After (f.srcNotBefore), and while the source backs off
+// (f.srcRetryAt) after the stream's own fetch failed for it (f.srcHold):
+// every segment would fail the same way. A reader's failing fetch of one
+// segment does not hold the stream back: the others may well arrive. A
+// backoff that ends early (recoveredLocked) pokes f.wake. Close cancels
+// f.ctx: every flight, the streamer and every waiting reader return.
 //
 // What bounds each wait: a reader waits at most Options.Timeout for all
 // the segments of its read (one deadline, which also ends a wait behind
 // another read's re-verification of a cached segment; a read by the same
 // caller within the range of one that timed out less than repeatWindow
 // ago fails at once), then gives up, which cancels flights no one else
-// waits on. A single request waits at most the source's no-progress limit
-// for each byte (HTTPSource.SetNoProgress), so a stream flight, one
-// attempt, ends unless bytes keep arriving. A demand flight lives only
+// waits on (a joined stream flight mid-request goes back to the stream,
+// bounded as a stream flight is). A single request waits at most the
+// source's no-progress limit for each byte (HTTPSource.SetNoProgress), so
+// a stream flight, one attempt, ends unless bytes keep arriving. A demand flight lives only
 // while a reader waits on it. A retry within a flight waits at most
 // demandRetry, or the server's Retry-After (at most MaxBackoff). The
 // streamer's sleep ends at the earliest retry time of a segment, the
@@ -189,7 +198,8 @@ type Fetcher struct {
 	// The backoffs of the source and the cache (see the states above).
 	srcFails, cacheFails     int
 	srcRetryAt, cacheRetryAt time.Time
-	srcHold                  bool // the stream's own fetch failed for the source: it waits out srcRetryAt
+	srcHold                  bool      // the stream's own fetch failed for the source: it waits out srcRetryAt
+	srcNotBefore             time.Time // the server's last Retry-After: no request of any segment before it
 
 	// Segments the cache could not store, by segment, and their use:
 	// least recently used first.
@@ -239,12 +249,7 @@ const (
 )
 
 // nextTry is when the stream may try the segment again.
-func (st *segState) nextTry() time.Time {
-	if st.notBefore.After(st.retryAt) {
-		return st.notBefore
-	}
-	return st.retryAt
-}
+func (st *segState) nextTry() time.Time { return later(st.notBefore, st.retryAt) }
 
 // Observe sets the function told of every fetched segment.
 func (f *Fetcher) Observe(fn Observer) { f.observer.Store(&fn) }
@@ -256,10 +261,12 @@ type flight struct {
 	done      chan struct{}
 	err       error
 	mem       map[overlay.ChunkID][]byte // the chunks, when the cache could not keep them
-	demand    bool                       // a reader waits or waited on it: never preempt
+	demand    bool                       // a reader waits on it, or it began as a demand: never preempt
 	cancelled bool                       // preempted or abandoned: waited out, never joined
 	preempted bool                       // cancelled for a demand: the stream takes it up again first
+	stream    bool                       // began as the stream's flight
 	transfer  bool                       // a request is under way, not a wait
+	arrived   bool                       // its whole body is in: nothing left to cut
 	movedOn   bool                       // a stream attempt failed with no reader on it: a reader asks again
 	waiters   int                        // readers waiting on it
 	cancel    context.CancelCauseFunc
@@ -273,16 +280,17 @@ type giveUp struct {
 
 // readKey is the part of an image a read asked for, and who asked.
 type readKey struct {
-	caller   uint32
+	caller   uint32 // the thread (WithCaller)
 	img      overlay.Image
 	off, end int64
 }
 
 // repeatWindow is how long after a read times out that a read by the same
-// caller within the same range fails at once. The kernel answers a failed
-// read-ahead by reading the one page the caller wants, at once: that is
-// the same read to the caller, and must not wait a second timeout. Other
-// callers, and other reads of the same segment, wait as usual.
+// caller (the same thread: see WithCaller) within the same range fails at
+// once. The kernel answers a failed read-ahead by reading the one page the
+// caller wants, at once: that is the same read to the caller, and must not
+// wait a second timeout. Other callers, and other reads of the same
+// segment, wait as usual.
 const repeatWindow = time.Second
 
 // New prepares a fetcher. Segments already in the cache count as present;
@@ -445,9 +453,9 @@ func (f *Fetcher) stream() {
 // nothing is left to fetch.
 func (f *Fetcher) pickLocked(next int) (seg int, sleep time.Duration, finished bool) {
 	now := time.Now()
-	hold := f.cacheRetryAt
-	if f.srcHold && f.srcRetryAt.After(hold) {
-		hold = f.srcRetryAt
+	hold := later(f.cacheRetryAt, f.srcNotBefore)
+	if f.srcHold {
+		hold = later(hold, f.srcRetryAt)
 	}
 	var soonest time.Time
 	finished = true
@@ -481,10 +489,10 @@ func (f *Fetcher) pickLocked(next int) (seg int, sleep time.Duration, finished b
 }
 
 // startLocked starts a flight for segment seg. A demand flight preempts the
-// stream's flight when it begins to transfer (transferLocked).
+// stream's flight when it begins its first try (fetch).
 func (f *Fetcher) startLocked(seg int, demand bool) *flight {
 	ctx, cancel := context.WithCancelCause(f.ctx)
-	fl := &flight{seg: seg, done: make(chan struct{}), demand: demand, cancel: cancel}
+	fl := &flight{seg: seg, done: make(chan struct{}), demand: demand, stream: !demand, cancel: cancel}
 	f.flights[seg] = fl
 	f.wg.Add(1)
 	go f.run(ctx, fl, demand)
@@ -492,10 +500,10 @@ func (f *Fetcher) startLocked(seg int, demand bool) *flight {
 }
 
 // preemptLocked cancels the stream's fetch, unless it is keep, the flight a
-// reader is about to wait on.
+// reader is about to wait on, or its body is already in.
 func (f *Fetcher) preemptLocked(keep *flight) {
 	for _, fl := range f.flights {
-		if fl != keep && !fl.demand && !fl.cancelled {
+		if fl != keep && !fl.demand && !fl.cancelled && !fl.arrived {
 			fl.cancelled, fl.preempted = true, true
 			fl.cancel(errPreempted)
 			f.st.preempted.Add(1)
@@ -532,7 +540,7 @@ func (f *Fetcher) run(ctx context.Context, fl *flight, demand bool) {
 }
 
 // transferLocked notes that fl starts or stops a request. A demand flight
-// holds the stream back, and preempts it, only while it transfers.
+// holds the stream back only while it transfers.
 func (f *Fetcher) transferLocked(fl *flight, on bool) {
 	if fl.transfer == on {
 		return
@@ -543,7 +551,6 @@ func (f *Fetcher) transferLocked(fl *flight, on bool) {
 	}
 	if on {
 		f.demanding++
-		f.preemptLocked(fl)
 	} else {
 		f.demanding--
 		f.pokeLocked()
@@ -643,7 +650,27 @@ func (f *Fetcher) failLocked(seg int, err error, b blame, after time.Duration) {
 	}
 	if after > 0 {
 		st.notBefore = now.Add(min(after, f.opt.MaxBackoff))
+		// The server asked for quiet, not just about this segment. A
+		// fetch that succeeds later does not lift it (recoveredLocked):
+		// its request went out before the server asked.
+		if b == blameSource && st.notBefore.After(f.srcNotBefore) {
+			f.srcNotBefore = st.notBefore
+		}
 	}
+}
+
+// notBeforeLocked is when a request of segment seg may go out: not before
+// the Retry-After of the segment or of the source.
+func (f *Fetcher) notBeforeLocked(seg int) time.Time {
+	return later(f.segs[seg].notBefore, f.srcNotBefore)
+}
+
+// later is the later of two times.
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // backoff is the delay after the nth failure in a row.
@@ -695,19 +722,26 @@ func (f *Fetcher) endCause(ctx context.Context) error {
 func (f *Fetcher) fetch(ctx context.Context, fl *flight) (map[overlay.ChunkID][]byte, error) {
 	seg := fl.seg
 	s := f.o.Manifest.Segments[seg]
-	for {
+	for try := 0; ; try++ {
 		f.mu.Lock()
-		wait := time.Until(f.segs[seg].notBefore)
+		wait := time.Until(f.notBeforeLocked(seg))
 		f.mu.Unlock()
 		if !sleep(ctx, wait) {
 			return nil, f.endCause(ctx)
 		}
 		f.mu.Lock()
 		f.transferLocked(fl, true)
+		// Only a demand's first try preempts the stream: its retries
+		// come every demandRetry or sooner, and would cut the stream's
+		// request over and over on a link slower than that.
+		if try == 0 && fl.demand {
+			f.preemptLocked(fl)
+		}
 		f.mu.Unlock()
 		stored, err := f.src.ReadRange(ctx, s.Offset, int64(s.Stored))
 		if err == nil {
 			f.mu.Lock()
+			fl.arrived = true
 			f.recoveredLocked(blameSource)
 			f.mu.Unlock()
 			f.st.bytesFetched.Add(int64(len(stored)))
@@ -717,6 +751,7 @@ func (f *Fetcher) fetch(ctx context.Context, fl *flight) (map[overlay.ChunkID][]
 			}
 			f.st.corrupt.Add(1)
 			f.mu.Lock()
+			fl.arrived = false
 			st := &f.segs[seg]
 			st.corrupt++
 			n := st.corrupt
@@ -883,7 +918,9 @@ func (f *Fetcher) requestLocked(seg int) (*flight, error) {
 }
 
 // leaveLocked takes a reader that stops waiting off the flights it waited
-// on; a flight left with no reader is cancelled (abandoned).
+// on. A flight left with no reader is cancelled (abandoned), unless it is
+// the stream's own, mid-request: that one goes back to the stream, so a
+// reader that gives up does not throw the stream's partial download away.
 func (f *Fetcher) leaveLocked(fls []*flight) {
 	for _, fl := range fls {
 		select {
@@ -894,7 +931,14 @@ func (f *Fetcher) leaveLocked(fls []*flight) {
 		if fl.cancelled {
 			continue
 		}
-		if fl.waiters--; fl.waiters == 0 {
+		if fl.waiters--; fl.waiters > 0 {
+			continue
+		}
+		if fl.stream && fl.transfer {
+			fl.demand = false
+			f.demanding--
+			f.pokeLocked()
+		} else {
 			fl.cancelled = true
 			fl.cancel(errAbandoned)
 			f.st.abandoned.Add(1)

@@ -19,17 +19,18 @@ const (
 	srcMem          // a fetched chunk the cache could not keep, one at a time
 )
 
-// callerKey is the context key of the process a read is made for.
+// callerKey is the context key of the thread a read is made for.
 type callerKey struct{}
 
-// WithCaller returns ctx carrying pid, the process a read is made for:
-// a read that timed out makes only that process's repeat of it fail at
-// once (see repeatWindow).
+// WithCaller returns ctx carrying pid, the thread a read is made for (the
+// FUSE request's Pid is the ID of the calling thread, not its process): a
+// read that timed out makes only that thread's repeat of it fail at once
+// (see repeatWindow).
 func WithCaller(ctx context.Context, pid uint32) context.Context {
 	return context.WithValue(ctx, callerKey{}, pid)
 }
 
-// callerOf returns the process set by WithCaller, 0 if none.
+// callerOf returns the thread set by WithCaller, 0 if none.
 func callerOf(ctx context.Context) uint32 {
 	pid, _ := ctx.Value(callerKey{}).(uint32)
 	return pid

@@ -15,6 +15,7 @@ import (
 
 	"github.com/cloudletfs/cloudletfs/fetch"
 	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/store"
 )
 
 // A reader waiting on a segment that keeps failing does not hold the
@@ -57,6 +58,53 @@ func TestWaitingReaderDoesNotFreezeStream(t *testing.T) {
 	if err := <-done; !errors.Is(err, fetch.ErrTimeout) {
 		t.Fatalf("read of the failing segment: %v, want a timeout", err)
 	}
+}
+
+// On a link where a segment takes longer to arrive than a reader's fetch
+// waits between tries, the retries of that reader's failing segment do not
+// cut the stream's request over and over: the other segments stream while
+// the reader still waits. Only a demand's first try preempts the stream.
+func TestDemandRetriesDoNotStopSlowStream(t *testing.T) {
+	r := newRig(t)
+	const bad = 0
+	srv := newFaultServer(t, r, bad, func(w http.ResponseWriter, req *http.Request, body []byte) bool {
+		http.Error(w, "injected", http.StatusInternalServerError)
+		return true
+	})
+	// Longer than the pause between a reader's tries (at most 1 s).
+	const took = 1200 * time.Millisecond
+	srv.setOther(slowly(took))
+	n := len(r.o.Manifest.Segments)
+	timeout := time.Duration(n+4) * 2 * took
+	f := r.httpFetcher(t, srv, fetch.Options{Timeout: timeout, Backoff: 50 * time.Millisecond, MaxBackoff: time.Second})
+	arrived := make(chan int, n)
+	f.Observe(func(seg int, _ []overlay.ChunkID, _ bool) { arrived <- seg })
+	img, off := r.firstChunk(bad)
+	done := make(chan error, 1)
+	go func() { done <- f.ReadAt(context.Background(), img, make([]byte, 100), off) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for f.Waiting() == 0 || srv.requests(bad) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the reader was not waiting on the failing segment after 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	f.Start()
+	for got := 0; got < n-1; {
+		select {
+		case seg := <-arrived:
+			if seg == bad {
+				t.Fatalf("segment %d arrived despite its fault", seg)
+			}
+			got++
+		case err := <-done:
+			t.Fatalf("the reader gave up (%v) with %d of the other %d segments streamed, each %s long: the reader's retries cut the stream: %+v", err, got, n-1, took, f.Stats())
+		}
+	}
+	if st := f.Stats(); st.StreamPreemptions != 0 {
+		t.Fatalf("%d preemptions of the stream by a reader that only retried: %+v", st.StreamPreemptions, st)
+	}
+	t.Logf("%d segments streamed while the reader retried segment %d %d times", n-1, bad, srv.requests(bad))
 }
 
 // With a cache that refuses every write, a chunk read again and again is
@@ -243,7 +291,7 @@ func TestStreamResumesAfterOutage(t *testing.T) {
 }
 
 // The repeat window fails at once only the caller whose read timed out:
-// another process reading the same range waits, and gets the bytes once
+// another thread reading the same range waits, and gets the bytes once
 // the fault passes.
 func TestRepeatWindowPerCaller(t *testing.T) {
 	r := newRig(t)
@@ -364,5 +412,54 @@ func TestWaitsCountedPastTheSample(t *testing.T) {
 	f.NoteWaits(n, time.Millisecond)
 	if st := f.Stats(); st.Waits != n || st.WaitP50Ms != 1 {
 		t.Fatalf("%d waits of 1 ms: stats say %d waits, p50 %g ms", n, st.Waits, st.WaitP50Ms)
+	}
+}
+
+// blockingWrite is the real cache with the writes of one segment held
+// until released: the seam for a cache slow to write.
+type blockingWrite struct {
+	fetch.Cache
+	seg     int
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (c *blockingWrite) WriteSegment(seg int, chunks []store.ChunkData) error {
+	if seg == c.seg {
+		close(c.entered)
+		<-c.release
+	}
+	return c.Cache.WriteSegment(seg, chunks)
+}
+
+// A reader does not preempt a stream fetch whose whole segment is in and
+// being cached: there is nothing left on the link to cut.
+func TestNoPreemptionOnceArrived(t *testing.T) {
+	r := newRig(t)
+	cache := &blockingWrite{Cache: r.cache, seg: 0, entered: make(chan struct{}), release: make(chan struct{})}
+	f, err := fetch.New(r.src, r.o, r.base, cache, fetch.Options{Timeout: 5 * time.Second, Log: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.Close)
+	f.Start()
+	select {
+	case <-cache.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream did not cache segment 0 within 5 s")
+	}
+	img, off := r.firstChunk(1)
+	err = f.ReadAt(context.Background(), img, make([]byte, 100), off)
+	close(cache.release)
+	if err != nil {
+		t.Fatalf("read of segment 1 while segment 0 was being cached: %v", err)
+	}
+	select {
+	case <-f.Complete():
+	case <-time.After(10 * time.Second):
+		t.Fatalf("not complete: %+v", f.Stats())
+	}
+	if st := f.Stats(); st.StreamPreemptions != 0 || st.SegmentsStreamed+st.SegmentsDemanded != int64(st.Segments) {
+		t.Fatalf("a reader preempted a stream fetch already being cached: %+v", st)
 	}
 }
