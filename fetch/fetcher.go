@@ -57,14 +57,15 @@ import (
 //     a failure while the source already backs off does not double), or
 //     the cache (it cannot store the segment: f.cacheFails). retryAt is
 //     the end of that backoff, or later the server's Retry-After
-//     (notBefore; a Retry-After holds every request of the source until
-//     then too, f.srcNotBefore, which no success lifts). The streamer
+//     (notBefore; a Retry-After holds the stream's requests of every
+//     segment until then too, f.srcNotBefore, which no success lifts). The streamer
 //     skips the segment until then and comes back for it. Any fetch that
 //     succeeds ends the source's backoff and the retry times of the
 //     segments it was blamed for: after an outage the stream goes on at
 //     once. A cache that takes a segment again does the same for the
-//     cache. A reader starts a fetch at once, ignoring the backoff but not
-//     a Retry-After, unless the last error was the segment's own
+//     cache. A reader starts a fetch at once, ignoring the backoff and a
+//     Retry-After given for another segment, but not one given for its
+//     own, unless the last error was the segment's own
 //     (permanent): then, until retryAt, it fails at once with that error.
 //   - dead: arrived corrupt maxCorrupt times in this mount. Never fetched
 //     again until the overlay is mounted again; reads fail at once with
@@ -660,8 +661,13 @@ func (f *Fetcher) failLocked(seg int, err error, b blame, after time.Duration) {
 }
 
 // notBeforeLocked is when a request of segment seg may go out: not before
-// the Retry-After of the segment or of the source.
-func (f *Fetcher) notBeforeLocked(seg int) time.Time {
+// the segment's Retry-After, and for the stream not before the source's.
+// A reader's request waits only for its own segment's: a VM's read must
+// not fail because the server asked the background stream for quiet.
+func (f *Fetcher) notBeforeLocked(seg int, demand bool) time.Time {
+	if demand {
+		return f.segs[seg].notBefore
+	}
 	return later(f.segs[seg].notBefore, f.srcNotBefore)
 }
 
@@ -724,7 +730,7 @@ func (f *Fetcher) fetch(ctx context.Context, fl *flight) (map[overlay.ChunkID][]
 	s := f.o.Manifest.Segments[seg]
 	for try := 0; ; try++ {
 		f.mu.Lock()
-		wait := time.Until(f.notBeforeLocked(seg))
+		wait := time.Until(f.notBeforeLocked(seg, fl.demand))
 		f.mu.Unlock()
 		if !sleep(ctx, wait) {
 			return nil, f.endCause(ctx)
