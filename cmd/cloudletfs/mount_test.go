@@ -27,10 +27,22 @@ var (
 
 // TestMain runs the tests, then removes the binary they built.
 func TestMain(m *testing.M) {
-	code := m.Run()
-	if binPath != "" {
-		os.RemoveAll(filepath.Dir(binPath))
+	// Everything the tests and the commands they run put in the temp dir
+	// (among them what a daemon killed on purpose cannot clean: its QMP
+	// socket, a capture's console log) goes with one directory.
+	tmp, err := os.MkdirTemp("", "cloudletfs-cmd-tests")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
 	}
+	// Open to all, as /tmp is: a test runs commands as another user.
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Setenv("TMPDIR", tmp)
+	code := m.Run()
+	os.RemoveAll(tmp)
 	os.Exit(code)
 }
 
