@@ -24,37 +24,9 @@ import (
 func TestWaitingReaderDoesNotFreezeStream(t *testing.T) {
 	r := newRig(t)
 	const bad = 0
-	srv := newFaultServer(t, r, bad, func(w http.ResponseWriter, req *http.Request, body []byte) bool {
-		http.Error(w, "injected", http.StatusInternalServerError)
-		return true
-	})
-	const timeout = 3 * time.Second
-	f := r.httpFetcher(t, srv, fetch.Options{Timeout: timeout, Backoff: 200 * time.Millisecond, MaxBackoff: time.Second})
-	n := len(r.o.Manifest.Segments)
-	arrived := make(chan int, n)
-	f.Observe(func(seg int, _ []overlay.ChunkID, _ bool) { arrived <- seg })
-	img, off := r.firstChunk(bad)
-	done := make(chan error, 1)
-	go func() { done <- f.ReadAt(context.Background(), img, make([]byte, 100), off) }()
-	deadline := time.Now().Add(10 * time.Second)
-	for f.Waiting() == 0 || srv.requests(bad) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("the reader was not waiting on the failing segment after 10 s")
-		}
-		time.Sleep(time.Millisecond)
-	}
-	f.Start()
-	for got := 0; got < n-1; {
-		select {
-		case seg := <-arrived:
-			if seg == bad {
-				t.Fatalf("segment %d arrived despite its fault", seg)
-			}
-			got++
-		case err := <-done:
-			t.Fatalf("the reader gave up (%v) with %d of the other %d segments streamed: the stream stood aside while it waited: %+v", err, got, n-1, f.Stats())
-		}
-	}
+	srv := newFaultServer(t, r, bad, answer500)
+	f := r.httpFetcher(t, srv, fetch.Options{Timeout: 3 * time.Second, Backoff: 200 * time.Millisecond, MaxBackoff: time.Second})
+	done := streamWhileReaderWaits(t, r, srv, f, bad, "the stream stood aside while it waited")
 	if err := <-done; !errors.Is(err, fetch.ErrTimeout) {
 		t.Fatalf("read of the failing segment: %v, want a timeout", err)
 	}
@@ -67,16 +39,33 @@ func TestWaitingReaderDoesNotFreezeStream(t *testing.T) {
 func TestDemandRetriesDoNotStopSlowStream(t *testing.T) {
 	r := newRig(t)
 	const bad = 0
-	srv := newFaultServer(t, r, bad, func(w http.ResponseWriter, req *http.Request, body []byte) bool {
-		http.Error(w, "injected", http.StatusInternalServerError)
-		return true
-	})
+	srv := newFaultServer(t, r, bad, answer500)
 	// Longer than the pause between a reader's tries (at most 1 s).
 	const took = 1200 * time.Millisecond
 	srv.setOther(slowly(took))
 	n := len(r.o.Manifest.Segments)
 	timeout := time.Duration(n+4) * 2 * took
 	f := r.httpFetcher(t, srv, fetch.Options{Timeout: timeout, Backoff: 50 * time.Millisecond, MaxBackoff: time.Second})
+	streamWhileReaderWaits(t, r, srv, f, bad, "the reader's retries cut the stream, each segment "+took.String()+" long")
+	if st := f.Stats(); st.StreamPreemptions != 0 {
+		t.Fatalf("%d preemptions of the stream by a reader that only retried: %+v", st.StreamPreemptions, st)
+	}
+	t.Logf("%d segments streamed while the reader retried segment %d %d times", n-1, bad, srv.requests(bad))
+}
+
+// answer500 fails every request of the faulted segment.
+func answer500(w http.ResponseWriter, req *http.Request, body []byte) bool {
+	http.Error(w, "injected", http.StatusInternalServerError)
+	return true
+}
+
+// streamWhileReaderWaits has a reader wait on segment bad, which keeps
+// failing, starts the stream, and returns once every other segment has
+// arrived while the reader still waits, with the channel its read ends
+// on. If the reader gives up first, the test fails saying why.
+func streamWhileReaderWaits(t *testing.T, r *rig, srv *faultServer, f *fetch.Fetcher, bad int, why string) <-chan error {
+	t.Helper()
+	n := len(r.o.Manifest.Segments)
 	arrived := make(chan int, n)
 	f.Observe(func(seg int, _ []overlay.ChunkID, _ bool) { arrived <- seg })
 	img, off := r.firstChunk(bad)
@@ -98,13 +87,10 @@ func TestDemandRetriesDoNotStopSlowStream(t *testing.T) {
 			}
 			got++
 		case err := <-done:
-			t.Fatalf("the reader gave up (%v) with %d of the other %d segments streamed, each %s long: the reader's retries cut the stream: %+v", err, got, n-1, took, f.Stats())
+			t.Fatalf("the reader gave up (%v) with %d of the other %d segments streamed: %s: %+v", err, got, n-1, why, f.Stats())
 		}
 	}
-	if st := f.Stats(); st.StreamPreemptions != 0 {
-		t.Fatalf("%d preemptions of the stream by a reader that only retried: %+v", st.StreamPreemptions, st)
-	}
-	t.Logf("%d segments streamed while the reader retried segment %d %d times", n-1, bad, srv.requests(bad))
+	return done
 }
 
 // With a cache that refuses every write, a chunk read again and again is
