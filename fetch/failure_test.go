@@ -378,11 +378,7 @@ func TestCacheFullServesFromMemory(t *testing.T) {
 	cache.full = false
 	cache.mu.Unlock()
 	f.Start()
-	select {
-	case <-f.Complete():
-	case <-time.After(10 * time.Second):
-		t.Fatalf("not complete 10 s after the cache took writes again: %+v", f.Stats())
-	}
+	awaitComplete(t, f, 10*time.Second, "not complete 10 s after the cache took writes again")
 }
 
 // image returns the bytes of one of the rig's custom images, as extracted.
@@ -420,11 +416,7 @@ func TestCachedSegmentReverified(t *testing.T) {
 	r := newRig(t)
 	f := r.fetcher(t, 5*time.Second)
 	f.Start()
-	select {
-	case <-f.Complete():
-	case <-time.After(10 * time.Second):
-		t.Fatal("not complete")
-	}
+	awaitComplete(t, f, 10*time.Second, "not complete")
 	f.Close()
 	// Damage the cached copy of segment 2's first chunk.
 	img, off := r.firstChunk(2)
@@ -506,11 +498,7 @@ func TestRetryAfterHoldsTheSource(t *testing.T) {
 	})
 	f := r.httpFetcher(t, srv, fetch.Options{Timeout: 5 * time.Second})
 	f.Start()
-	select {
-	case <-f.Complete():
-	case <-time.After(15 * time.Second):
-		t.Fatalf("not complete 15 s after a Retry-After of 1 s: %+v", f.Stats())
-	}
+	awaitComplete(t, f, 15*time.Second, "not complete 15 s after a Retry-After of 1 s")
 	log := srv.requestLog()
 	if len(log) < 2 || log[0].seg != bad {
 		t.Fatalf("requests %+v: want segment %d first", log, bad)

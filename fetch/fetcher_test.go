@@ -195,3 +195,14 @@ func TestStreamMovesPastABadSegment(t *testing.T) {
 		t.Fatalf("read of the bad segment: %v", err)
 	}
 }
+
+// awaitComplete waits for every segment to be present, failing the test
+// with msg and the fetcher's stats if that takes longer than within.
+func awaitComplete(t testing.TB, f *fetch.Fetcher, within time.Duration, msg string) {
+	t.Helper()
+	select {
+	case <-f.Complete():
+	case <-time.After(within):
+		t.Fatalf("%s: %+v", msg, f.Stats())
+	}
+}

@@ -151,11 +151,7 @@ func TestCacheFailingFetchesOnce(t *testing.T) {
 	cache.mu.Lock()
 	cache.full = false
 	cache.mu.Unlock()
-	select {
-	case <-f.Complete():
-	case <-time.After(10 * time.Second):
-		t.Fatalf("not complete 10 s after the cache took writes again: %+v", f.Stats())
-	}
+	awaitComplete(t, f, 10*time.Second, "not complete 10 s after the cache took writes again")
 }
 
 // A stream fetch preempted by a reader is taken up again as soon as the
@@ -195,11 +191,7 @@ func TestPreemptedSegmentResumedFirst(t *testing.T) {
 	if err := f.ReadAt(context.Background(), img, make([]byte, 100), off); err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-f.Complete():
-	case <-time.After(10 * time.Second):
-		t.Fatalf("not complete: %+v", f.Stats())
-	}
+	awaitComplete(t, f, 10*time.Second, "not complete")
 	mu.Lock()
 	defer mu.Unlock()
 	want := []int{0, demand, 0}
@@ -354,11 +346,7 @@ func TestVerifyWaitWithinDeadline(t *testing.T) {
 	r := newRig(t)
 	f := r.fetcher(t, 5*time.Second)
 	f.Start()
-	select {
-	case <-f.Complete():
-	case <-time.After(10 * time.Second):
-		t.Fatal("not complete")
-	}
+	awaitComplete(t, f, 10*time.Second, "not complete")
 	f.Close()
 	cache := &blockingVerify{Cache: r.cache, release: make(chan struct{}), entered: make(chan struct{})}
 	defer close(cache.release)
@@ -440,11 +428,7 @@ func TestNoPreemptionOnceArrived(t *testing.T) {
 	if err != nil {
 		t.Fatalf("read of segment 1 while segment 0 was being cached: %v", err)
 	}
-	select {
-	case <-f.Complete():
-	case <-time.After(10 * time.Second):
-		t.Fatalf("not complete: %+v", f.Stats())
-	}
+	awaitComplete(t, f, 10*time.Second, "not complete")
 	if st := f.Stats(); st.StreamPreemptions != 0 || st.SegmentsStreamed+st.SegmentsDemanded != int64(st.Segments) {
 		t.Fatalf("a reader preempted a stream fetch already being cached: %+v", st)
 	}

@@ -111,11 +111,7 @@ func TestJoinedStreamFetchTakesReadersDeadline(t *testing.T) {
 	// The rest of the slow segment arrives only now, after the reader
 	// gave up: its download must still be the one under way.
 	close(release)
-	select {
-	case <-f.Complete():
-	case <-time.After(10 * time.Second):
-		t.Fatalf("not complete 10 s after the slow segment was let through: %+v", f.Stats())
-	}
+	awaitComplete(t, f, 10*time.Second, "not complete 10 s after the slow segment was let through")
 	if n, c := downloads.Load(), cut.Load(); n != 1 || c != 0 {
 		t.Fatalf("segment 0 downloaded %d times, %d of them cut, want once and never cut: the reader that gave up cancelled the stream's fetch", n, c)
 	}

@@ -93,11 +93,7 @@ func benchReadPresent(b *testing.B, run int) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	select {
-	case <-m.f.Complete():
-	case <-time.After(2 * time.Minute):
-		b.Fatal("overlay did not complete")
-	}
+	m.awaitComplete(b, 2*time.Minute)
 	plain := filepath.Join(v.dir, "extracted", overlay.MemoryFile)
 	pf, err := os.Open(plain)
 	if err != nil {

@@ -590,11 +590,7 @@ func (s *faultSuite) readers(t *testing.T, m *mounted, retries int) int64 {
 // compares both whole images with the extract.
 func (s *faultSuite) awaitAndCompare(t *testing.T, m *mounted) {
 	t.Helper()
-	select {
-	case <-m.f.Complete():
-	case <-time.After(20 * time.Second):
-		t.Fatalf("stream not complete within 20 s: %+v", m.m.Stats())
-	}
+	m.awaitComplete(t, 20*time.Second)
 	for _, img := range overlay.Images {
 		got, err := os.ReadFile(m.path(img))
 		if err == nil {

@@ -275,6 +275,17 @@ func (v *vm) resetCache(t testing.TB) {
 // overlay, or a reset, can take it.
 func (m *mounted) unmount() { m.s.Close() }
 
+// awaitComplete waits for every segment to be present, failing the test
+// with the mount's stats if that takes longer than within.
+func (m *mounted) awaitComplete(t testing.TB, within time.Duration) {
+	t.Helper()
+	select {
+	case <-m.f.Complete():
+	case <-time.After(within):
+		t.Fatalf("stream not complete within %s: %+v", within, m.f.Stats())
+	}
+}
+
 func (m *mounted) path(img overlay.Image) string { return filepath.Join(m.dir, img.String(), "image") }
 
 // readAt reads through the mount.
@@ -332,11 +343,7 @@ func TestConcurrentReadersWhileStreaming(t *testing.T) {
 		t.Fatalf("readers never waited on a fetch: %+v", st)
 	}
 	// Every segment arrives once, and the whole images then match.
-	select {
-	case <-m.f.Complete():
-	case <-time.After(60 * time.Second):
-		t.Fatalf("stream did not complete: %+v", m.f.Stats())
-	}
+	m.awaitComplete(t, 60*time.Second)
 	for _, img := range overlay.Images {
 		got, err := os.ReadFile(m.path(img))
 		if err != nil || !bytes.Equal(got, v.want[img]) {
@@ -396,11 +403,7 @@ func TestSecondMountFetchesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-m.f.Complete():
-	case <-time.After(60 * time.Second):
-		t.Fatal("stream did not complete")
-	}
+	m.awaitComplete(t, 60*time.Second)
 	m.unmount()
 	before := len(srv.segmentRequests(v.segments))
 	m2, err := v.mount(t, srv.URL+"/app.overlay", 30*time.Second)

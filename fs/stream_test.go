@@ -24,11 +24,7 @@ func TestStreamFollowerFallsBehind(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	select {
-	case <-m.f.Complete():
-	case <-time.After(60 * time.Second):
-		t.Fatal("stream did not complete")
-	}
+	m.awaitComplete(t, 60*time.Second)
 	fs.SetStreamLimit(m.m, 1000)
 	// O_DIRECT: each read is one request to the daemon, so one line.
 	img, err := syscall.Open(m.path(overlay.Disk), syscall.O_RDONLY|syscall.O_DIRECT, 0)

@@ -81,13 +81,7 @@ func TestOutputDirectories(t *testing.T) {
 	e.outputs(e.path("out"))
 
 	e.create("good.overlay")
-	good := e.read("good.overlay")
-	o, err := overlay.Open(bytes.NewReader(good), int64(len(good)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bad := append([]byte(nil), good...)
-	bad[o.Manifest.Segments[1].Offset+10] ^= 1
+	bad := e.corrupted(t, "good.overlay")
 	e.write("bad.overlay", bad)
 	e.write("t.trace", []byte("0.1 disk 5\n"))
 	e.fails([]string{"segment 1"}, "overlay", "extract", e.path("bad.overlay"), "-o", e.path("new1/x/y"))
@@ -119,16 +113,10 @@ func TestReorderBlamesInput(t *testing.T) {
 	e := newEnv(t)
 	e.importBase("base", "base")
 	e.create("good.overlay")
-	good := e.read("good.overlay")
-	o, err := overlay.Open(bytes.NewReader(good), int64(len(good)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	bad := append([]byte(nil), good...)
-	bad[o.Manifest.Segments[1].Offset+10] ^= 1
+	bad := e.corrupted(t, "good.overlay")
 	e.write("in/bad.overlay", bad)
 	e.write("t.trace", []byte("0.1 disk 5\n"))
-	_, err = e.run("overlay", "reorder", e.path("in/bad.overlay"), "--trace", e.path("t.trace"), "-o", e.path("out/new.overlay"))
+	_, err := e.run("overlay", "reorder", e.path("in/bad.overlay"), "--trace", e.path("t.trace"), "-o", e.path("out/new.overlay"))
 	if err == nil {
 		t.Fatal("reorder of a corrupt overlay succeeded")
 	}
@@ -235,4 +223,18 @@ func TestTraceOutFollowsTheRule(t *testing.T) {
 		t.Fatalf("--trace-out: %v, mode %v; want a 0644 file", err, st)
 	}
 	noTemps(t, e.path("traces"))
+}
+
+// corrupted returns the bytes of the overlay at name with one bit flipped
+// inside segment 1.
+func (e *env) corrupted(t *testing.T, name string) []byte {
+	t.Helper()
+	good := e.read(name)
+	o, err := overlay.Open(bytes.NewReader(good), int64(len(good)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := append([]byte(nil), good...)
+	bad[o.Manifest.Segments[1].Offset+10] ^= 1
+	return bad
 }
