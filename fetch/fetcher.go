@@ -121,6 +121,10 @@ type Cache interface {
 	VerifySegment(seg int) (bool, error)
 	ReadAt(img overlay.Image, p []byte, off int64) error
 	PutCow(id overlay.ChunkID, data []byte) error
+	// DiscardCow records a whole chunk as zeros, as a marker; Cow then
+	// fills it with zeros.
+	DiscardCow(id overlay.ChunkID) error
+	DiscardedChunks() ([]overlay.ChunkID, error)
 	Cow(id overlay.ChunkID, dst []byte) (bool, error)
 	CowChunks() ([]overlay.ChunkID, error)
 	Sync() error
@@ -216,9 +220,16 @@ type Fetcher struct {
 	segOf  [2][]int32
 	selfOf map[overlay.ChunkID][]overlay.ChunkID
 
-	cowMu  sync.RWMutex
-	cow    [2][]bool
-	anyCow atomic.Bool
+	// cow is each chunk's copy-on-write state (cowNone, cowData or
+	// cowZero), under cowMu; held counts, per image, the chunks that hold
+	// bytes (data, self or base chunks not written over, and written
+	// chunks not discarded), and discarded the chunks in cowZero. Both
+	// change only with cow, under cowMu held for writing.
+	cowMu     sync.RWMutex
+	cow       [2][]cowState
+	held      [2]int64
+	discarded int
+	anyCow    atomic.Bool
 
 	st       counters
 	observer atomic.Pointer[Observer]
@@ -326,7 +337,7 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 	}
 	m := o.Manifest
 	for _, img := range overlay.Images {
-		f.cow[img] = make([]bool, len(m.Refs[img]))
+		f.cow[img] = make([]cowState, len(m.Refs[img]))
 		f.segOf[img] = make([]int32, len(m.Refs[img]))
 		for i, r := range m.Refs[img] {
 			seg := int32(-1)
@@ -358,8 +369,27 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 	}
 	for _, c := range cow {
 		if int(c.Index) < len(f.cow[c.Image]) {
-			f.cow[c.Image][c.Index] = true
+			f.cow[c.Image][c.Index] = cowData
 			f.anyCow.Store(true)
+		}
+	}
+	zero, err := cache.DiscardedChunks()
+	if err != nil {
+		return nil, fmt.Errorf("cache: %w", err)
+	}
+	for _, c := range zero {
+		if int(c.Index) < len(f.cow[c.Image]) {
+			f.cow[c.Image][c.Index] = cowZero
+		}
+	}
+	for _, img := range overlay.Images {
+		for i, st := range f.cow[img] {
+			switch {
+			case st == cowZero:
+				f.discarded++
+			case st == cowData || m.Refs[img][i].Kind != overlay.Zero:
+				f.held[img]++
+			}
 		}
 	}
 	f.st.init(o)
@@ -1256,7 +1286,11 @@ type Stats struct {
 	UncachedSegments int64            `json:"uncached_segments"`
 	CacheBadSegments int64            `json:"cache_bad_segments"`
 	FailingSegments  []SegmentFailure `json:"failing_segments"`
-	Complete         bool             `json:"complete"`
+	// ChunksDiscarded counts the chunks discarded whole through the mount
+	// (fallocate punch-hole or zero-range) and not written since; they
+	// read as zeros, and count in their image's Modified too.
+	ChunksDiscarded int  `json:"chunks_discarded"`
+	Complete        bool `json:"complete"`
 	// Policy is "stream+demand" once the streamer was started, else
 	// "demand-only": such a mount completes only if reads ask for every
 	// segment.
@@ -1317,11 +1351,12 @@ func (f *Fetcher) Stats() Stats {
 	f.cowMu.RLock()
 	for _, img := range overlay.Images {
 		for _, w := range f.cow[img] {
-			if w {
+			if w != cowNone {
 				imgs[img].Modified++
 			}
 		}
 	}
+	s.ChunksDiscarded = f.discarded
 	f.cowMu.RUnlock()
 	for _, img := range overlay.Images {
 		imgs[img].Fetched = int(c.fetched[img].Load())

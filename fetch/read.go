@@ -152,16 +152,80 @@ func (f *Fetcher) readBase(r overlay.Ref, skip int64, dst []byte) error {
 	return nil
 }
 
+// cowState is where a chunk's bytes are since the mount changed it.
+type cowState uint8
+
+const (
+	cowNone cowState = iota // not changed: the overlay's ref says
+	cowData                 // written: the store holds the whole chunk
+	cowZero                 // discarded: the store holds a marker, it reads as zeros
+)
+
 // WriteChunk stores a whole new version of a chunk; Sync makes it durable.
 func (f *Fetcher) WriteChunk(id overlay.ChunkID, data []byte) error {
 	if err := f.cache.PutCow(id, data); err != nil {
 		return err
 	}
+	f.setCow(id, cowData)
+	return nil
+}
+
+// DiscardChunk makes a whole chunk read as zeros, recorded as a marker
+// rather than as a chunk of zeros; Sync makes it durable.
+func (f *Fetcher) DiscardChunk(id overlay.ChunkID) error {
+	if err := f.cache.DiscardCow(id); err != nil {
+		return err
+	}
+	f.setCow(id, cowZero)
+	return nil
+}
+
+// setCow moves a chunk to state st and keeps held and discarded in step.
+func (f *Fetcher) setCow(id overlay.ChunkID, st cowState) {
+	holds := func(s cowState) bool {
+		return s == cowData || s == cowNone && f.o.Manifest.Refs[id.Image][id.Index].Kind != overlay.Zero
+	}
 	f.cowMu.Lock()
-	f.cow[id.Image][id.Index] = true
+	old := f.cow[id.Image][id.Index]
+	f.cow[id.Image][id.Index] = st
+	if holds(old) != holds(st) {
+		if holds(st) {
+			f.held[id.Image]++
+		} else {
+			f.held[id.Image]--
+		}
+	}
+	if old == cowZero {
+		f.discarded--
+	}
+	if st == cowZero {
+		f.discarded++
+	}
 	f.cowMu.Unlock()
 	f.anyCow.Store(true)
-	return nil
+}
+
+// AllZero reports whether a chunk reads as zeros without being read: it
+// was discarded, or is a zero chunk of the overlay not written since.
+func (f *Fetcher) AllZero(id overlay.ChunkID) bool {
+	f.cowMu.RLock()
+	defer f.cowMu.RUnlock()
+	switch f.cow[id.Image][id.Index] {
+	case cowZero:
+		return true
+	case cowNone:
+		return f.o.Manifest.Refs[id.Image][id.Index].Kind == overlay.Zero
+	}
+	return false
+}
+
+// Held returns how many chunks of img hold bytes: not zero in the overlay
+// (or written since) and not discarded. It is what the image costs, for
+// st_blocks.
+func (f *Fetcher) Held(img overlay.Image) int64 {
+	f.cowMu.RLock()
+	defer f.cowMu.RUnlock()
+	return f.held[img]
 }
 
 // Modified reports whether a chunk has been written.
@@ -171,7 +235,7 @@ func (f *Fetcher) Modified(id overlay.ChunkID) bool {
 	}
 	f.cowMu.RLock()
 	defer f.cowMu.RUnlock()
-	return f.cow[id.Image][id.Index]
+	return f.cow[id.Image][id.Index] != cowNone
 }
 
 // Sync makes every write durable.

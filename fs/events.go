@@ -144,7 +144,7 @@ type recorder struct {
 	touched  int
 	marks    []order.Mark
 
-	accessed, fetched, modifiedLog, io eventLog
+	accessed, fetched, modifiedLog, discardedLog, io eventLog
 }
 
 func newRecorder(h *overlay.Header) *recorder {
@@ -186,6 +186,12 @@ func (r *recorder) touch(img overlay.Image, op string, off int64, n int, first, 
 			r.modifiedLog.add(fmt.Sprintf("%.6f %s %d\n", t, img, i))
 		}
 	}
+}
+
+// discarded records a chunk of img discarded whole, in
+// streams/chunks_discarded.
+func (r *recorder) discarded(img overlay.Image, idx uint32) {
+	r.discardedLog.add(fmt.Sprintf("%.6f %s %d\n", r.since(), img, idx))
 }
 
 // arrived records the chunks of a fetched segment.

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -20,6 +21,7 @@ import (
 	fusefs "github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/cloudletfs/cloudletfs/fetch"
 	"github.com/cloudletfs/cloudletfs/order"
@@ -124,7 +126,8 @@ func (m *Mount) build(ctx context.Context, root *fusefs.Inode) {
 	streams := add(root, "streams", &dirNode{m: m}, syscall.S_IFDIR)
 	for name, l := range map[string]*eventLog{
 		"chunks_accessed": &m.rec.accessed, "chunks_fetched": &m.rec.fetched,
-		"chunks_modified": &m.rec.modifiedLog, "io": &m.rec.io,
+		"chunks_modified": &m.rec.modifiedLog, "chunks_discarded": &m.rec.discardedLog,
+		"io": &m.rec.io,
 	} {
 		add(streams, name, &streamNode{m: m, log: l}, syscall.S_IFREG)
 	}
@@ -331,14 +334,18 @@ var (
 	_ = (fusefs.NodeReader)((*imageNode)(nil))
 	_ = (fusefs.NodeWriter)((*imageNode)(nil))
 	_ = (fusefs.NodeFsyncer)((*imageNode)(nil))
+	_ = (fusefs.NodeAllocater)((*imageNode)(nil))
 	_ = (fusefs.NodeFlusher)((*imageNode)(nil))
 	_ = (fusefs.NodeSetattrer)((*imageNode)(nil))
 )
 
 func (n *imageNode) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
 	n.m.fileAttr(out, 0o644, uint64(n.size), time.Unix(0, n.mtime.Load()), time.Unix(0, n.ctime.Load()))
-	out.Blksize = n.m.f.Overlay().Header.ChunkSize
-	out.Blocks = (out.Size + 511) / 512
+	cs := n.m.f.Overlay().Header.ChunkSize
+	out.Blksize = cs
+	// What the image really holds, so du tells a discarded or zero image
+	// from a full one; the last chunk may be short, hence the cap.
+	out.Blocks = min(uint64(n.m.f.Held(n.img))*uint64(cs)/512, (out.Size+511)/512)
 	return 0
 }
 
@@ -460,6 +467,80 @@ func (n *imageNode) written(off, pos int64, errno syscall.Errno) (uint32, syscal
 		return uint32(pos - off), 0
 	}
 	return 0, errno
+}
+
+// The fallocate modes an image accepts: both discard a range, which then
+// reads as zeros, and neither changes the size.
+const (
+	punchHole = unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE
+	zeroRange = unix.FALLOC_FL_ZERO_RANGE
+)
+
+// Allocate discards a range, for a VMM that passes on the guest's TRIM or
+// freed pages. Whole chunks in it become discarded chunks, a marker in the
+// store; the covered bytes of a chunk at either edge are zeroed through
+// Write's read-modify-write. A chunk that reads as zeros already is left
+// as it is: a guest reports the same free pages again and again. The image
+// neither grows nor shrinks: a range past its end is cut at the end when
+// KEEP_SIZE is set, and otherwise fails with EFBIG, as a write past the
+// end does. Any other mode, a plain preallocation included, gets
+// EOPNOTSUPP.
+func (n *imageNode) Allocate(ctx context.Context, fh fusefs.FileHandle, off, size uint64, mode uint32) syscall.Errno {
+	if mode != punchHole && mode != zeroRange && mode != zeroRange|unix.FALLOC_FL_KEEP_SIZE {
+		return syscall.EOPNOTSUPP
+	}
+	if size == 0 || off > math.MaxInt64 || size > math.MaxInt64-off {
+		return syscall.EINVAL
+	}
+	end := int64(off + size)
+	if end > n.size {
+		if mode&unix.FALLOC_FL_KEEP_SIZE == 0 {
+			return syscall.EFBIG
+		}
+		end = n.size
+	}
+	start := int64(off)
+	if start >= end {
+		return 0
+	}
+	cs := int64(n.m.f.Overlay().Header.ChunkSize)
+	var zeros []byte
+	for pos := start; pos < end; {
+		idx := pos / cs
+		cstart := idx * cs
+		cend := min(cstart+cs, n.size)
+		if n.m.f.AllZero(n.chunk(uint32(idx))) {
+			pos = min(end, cend)
+			continue
+		}
+		if pos == cstart && end >= cend {
+			mu := &n.locks[idx%int64(len(n.locks))]
+			mu.Lock()
+			err := n.m.f.DiscardChunk(n.chunk(uint32(idx)))
+			mu.Unlock()
+			if err != nil {
+				errno := errnoOf(ctx, err)
+				n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", start).Msgf("discard failed: %s", errnoName(errno))
+				return errno
+			}
+			n.m.rec.discarded(n.img, uint32(idx))
+			n.modified()
+			pos = cend
+			continue
+		}
+		l := min(end, cend) - pos
+		if int64(len(zeros)) < l {
+			zeros = make([]byte, cs)
+		}
+		// Write zeroes a part of a chunk as it stores any other bytes.
+		if w, errno := n.Write(ctx, fh, zeros[:l], pos); errno != 0 {
+			return errno
+		} else if int64(w) != l {
+			return syscall.EIO
+		}
+		pos += l
+	}
+	return 0
 }
 
 func (n *imageNode) Fsync(ctx context.Context, fh fusefs.FileHandle, flags uint32) syscall.Errno {

@@ -31,7 +31,9 @@ import (
 //	seg/<segment>         -> sha256 of the chunks' bytes, then the chunks
 //	                         (uvarint index<<1|image each), in the order
 //	                         hashed; the chunks are in the files
-//	cow/<image><index>    -> a whole chunk as written through the mount
+//	cow/<image><index>    -> a whole chunk as written through the mount;
+//	                         empty if it was discarded (fallocate punched
+//	                         or zeroed all of it), so it reads as zeros
 //
 // <image> is one byte, <index> and <segment> 4 bytes big-endian. A
 // segment's marker is written only after its chunks are synced to the
@@ -468,6 +470,10 @@ func (c *Cache) Cow(id overlay.ChunkID, dst []byte) (bool, error) {
 		}
 		found = true
 		return it.Value(func(v []byte) error {
+			if len(v) == 0 {
+				clear(dst)
+				return nil
+			}
 			if len(v) != len(dst) {
 				return errors.New("written chunk has the wrong length")
 			}
@@ -496,6 +502,21 @@ func (c *Cache) PutCow(id overlay.ChunkID, data []byte) error {
 	return nil
 }
 
+// DiscardCow records that a whole chunk was discarded through the mount: it
+// reads as zeros from now on, and costs a key rather than a chunk of zeros.
+// It is durable after the next Sync, and fails as PutCow does.
+func (c *Cache) DiscardCow(id overlay.ChunkID) error {
+	if err := c.room.check(); err != nil {
+		return fmt.Errorf("recording discarded %s chunk %d: %w", id.Image, id.Index, err)
+	}
+	if err := c.db.Update(func(txn *badger.Txn) error {
+		return txn.Set(cowKey(id.Image, id.Index), []byte{})
+	}); err != nil {
+		return fmt.Errorf("recording discarded %s chunk %d: %w", id.Image, id.Index, err)
+	}
+	return nil
+}
+
 // DropWritten forgets every chunk written through mounts of this overlay.
 func (c *Cache) DropWritten() error {
 	if err := c.db.DropPrefix([]byte("cow/")); err != nil {
@@ -504,14 +525,28 @@ func (c *Cache) DropWritten() error {
 	return c.sync()
 }
 
-// CowChunks lists the chunks that have been written.
+// CowChunks lists the chunks that have been written, discarded ones too.
 func (c *Cache) CowChunks() ([]overlay.ChunkID, error) {
+	return c.cowChunks(false)
+}
+
+// DiscardedChunks lists the written chunks that were discarded.
+func (c *Cache) DiscardedChunks() ([]overlay.ChunkID, error) {
+	return c.cowChunks(true)
+}
+
+func (c *Cache) cowChunks(discarded bool) ([]overlay.ChunkID, error) {
 	var out []overlay.ChunkID
 	prefix := []byte("cow/")
 	err := c.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
 		defer it.Close()
 		for it.Rewind(); it.Valid(); it.Next() {
+			// An empty value is kept in the key's entry, so its size is
+			// exact without reading it.
+			if discarded && it.Item().ValueSize() != 0 {
+				continue
+			}
 			k := it.Item().Key()[len(prefix):]
 			out = append(out, overlay.ChunkID{Image: overlay.Image(k[0]), Index: binary.BigEndian.Uint32(k[1:])})
 		}
