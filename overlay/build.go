@@ -38,12 +38,16 @@ type BuildOptions struct {
 
 // Summary describes a built overlay.
 type Summary struct {
-	Counts       [2][numKinds]int
-	DataBytes    int64 // uncompressed bytes in segments
-	ChangedBytes int64 // bytes of chunks that differ from the base at the same offset
-	OverlaySize  int64
-	Segments     int
-	ID           Digest
+	Counts [2][numKinds]int
+	// ChangedCounts counts, by where their bytes come from, only the chunks
+	// that differ from the base at the same offset: what dedup and zero
+	// detection take out of the changed state.
+	ChangedCounts [2][numKinds]int
+	DataBytes     int64 // uncompressed bytes in segments
+	ChangedBytes  int64 // bytes of chunks that differ from the base at the same offset
+	OverlaySize   int64
+	Segments      int
+	ID            Digest
 }
 
 // Build writes the overlay of in against base to the file out. It writes to a
@@ -120,16 +124,18 @@ func buildOverlay(out string, base *Base, in *Input, opt BuildOptions) (*Summary
 	sum := &Summary{}
 	zero := zeroDigest(cs)
 	m := &Manifest{}
-	var pending [2][]bool
+	var pending, changed [2][]bool
 	for _, img := range Images {
 		hs := hashes[img]
 		bh := base.Index.Hashes[img]
 		refs := make([]Ref, len(hs))
 		pending[img] = make([]bool, len(hs))
+		changed[img] = make([]bool, len(hs))
 		for i, d := range hs {
 			same := i < len(bh) && bh[i] == d || i >= len(bh) && d == zero
 			if !same {
 				sum.ChangedBytes += chunkLen(h, ChunkID{img, uint32(i)})
+				changed[img][i] = true
 			}
 			switch {
 			case d == zero:
@@ -258,6 +264,13 @@ func buildOverlay(out string, base *Base, in *Input, opt BuildOptions) (*Summary
 	}
 
 	sum.Counts = m.Counts()
+	for _, img := range Images {
+		for i, r := range m.Refs[img] {
+			if changed[img][i] {
+				sum.ChangedCounts[img][r.Kind]++
+			}
+		}
+	}
 	sum.OverlaySize = h.TotalLen()
 	sum.Segments = len(m.Segments)
 	sum.ID = sha256.Sum256(hb)

@@ -227,3 +227,44 @@ func TestBuildFollowsOrder(t *testing.T) {
 		}
 	}
 }
+
+// The summary says what became of each changed chunk: zeroed, found in the
+// base elsewhere, repeated in the VM, or carried as data; unchanged chunks
+// are not counted.
+func TestSummaryChangedCounts(t *testing.T) {
+	fill := func(seed byte) []byte {
+		b := make([]byte, testChunk)
+		for i := range b {
+			b[i] = seed + byte(i*7)
+		}
+		return b
+	}
+	const n = 8
+	bd, bm := make([]byte, n*testChunk), make([]byte, n*testChunk)
+	for i := range n {
+		copy(bd[i*testChunk:], fill(byte(i+1)))
+		copy(bm[i*testChunk:], fill(byte(i+101)))
+	}
+	base := newBase(t, bd, bm)
+	cd, cm := bytes.Clone(bd), bytes.Clone(bm)
+	clear(cd[0:testChunk])                              // zeroed (a discard)
+	clear(cd[1*testChunk : 2*testChunk])                // zeroed
+	copy(cd[2*testChunk:], bm[5*testChunk:6*testChunk]) // from the base memory
+	copy(cd[3*testChunk:], fill(201))                   // new data
+	copy(cm[4*testChunk:], fill(201))                   // the same new data again
+	copy(cm[6*testChunk:], fill(202))                   // new data
+	_, sum := build(t, t.TempDir(), base, cd, cm, BuildOptions{Codec: CodecZstd})
+	var by [numKinds]int
+	for _, img := range Images {
+		for k, c := range sum.ChangedCounts[img] {
+			by[k] += c
+		}
+	}
+	want := [numKinds]int{Zero: 2, BaseMemory: 1, Self: 1, Data: 2}
+	if by != want {
+		t.Fatalf("changed chunks by kind %v, want %v", by, want)
+	}
+	if sum.ChangedBytes != 6*testChunk {
+		t.Fatalf("changed bytes %d, want %d", sum.ChangedBytes, 6*testChunk)
+	}
+}

@@ -215,6 +215,7 @@ func printSummary(w io.Writer, out string, s *overlay.Summary, codec overlay.Cod
 	fmt.Fprintf(w, "wrote %s in %s: %s in %d %s segments, overlay ID %s\n", out, took.Round(time.Millisecond),
 		humanize.IBytes(uint64(s.OverlaySize)), s.Segments, codec, s.ID.Short())
 	printCounts(w, s.Counts)
+	printChanged(w, s)
 	share := "no bytes changed"
 	if s.ChangedBytes > 0 {
 		share = fmt.Sprintf("the overlay is %.1f%% of the changed bytes", 100*float64(s.OverlaySize)/float64(s.ChangedBytes))
@@ -230,6 +231,22 @@ func printCounts(w io.Writer, counts [2][len(overlay.Kinds)]int) {
 		fmt.Fprintf(tw, "%s\t%d\t%d\t\n", k, counts[overlay.Disk][k], counts[overlay.Memory][k])
 	}
 	tw.Flush()
+}
+
+// printChanged says what became of the chunks that differ from the base:
+// how many were zero (freed and trimmed ones among them), found in the base
+// or elsewhere in the VM, and how many travel as data.
+func printChanged(w io.Writer, s *overlay.Summary) {
+	var by [len(overlay.Kinds)]int
+	total := 0
+	for _, img := range overlay.Images {
+		for k, n := range s.ChangedCounts[img] {
+			by[k] += n
+			total += n
+		}
+	}
+	fmt.Fprintf(w, "changed chunks: %d; zero %d, in the base %d, repeated in the VM %d, data %d\n", total,
+		by[overlay.Zero], by[overlay.BaseDisk]+by[overlay.BaseMemory], by[overlay.Self], by[overlay.Data])
 }
 
 // openOverlay opens and verifies an overlay file's metadata. Errors name the
