@@ -36,7 +36,7 @@ func TestReadyThroughEscapes(t *testing.T) {
 	v := &VM{changed: make(chan struct{}), exited: make(chan struct{})}
 	r, w := io.Pipe()
 	defer w.Close()
-	go v.readConsole(r, nil)
+	go v.read(r, nil, guestConsole)
 	go io.WriteString(w, "\x1b[?2004h\x1b]0;root@debian: ~\x07root@debian:~# ./install.sh\r\n"+
 		"\x1b[?2004l\r\x1b[?2004lapp-ready\r\n\x1b[?2004hroot@debian:~# ")
 	if err := v.WaitConsole(context.Background(), regexp.MustCompile(`^app-ready$`), 30*time.Second); err != nil {
