@@ -86,8 +86,10 @@ func Settle(ctx context.Context, count func() int, quiet time.Duration, slack in
 		select {
 		case <-ctx.Done():
 			return Settled{Waited: time.Since(start)}, ctx.Err()
-		case now := <-tick.C:
-			if n := count(); n-from > slack || from-n > slack {
+		case <-tick.C:
+			n := count()
+			now := time.Now()
+			if n-from > slack || from-n > slack {
 				since, from = now, n
 			}
 			switch {

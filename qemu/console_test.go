@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 )
@@ -45,5 +46,31 @@ func TestReadyThroughEscapes(t *testing.T) {
 	// A prompt not yet ended by a newline is matched too.
 	if err := v.WaitConsole(context.Background(), regexp.MustCompile(`^root@debian:~# $`), 30*time.Second); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// QEMU's own messages come on a stream of their own: one printed while the
+// guest prints a line does not cut that line, and is not matched, but a
+// failure shows it.
+func TestQEMUMessagesApartFromConsole(t *testing.T) {
+	v := &VM{changed: make(chan struct{}), exited: make(chan struct{})}
+	cr, cw := io.Pipe()
+	mr, mw := io.Pipe()
+	defer cw.Close()
+	defer mw.Close()
+	go v.read(cr, nil, guestConsole)
+	go v.read(mr, nil, qemuMessages)
+	io.WriteString(cw, "app-re")
+	io.WriteString(mw, "qemu-system-x86_64: ram_block_discard_range: Failed to fallocate :0 +200000 (-95)\n")
+	io.WriteString(cw, "ady\n")
+	if err := v.WaitConsole(context.Background(), regexp.MustCompile(`^app-ready$`), 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	err := v.WaitConsole(context.Background(), regexp.MustCompile(`Failed to fallocate`), 50*time.Millisecond)
+	if err == nil {
+		t.Fatal("a QEMU message matched as a console line")
+	}
+	if !strings.Contains(err.Error(), "Failed to fallocate") {
+		t.Fatalf("the failure does not show QEMU's message: %v", err)
 	}
 }
