@@ -48,7 +48,8 @@ timeline: metadata arrived, QEMU running, first response (--probe succeeded; it 
 again until it does, with CLOUDLETFS_PORT set to the host port forwarded to the guest),
 overlay complete. Runs until the VM exits or Ctrl-C, then stops QEMU and unmounts.
 Given a DIR written by 'overlay extract' instead, it resumes from those local files:
-the full-synthesis baseline.`,
+the full-synthesis baseline. QEMU writes to its disk.img and punches the pages the
+guest frees out of its memory.img, so extract again before each launch of a DIR.`,
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "base", Usage: "base VM, by ID or NAME (default: the overlay's own base ID)"},
 				accelFlag, qemuFlag,
