@@ -167,29 +167,21 @@ func TestSemanticGap(t *testing.T) {
 		return said, st.Size()
 	}
 	_, plain := capture("plain", gapScript(""))
-	said, with := capture("discard", gapScript(url))
-	m := regexp.MustCompile(`(\d+) chunks \([^)]*\) discarded while the VM ran`).FindStringSubmatch(said)
-	if m == nil || !strings.Contains(said, "trimmed in") {
-		t.Fatalf("the capture did not say that it trimmed and how much was discarded:\n%s", said)
-	}
-	if n, _ := strconv.Atoi(m[1]); n < gapPayload/4096 {
-		t.Fatalf("%d chunks discarded, fewer than the %d blocks of the file deleted", n, gapPayload/4096)
-	}
-	said, without := capture("no-discard", gapScript(url), "--no-discard")
-	if strings.Contains(said, "trimmed in") || !strings.Contains(said, "--no-discard") {
-		t.Fatalf("a --no-discard capture trimmed, or did not say what it did:\n%s", said)
-	}
+	saidWith, with := capture("discard", gapScript(url))
+	saidWithout, without := capture("no-discard", gapScript(url), "--no-discard")
 
 	// The overlay grows by the download without the gap closed, and by
-	// almost nothing with it.
+	// almost nothing with it. The bound is 1%: about 0.3% was measured, and
+	// 2% when only free 2 MiB blocks are reported, as Linux does by default
+	// (the socket buffers the download passed through stay, among others).
 	grewWith, grewWithout := with-plain, without-plain
 	t.Logf("overlay: plain %d bytes; the 100 MB download deleted: %d with discard (+%d), %d with --no-discard (+%d)",
 		plain, with, grewWith, without, grewWithout)
 	if grewWithout < gapPayload*9/10 {
 		t.Fatalf("with --no-discard the overlay grew by %d bytes, want about the %d downloaded", grewWithout, gapPayload)
 	}
-	if grewWith*10 > grewWithout {
-		t.Fatalf("with discard the overlay grew by %d bytes, not under 10%% of the %d without", grewWith, grewWithout)
+	if grewWith*100 > grewWithout {
+		t.Fatalf("with discard the overlay grew by %d bytes, not under 1%% of the %d without", grewWith, grewWithout)
 	}
 
 	// What a fresh mount of each overlay reads back: the deleted file is
@@ -218,6 +210,18 @@ func TestSemanticGap(t *testing.T) {
 	if dWith > 0 || mWith > len(blocks.at)/100 {
 		t.Fatalf("with discard the images still hold %d (disk) and %d (memory) blocks of the deleted file, want none on disk and under 1%% in memory",
 			dWith, mWith)
+	}
+
+	// Each capture says what it did.
+	m := regexp.MustCompile(`(\d+) chunks \([^)]*\) discarded while the VM ran`).FindStringSubmatch(saidWith)
+	if m == nil || !strings.Contains(saidWith, "trimmed in") {
+		t.Fatalf("the capture did not say that it trimmed and how much was discarded:\n%s", saidWith)
+	}
+	if n, _ := strconv.Atoi(m[1]); n < gapPayload/4096 {
+		t.Fatalf("%d chunks discarded, fewer than the %d blocks of the file deleted", n, gapPayload/4096)
+	}
+	if strings.Contains(saidWithout, "trimmed in") || !strings.Contains(saidWithout, "--no-discard") {
+		t.Fatalf("a --no-discard capture trimmed, or did not say what it did:\n%s", saidWithout)
 	}
 
 	t.Run("launch frees pages through the mount", func(t *testing.T) { launchWithBalloon(t, e.in(t)) })
