@@ -60,9 +60,18 @@ func TestQEMUMessagesApartFromConsole(t *testing.T) {
 	defer mw.Close()
 	go v.read(cr, nil, guestConsole)
 	go v.read(mr, nil, qemuMessages)
-	io.WriteString(cw, "app-re")
-	io.WriteString(mw, "qemu-system-x86_64: ram_block_discard_range: Failed to fallocate :0 +200000 (-95)\n")
-	io.WriteString(cw, "ady\n")
+	// Each piece is kept before the next is sent: the message arrives
+	// while the guest's line is half printed.
+	send := func(w io.Writer, s string) {
+		v.mu.Lock()
+		changed := v.changed
+		v.mu.Unlock()
+		io.WriteString(w, s)
+		<-changed
+	}
+	send(cw, "app-re")
+	send(mw, "qemu-system-x86_64: ram_block_discard_range: Failed to fallocate :0 +200000 (-95)\n")
+	send(cw, "ady\n")
 	if err := v.WaitConsole(context.Background(), regexp.MustCompile(`^app-ready$`), 30*time.Second); err != nil {
 		t.Fatal(err)
 	}
