@@ -43,10 +43,10 @@ func vmCommands() []*cli.Command {
 mapping) and state, with the virtual hardware its vm.json records, and resumes the
 VM as soon as the metadata has arrived. Where vm.json records discard and the
 balloon, what the guest trims and the pages it frees are punched out of the images:
-through the mount that zeroes chunks copy-on-write, never the overlay or the base. Prints a
-timeline: metadata arrived, QEMU running, first response (--probe succeeded; it is run
-again until it does, with CLOUDLETFS_PORT set to the host port forwarded to the guest),
-overlay complete. Runs until the VM exits or Ctrl-C, then stops QEMU and unmounts.
+through the mount that zeroes chunks copy-on-write, never the overlay or the base.
+Prints a timeline: metadata arrived, QEMU running, first response (--probe
+succeeded; it is run again until it does, with CLOUDLETFS_PORT set to the host port
+forwarded to the guest), overlay complete. Runs until the VM exits or Ctrl-C, then stops QEMU and unmounts.
 Given a DIR written by 'overlay extract' instead, it resumes from those local files:
 the full-synthesis baseline. QEMU writes to its disk.img and punches the pages the
 guest frees out of its memory.img, so extract again before each launch of a DIR.`,
