@@ -54,6 +54,7 @@ fuzz:
 bench: deps build
 	tools/bench.sh $(BIN) $(BUILD)/bench
 	tools/bench-order.sh $(BIN) $(BUILD)/bench-order
+	tools/bench-gap.sh $(BIN) $(BUILD)/bench-gap
 	tools/bench-reliability.sh $(BUILD)/bench-reliability
 
 clean:

@@ -33,6 +33,10 @@ type Options struct {
 	Log        zerolog.Logger
 	AllowOther bool // let users other than the mounting one in
 	Debug      bool // log every FUSE request
+	// NoDiscard refuses fallocate with EOPNOTSUPP, as before the images
+	// took discards: a capture that keeps what the guest freed, to
+	// compare against.
+	NoDiscard bool
 }
 
 // Mount is a mounted overlay.
@@ -44,12 +48,13 @@ type Mount struct {
 	log    zerolog.Logger
 	born   time.Time // the times of everything that never changes
 
+	noDiscard bool // Options.NoDiscard
 }
 
 // New mounts the overlay that f serves at dir and returns once the kernel
 // has the mount, which is the moment a VM can start.
 func New(dir string, f *fetch.Fetcher, opt Options) (*Mount, error) {
-	m := &Mount{Dir: dir, f: f, rec: newRecorder(f.Overlay().Header), log: opt.Log, born: time.Now()}
+	m := &Mount{Dir: dir, f: f, rec: newRecorder(f.Overlay().Header), log: opt.Log, born: time.Now(), noDiscard: opt.NoDiscard}
 	f.Observe(m.rec.arrived)
 	root := &dirNode{m: m}
 	sec := time.Second
@@ -484,9 +489,9 @@ const (
 // neither grows nor shrinks: a range past its end is cut at the end when
 // KEEP_SIZE is set, and otherwise fails with EFBIG, as a write past the
 // end does. Any other mode, a plain preallocation included, gets
-// EOPNOTSUPP.
+// EOPNOTSUPP, and so does every mode on a mount with NoDiscard.
 func (n *imageNode) Allocate(ctx context.Context, fh fusefs.FileHandle, off, size uint64, mode uint32) syscall.Errno {
-	if mode != punchHole && mode != zeroRange && mode != zeroRange|unix.FALLOC_FL_KEEP_SIZE {
+	if n.m.noDiscard || mode != punchHole && mode != zeroRange && mode != zeroRange|unix.FALLOC_FL_KEEP_SIZE {
 		return syscall.EOPNOTSUPP
 	}
 	if size == 0 || off > math.MaxInt64 || size > math.MaxInt64-off {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 )
@@ -36,7 +37,7 @@ func TestReadyThroughEscapes(t *testing.T) {
 	v := &VM{changed: make(chan struct{}), exited: make(chan struct{})}
 	r, w := io.Pipe()
 	defer w.Close()
-	go v.readConsole(r, nil)
+	go v.read(r, nil, guestConsole)
 	go io.WriteString(w, "\x1b[?2004h\x1b]0;root@debian: ~\x07root@debian:~# ./install.sh\r\n"+
 		"\x1b[?2004l\r\x1b[?2004lapp-ready\r\n\x1b[?2004hroot@debian:~# ")
 	if err := v.WaitConsole(context.Background(), regexp.MustCompile(`^app-ready$`), 30*time.Second); err != nil {
@@ -45,5 +46,40 @@ func TestReadyThroughEscapes(t *testing.T) {
 	// A prompt not yet ended by a newline is matched too.
 	if err := v.WaitConsole(context.Background(), regexp.MustCompile(`^root@debian:~# $`), 30*time.Second); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// QEMU's own messages come on a stream of their own: one printed while the
+// guest prints a line does not cut that line, and is not matched, but a
+// failure shows it.
+func TestQEMUMessagesApartFromConsole(t *testing.T) {
+	v := &VM{changed: make(chan struct{}), exited: make(chan struct{})}
+	cr, cw := io.Pipe()
+	mr, mw := io.Pipe()
+	defer cw.Close()
+	defer mw.Close()
+	go v.read(cr, nil, guestConsole)
+	go v.read(mr, nil, qemuMessages)
+	// Each piece is kept before the next is sent: the message arrives
+	// while the guest's line is half printed.
+	send := func(w io.Writer, s string) {
+		v.mu.Lock()
+		changed := v.changed
+		v.mu.Unlock()
+		io.WriteString(w, s)
+		<-changed
+	}
+	send(cw, "app-re")
+	send(mw, "qemu-system-x86_64: ram_block_discard_range: Failed to fallocate :0 +200000 (-95)\n")
+	send(cw, "ady\n")
+	if err := v.WaitConsole(context.Background(), regexp.MustCompile(`^app-ready$`), 30*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	err := v.WaitConsole(context.Background(), regexp.MustCompile(`Failed to fallocate`), 50*time.Millisecond)
+	if err == nil {
+		t.Fatal("a QEMU message matched as a console line")
+	}
+	if !strings.Contains(err.Error(), "Failed to fallocate") {
+		t.Fatalf("the failure does not show QEMU's message: %v", err)
 	}
 }

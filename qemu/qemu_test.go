@@ -3,6 +3,7 @@ package qemu
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"net"
 	"os"
@@ -187,4 +188,85 @@ func FuzzQMPReplies(f *testing.F) {
 		}
 		c.Status(ctx)
 	})
+}
+
+// Discard and the balloon are recorded in vm.json; a vm.json from before
+// them gives the command line it always gave.
+func TestArgsDiscardAndBalloon(t *testing.T) {
+	old := []byte(`{"machine":"pc","cpu":"qemu64","smp":1,"memory_mib":256,"disk_interface":"virtio","nic":"e1000","guest_port":8080}`)
+	c, err := LoadConfig(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := Run{Accel: "tcg", Memory: "/m", Disk: "/d", QMP: "/q", Incoming: true}
+	want := []string{"-nodefaults", "-no-user-config", "-machine", "pc,memory-backend=ram", "-accel", "tcg", "-cpu", "qemu64",
+		"-smp", "1", "-m", "256M", "-object", "memory-backend-file,id=ram,size=256M,mem-path=/m,share=off",
+		"-drive", "file=/d,format=raw,if=virtio,cache=writeback", "-display", "none", "-serial", "stdio", "-monitor", "none",
+		"-qmp", "unix:/q,server=on,wait=off", "-netdev", "user,id=net0", "-device", "e1000,netdev=net0", "-incoming", "defer"}
+	if got := c.Args(run); strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("an old vm.json gives\n%q\nwant\n%q", got, want)
+	}
+	// Written back, it is the same vm.json: launch compares an overlay's
+	// to its base's.
+	if b, _ := json.Marshal(c); string(b) != string(old) {
+		t.Fatalf("an old vm.json marshals as %s", b)
+	}
+
+	c.Discard, c.Balloon = true, true
+	on := strings.Join(c.Args(run), " ")
+	for _, want := range []string{"-drive file=/d,format=raw,if=virtio,cache=writeback,discard=unmap,detect-zeroes=unmap",
+		"-device virtio-balloon-pci,id=balloon0,free-page-reporting=on"} {
+		if !strings.Contains(on, want) {
+			t.Errorf("args lack %q: %s", want, on)
+		}
+	}
+	// NoDiscard keeps the hardware: the balloon stays, the drive ignores
+	// discards.
+	run.NoDiscard = true
+	off := strings.Join(c.Args(run), " ")
+	if strings.Contains(off, "discard=unmap") || strings.Contains(off, "detect-zeroes") || !strings.Contains(off, "virtio-balloon-pci") {
+		t.Errorf("NoDiscard args: %s", off)
+	}
+	b, _ := json.Marshal(c)
+	if back, err := LoadConfig(b); err != nil || !back.Discard || !back.Balloon {
+		t.Fatalf("vm.json %s read back as %+v, %v", b, back, err)
+	}
+}
+
+// Settle ends once the count has stood still, within the slack, for the
+// quiet period after its last move, and at the limit if it never does.
+func TestSettle(t *testing.T) {
+	const quiet, poll = 200 * time.Millisecond, 5 * time.Millisecond
+	// Moves by more than the slack for its first 100 ms, then by no more
+	// than it.
+	start := time.Now()
+	var lastMove time.Time
+	n := 0
+	count := func() int {
+		if time.Since(start) < 100*time.Millisecond {
+			n += 10
+			lastMove = time.Now()
+		} else {
+			n ^= 1
+		}
+		return n
+	}
+	s, err := Settle(context.Background(), count, quiet, 2, time.Minute, poll)
+	if err != nil || !s.Quiet {
+		t.Fatalf("settle: %+v, %v", s, err)
+	}
+	if end := time.Now(); end.Sub(lastMove) < quiet {
+		t.Fatalf("settled %s after the last move, before the quiet period of %s", end.Sub(lastMove), quiet)
+	}
+	// Always moving: the limit ends it, not quiet.
+	m := 0
+	s, err = Settle(context.Background(), func() int { m += 100; return m }, quiet, 2, 300*time.Millisecond, poll)
+	if err != nil || s.Quiet || s.Waited < 300*time.Millisecond {
+		t.Fatalf("settle of a count that never stops: %+v, %v", s, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := Settle(ctx, func() int { return 0 }, quiet, 0, time.Minute, poll); !errors.Is(err, context.Canceled) {
+		t.Fatalf("settle with its context cancelled: %v", err)
+	}
 }

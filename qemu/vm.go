@@ -1,7 +1,6 @@
 package qemu
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -33,6 +32,16 @@ type Config struct {
 	Initrd    string   `json:"initrd,omitempty"`
 	Append    string   `json:"append,omitempty"`
 	Extra     []string `json:"extra_args,omitempty"`
+	// Discard passes the guest's TRIM on to the disk file
+	// (discard=unmap), and turns its writes of zeros into holes
+	// (detect-zeroes=unmap). Off, as in a vm.json written before it
+	// existed, the drive ignores discards.
+	Discard bool `json:"discard,omitempty"`
+	// Balloon gives the guest a virtio balloon with free page reporting:
+	// the guest reports the pages it frees and QEMU punches them out of
+	// the memory file. It is a device, so the saved state of a VM with it
+	// resumes only on hardware with it.
+	Balloon bool `json:"balloon,omitempty"`
 }
 
 // LoadConfig reads a vm.json.
@@ -59,6 +68,9 @@ type Run struct {
 	HostPort int    // host side of the forwarded guest port
 	Dir      string // where Kernel and Initrd live
 	Boot     bool   // pass -kernel/-initrd/-append
+	// NoDiscard makes the drive ignore the guest's discards even where
+	// the Config has Discard; the hardware the guest sees is the same.
+	NoDiscard bool
 }
 
 // Args builds the QEMU command line. Capture and resume use the same
@@ -69,6 +81,10 @@ func (c *Config) Args(r Run) []string {
 	if r.Share {
 		share = "on"
 	}
+	drive := fmt.Sprintf("file=%s,format=raw,if=%s,cache=writeback", qemuEscape(r.Disk), c.DiskIf)
+	if c.Discard && !r.NoDiscard {
+		drive += ",discard=unmap,detect-zeroes=unmap"
+	}
 	a := []string{
 		"-nodefaults", "-no-user-config",
 		"-machine", c.Machine + ",memory-backend=ram",
@@ -77,7 +93,7 @@ func (c *Config) Args(r Run) []string {
 		"-smp", strconv.Itoa(max(1, c.SMP)),
 		"-m", mem,
 		"-object", fmt.Sprintf("memory-backend-file,id=ram,size=%s,mem-path=%s,share=%s", mem, qemuEscape(r.Memory), share),
-		"-drive", fmt.Sprintf("file=%s,format=raw,if=%s,cache=writeback", qemuEscape(r.Disk), c.DiskIf),
+		"-drive", drive,
 		"-display", "none", "-serial", "stdio", "-monitor", "none",
 		"-qmp", "unix:" + r.QMP + ",server=on,wait=off",
 	}
@@ -87,6 +103,9 @@ func (c *Config) Args(r Run) []string {
 			netdev += fmt.Sprintf(",hostfwd=tcp:127.0.0.1:%d-:%d", r.HostPort, c.GuestPort)
 		}
 		a = append(a, "-netdev", netdev, "-device", c.NIC+",netdev=net0")
+	}
+	if c.Balloon {
+		a = append(a, "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on")
 	}
 	if r.Boot && c.Kernel != "" {
 		a = append(a, "-kernel", filepath.Join(r.Dir, c.Kernel))
@@ -151,12 +170,29 @@ type VM struct {
 	QMP   *Client
 	stdin io.WriteCloser
 
-	mu      sync.Mutex
-	lines   []string // the newest console lines
-	partial string
+	mu sync.Mutex
+	// lines are the newest lines of the guest's console and of QEMU's own
+	// messages, in the order they came; partial holds each stream's line
+	// not yet ended.
+	lines   []line
+	partial [2]string
 	changed chan struct{} // closed and replaced on every console line
 	exited  chan struct{}
 	waitErr error
+
+	outMu sync.Mutex // orders both streams' writes to the console writer
+}
+
+// The two streams a VM prints.
+const (
+	guestConsole = 0 // the serial console: what the guest prints
+	qemuMessages = 1 // QEMU's stderr: its warnings and errors
+)
+
+// line is one line of a stream.
+type line struct {
+	text string
+	from int // guestConsole or qemuMessages
 }
 
 const keepLines = 200
@@ -200,7 +236,17 @@ func Start(ctx context.Context, bin string, args []string, qmp string, console i
 	if err != nil {
 		return nil, err
 	}
-	v.cmd.Stderr = v.cmd.Stdout
+	// QEMU's messages come apart from the console: a warning printed while
+	// the guest prints a line would otherwise cut that line in two, and
+	// QEMU warns on every page the guest reports free when the memory
+	// file refuses to punch it. They get a pipe of their own, not
+	// StderrPipe, which Wait closes as soon as QEMU exits: the error QEMU
+	// dies with is read to its end.
+	msgs, msgsW, err := os.Pipe()
+	if err != nil {
+		return nil, err
+	}
+	v.cmd.Stderr = msgsW
 	CloseOnExec()
 	started := make(chan error, 1)
 	go func() {
@@ -218,10 +264,17 @@ func Start(ctx context.Context, bin string, args []string, qmp string, console i
 		v.mu.Unlock()
 		close(v.exited)
 	}()
-	if err := <-started; err != nil {
+	err = <-started
+	msgsW.Close()
+	if err != nil {
+		msgs.Close()
 		return nil, fmt.Errorf("qemu: %w", err)
 	}
-	go v.readConsole(out, console)
+	go v.read(out, console, guestConsole)
+	go func() {
+		v.read(msgs, console, qemuMessages)
+		msgs.Close()
+	}()
 	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	qc, err := Dial(dctx, qmp)
@@ -233,20 +286,24 @@ func Start(ctx context.Context, bin string, args []string, qmp string, console i
 	return v, nil
 }
 
-func (v *VM) readConsole(r io.Reader, console io.Writer) {
-	br := bufio.NewReader(r)
+// read keeps the lines of one stream, and copies it to console if set.
+func (v *VM) read(r io.Reader, console io.Writer, from int) {
 	buf := make([]byte, 4096)
 	for {
-		n, err := br.Read(buf)
+		n, err := r.Read(buf)
 		if n > 0 {
 			if console != nil {
+				v.outMu.Lock()
 				console.Write(buf[:n])
+				v.outMu.Unlock()
 			}
 			v.mu.Lock()
-			text := v.partial + strings.ReplaceAll(string(buf[:n]), "\r", "")
+			text := v.partial[from] + strings.ReplaceAll(string(buf[:n]), "\r", "")
 			parts := strings.Split(text, "\n")
-			v.partial = parts[len(parts)-1]
-			v.lines = append(v.lines, parts[:len(parts)-1]...)
+			v.partial[from] = parts[len(parts)-1]
+			for _, p := range parts[:len(parts)-1] {
+				v.lines = append(v.lines, line{p, from})
+			}
 			if over := len(v.lines) - keepLines; over > 0 {
 				v.lines = v.lines[over:]
 			}
@@ -260,29 +317,36 @@ func (v *VM) readConsole(r io.Reader, console io.Writer) {
 	}
 }
 
-// Tail returns the last n console lines.
+// Tail returns the last n lines of the console and of QEMU's messages.
 func (v *VM) Tail(n int) string {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	lines := append(v.lines[max(0, len(v.lines)-n):], v.partial)
+	var lines []string
+	for _, l := range v.lines[max(0, len(v.lines)-n):] {
+		lines = append(lines, l.text)
+	}
+	if p := v.partial[qemuMessages]; p != "" {
+		lines = append(lines, p)
+	}
+	lines = append(lines, v.partial[guestConsole])
 	return strings.Join(lines, "\n")
 }
 
 // WaitConsole waits until a console line kept matches re (see ClearConsole),
-// with its terminal escape sequences removed. On timeout or exit it reports
-// the last console lines.
+// with its terminal escape sequences removed; QEMU's own messages are not
+// matched. On timeout or exit it reports the last console lines.
 func (v *VM) WaitConsole(ctx context.Context, re *regexp.Regexp, timeout time.Duration) error {
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
 	for {
 		v.mu.Lock()
 		for _, l := range v.lines {
-			if re.MatchString(plain(l)) {
+			if l.from == guestConsole && re.MatchString(plain(l.text)) {
 				v.mu.Unlock()
 				return nil
 			}
 		}
-		if re.MatchString(plain(v.partial)) {
+		if re.MatchString(plain(v.partial[guestConsole])) {
 			v.mu.Unlock()
 			return nil
 		}
@@ -304,7 +368,7 @@ func (v *VM) WaitConsole(ctx context.Context, re *regexp.Regexp, timeout time.Du
 func (v *VM) ClearConsole() {
 	v.mu.Lock()
 	v.lines = nil
-	v.partial = ""
+	v.partial = [2]string{}
 	v.mu.Unlock()
 }
 

@@ -65,6 +65,7 @@ type Options struct {
 	CacheSize  int64
 	AllowOther bool // let users other than the mounting one in
 	Debug      bool // log every FUSE request
+	NoDiscard  bool // the images refuse discards (fs.Options.NoDiscard)
 	// Check, if set, vets the overlay and its base before anything is
 	// discarded or mounted.
 	Check func(o *overlay.Overlay, base *store.Base) error
@@ -217,7 +218,7 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	if s.Mount, err = mountFUSE(abs, s.Fetcher, cfs.Options{Log: log, AllowOther: opt.AllowOther, Debug: opt.Debug}); err != nil {
+	if s.Mount, err = mountFUSE(abs, s.Fetcher, cfs.Options{Log: log, AllowOther: opt.AllowOther, Debug: opt.Debug, NoDiscard: opt.NoDiscard}); err != nil {
 		return nil, fmt.Errorf("mount %s: %w", opt.Mountpoint, err)
 	}
 	s.mounted = true

@@ -40,12 +40,16 @@ func vmCommands() []*cli.Command {
 			Usage:     "mount an overlay and resume its VM in stock QEMU straight from the mount",
 			UsageText: "cloudletfs launch [--base ID|NAME] [--accel auto|kvm|tcg] [--trace-out FILE] [--probe COMMAND] OVERLAY|DIR [-- EXTRA QEMU ARGS]",
 			Description: `Mounts OVERLAY, starts QEMU on the mounted disk/image, memory/image (private
-mapping) and state, and resumes the VM as soon as the metadata has arrived. Prints a
-timeline: metadata arrived, QEMU running, first response (--probe succeeded; it is run
-again until it does, with CLOUDLETFS_PORT set to the host port forwarded to the guest),
-overlay complete. Runs until the VM exits or Ctrl-C, then stops QEMU and unmounts.
+mapping) and state, with the virtual hardware its vm.json records, and resumes the
+VM as soon as the metadata has arrived. Where vm.json records discard and the
+balloon, what the guest trims and the pages it frees are punched out of the images:
+through the mount that zeroes chunks copy-on-write, never the overlay or the base.
+Prints a timeline: metadata arrived, QEMU running, first response (--probe
+succeeded; it is run again until it does, with CLOUDLETFS_PORT set to the host port
+forwarded to the guest), overlay complete. Runs until the VM exits or Ctrl-C, then stops QEMU and unmounts.
 Given a DIR written by 'overlay extract' instead, it resumes from those local files:
-the full-synthesis baseline.`,
+the full-synthesis baseline. QEMU writes to its disk.img and punches the pages the
+guest frees out of its memory.img, so extract again before each launch of a DIR.`,
 			Flags: []cli.Flag{
 				&cli.StringFlag{Name: "base", Usage: "base VM, by ID or NAME (default: the overlay's own base ID)"},
 				accelFlag, qemuFlag,
@@ -71,7 +75,14 @@ func baseCreateCommand() *cli.Command {
 		Description: `Copies FILE (which is never modified) into the state dir, boots it, and waits until
 the serial console matches --ready (or for --ready-after, or for Enter on a terminal).
 Then it saves the VM: RAM, device state and vm.json, with the kernel and initrd, and
-imports the result as a base. The base ID is the last line printed.`,
+imports the result as a base. The base ID is the last line printed.
+
+vm.json records discard and the balloon, unless --no-discard: the drive passes the
+guest's TRIM on (discard=unmap, detect-zeroes=unmap) and a virtio balloon with free
+page reporting hands the pages the guest frees back to QEMU, which punches them out
+of the memory file. Captures of the base then keep neither deleted files nor freed
+memory. The guest needs the virtio_balloon driver for the latter; the device stays
+part of the base's hardware, for every capture and launch of it.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "name", Required: true, Usage: "name to register the base under"},
 			&cli.PathFlag{Name: "disk", Required: true, Usage: "raw disk image to boot (copied, never modified)"},
@@ -88,6 +99,7 @@ imports the result as a base. The base ID is the last line printed.`,
 			&cli.StringFlag{Name: "disk-interface", Value: "virtio", Usage: "QEMU -drive if= value"},
 			&cli.StringFlag{Name: "nic", Value: "e1000", Usage: "network card on user-mode networking (empty: none)"},
 			&cli.IntFlag{Name: "guest-port", Value: 8080, Usage: "guest TCP port forwarded from the host on launch (0: none)"},
+			&cli.BoolFlag{Name: "no-discard", Usage: "record neither discard nor the balloon in vm.json: for a guest without discard or virtio_balloon support"},
 			accelFlag, qemuFlag,
 		},
 		Action: baseCreateCmd,
@@ -98,12 +110,29 @@ func overlayCaptureCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "capture",
 		Usage:     "resume a base VM, customize it, and write the overlay of the result",
-		UsageText: "cloudletfs overlay capture --base ID|NAME [--script FILE] [--ready REGEX] [--trace-out FILE] -o OUT",
+		UsageText: "cloudletfs overlay capture --base ID|NAME [--script FILE] [--ready REGEX] [--no-discard] [--trace-out FILE] -o OUT",
 		Description: `Resumes the base copy-on-write (the base's files are not touched). Without --script
 the serial console is attached to the terminal; end with Ctrl-D. With --script, its
 lines are typed into the console and the capture waits for --ready. Then it saves the
 VM and writes the overlay with the engine of 'overlay create'. The chunks the VM
-touched while it ran stream first, in order of first access.`,
+touched while it ran stream first, in order of first access.
+
+Where the base's vm.json records discard and the balloon ('base create' does so by
+default), the capture closes the semantic gap before it saves: it types a command
+into the console that syncs, runs fstrim on every ext2/3/4, xfs and btrfs mount and
+has the guest report every free page, not only free 2 MiB blocks; so a shell must
+wait at the prompt once the customization is done (start services in the
+background). Then it waits until less than 256 KiB has been discarded in
+--discard-settle (freed pages are reported 2 s after they are freed), at most
+--discard-timeout, puts the guest's reporting back as it was, and says how many
+chunks were discarded. What the guest deleted or freed then becomes zero chunks,
+which the overlay does not carry.
+
+--no-discard captures as if none of that existed, for comparison: no trim and no
+wait, the drive ignores discards and the mount refuses QEMU's punches of freed
+pages, as before the mount took them. The guest's virtual hardware stays the base's
+(a saved state resumes only on the hardware it was saved on) and so does the
+overlay's vm.json, so a launch of the overlay has discard and the balloon again.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "base", Required: true, Usage: "base VM, by ID or NAME"},
 			&cli.PathFlag{Name: "script", Usage: "lines to type into the serial console"},
@@ -112,6 +141,9 @@ touched while it ran stream first, in order of first access.`,
 			&cli.PathFlag{Name: "trace-out", Usage: "write the accesses seen while the VM ran, the overlay's stream order, to FILE"},
 			&cli.PathFlag{Name: "output", Aliases: []string{"o"}, Required: true, Usage: "overlay file to write"},
 			&cli.StringFlag{Name: "codec", Value: "xz", Usage: "segment codec: xz or zstd"},
+			&cli.BoolFlag{Name: "no-discard", Usage: "keep what the guest deleted and freed: no trim, no wait, discards refused"},
+			&cli.DurationFlag{Name: "discard-settle", Value: 5 * time.Second, Usage: "save once less than 256 KiB was discarded in this long (more than the guest's 2 s reporting delay)"},
+			&cli.DurationFlag{Name: "discard-timeout", Value: 5 * time.Minute, Usage: "longest the trim and the wait for discards to settle take together"},
 			accelFlag, qemuFlag, jobsFlag,
 		},
 		Action: overlayCaptureCmd,
@@ -208,7 +240,7 @@ func baseCreateCmd(c *cli.Context) error {
 	}()
 	cfg := &qemu.Config{Machine: c.String("machine"), CPU: c.String("cpu"), SMP: c.Int("smp"), MemoryMiB: int(memSize >> 20),
 		DiskIf: c.String("disk-interface"), NIC: c.String("nic"), GuestPort: c.Int("guest-port"), Append: c.String("append"),
-		Extra: extra(c)}
+		Extra: extra(c), Discard: !c.Bool("no-discard"), Balloon: !c.Bool("no-discard")}
 	if p := c.Path("kernel"); p != "" {
 		cfg.Kernel = "vmlinuz"
 		if err := copyFile(p, filepath.Join(dir, cfg.Kernel)); err != nil {
@@ -284,6 +316,10 @@ func overlayCaptureCmd(c *cli.Context) (err error) {
 	if err != nil || codec == overlay.CodecNone {
 		return badFlag("--codec %q: want xz or zstd", c.String("codec"))
 	}
+	noDiscard := c.Bool("no-discard")
+	if c.Duration("discard-settle") <= 0 || c.Duration("discard-timeout") <= 0 {
+		return badFlag("--discard-settle and --discard-timeout want positive durations, e.g. 5s and 5m")
+	}
 	var script []byte
 	if p := c.Path("script"); p != "" {
 		if script, err = os.ReadFile(p); err != nil {
@@ -339,7 +375,7 @@ func overlayCaptureCmd(c *cli.Context) (err error) {
 	}
 	// Start from the base as it is, whatever an earlier capture wrote.
 	s, err := session.Open(c.Context, session.Options{Overlay: ident, Mountpoint: mnt, StateDir: c.String("state-dir"),
-		Log: logger(c), FetchTimeout: time.Minute, Fresh: true, DropWritten: true})
+		Log: logger(c), FetchTimeout: time.Minute, Fresh: true, DropWritten: true, NoDiscard: noDiscard})
 	if err != nil {
 		return err
 	}
@@ -369,7 +405,7 @@ func overlayCaptureCmd(c *cli.Context) (err error) {
 
 	memPath, diskPath := filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image")
 	qmp := filepath.Join(work, "qmp.sock")
-	args := cfg.Args(qemu.Run{Accel: accel, Memory: memPath, Share: true, Disk: diskPath, QMP: qmp, Incoming: true})
+	args := cfg.Args(qemu.Run{Accel: accel, Memory: memPath, Share: true, Disk: diskPath, QMP: qmp, Incoming: true, NoDiscard: noDiscard})
 	vm, err := qemu.Start(c.Context, bin, args, qmp, console)
 	if err != nil {
 		return err
@@ -408,6 +444,9 @@ func overlayCaptureCmd(c *cli.Context) (err error) {
 			return c.Context.Err()
 		}
 	}
+	if err := closeGap(c, vm, s, cfg, noDiscard); err != nil {
+		return err
+	}
 	state := filepath.Join(work, "state")
 	if err := vm.Save(c.Context, state); err != nil {
 		return err
@@ -443,6 +482,53 @@ func overlayCaptureCmd(c *cli.Context) (err error) {
 	}
 	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
 	fmt.Fprintf(c.App.Writer, "stream order: the %d chunks the VM touched while it ran come first\n", len(trace.Accesses))
+	return nil
+}
+
+// closeGap has the guest trim its file systems and waits until the
+// discards that follow, of disk blocks and of freed pages, have settled,
+// so that what the guest deleted or freed is not saved. It says what it
+// waited for and how many chunks were discarded.
+func closeGap(c *cli.Context, vm *qemu.VM, s *session.Session, cfg *qemu.Config, noDiscard bool) error {
+	w := c.App.Writer
+	discarded := func() int { return s.Mount.Stats().ChunksDiscarded }
+	cs := uint64(s.Overlay.Header.ChunkSize)
+	switch {
+	case noDiscard:
+		fmt.Fprintln(w, "--no-discard: no trim, and the mount refused discards; what the guest deleted or freed is captured")
+		return nil
+	case !cfg.Discard && !cfg.Balloon:
+		fmt.Fprintln(w, "the base's vm.json records neither discard nor the balloon (an older base, or --no-discard): no trim; what the guest deleted or freed is captured")
+		return nil
+	}
+	start := time.Now()
+	limit := c.Duration("discard-timeout")
+	before := discarded()
+	if cfg.Discard {
+		fmt.Fprintln(w, "trimming the guest's file systems")
+		if err := vm.Trim(c.Context, limit); err != nil {
+			return fmt.Errorf("capture: %w; or capture with --no-discard", err)
+		}
+		fmt.Fprintf(w, "trimmed in %.1f s (%d chunks discarded so far)\n", time.Since(start).Seconds(), discarded())
+	}
+	quiet := c.Duration("discard-settle")
+	slack := int((256 << 10) / cs)
+	settled, err := qemu.Settle(c.Context, discarded, quiet, slack, max(limit-time.Since(start), 0), 200*time.Millisecond)
+	if err != nil {
+		return err
+	}
+	if cfg.Discard {
+		if err := vm.RestoreReporting(c.Context, time.Minute); err != nil {
+			return fmt.Errorf("capture: %w", err)
+		}
+	}
+	n := discarded()
+	what := fmt.Sprintf("less than 256 KiB discarded in %s", quiet)
+	if !settled.Quiet {
+		what = fmt.Sprintf("still discarding when --discard-timeout %s ran out; saving anyway", limit)
+	}
+	fmt.Fprintf(w, "waited %.1f s for the guest's discards to settle (%s): %d chunks (%s) discarded while the VM ran, %d of them since the trim began\n",
+		settled.Waited.Seconds(), what, n, humanize.IBytes(uint64(n)*cs), n-before)
 	return nil
 }
 

@@ -2,7 +2,7 @@
 # Builds the small test guest from Debian packages: a Debian kernel, an
 # initramfs of busybox-static with the few modules the guest needs, and an
 # ext4 disk. The result is cached: a second run with the same OUT returns at
-# once.
+# once, unless this script, init or app.script changed since OUT was built.
 #
 # usage: tools/guest/build.sh OUT
 # OUT gets vmlinuz, initrd.img, disk.img (64 MiB ext4) and app.script, the
@@ -11,9 +11,14 @@ set -euo pipefail
 out=${1:?usage: build.sh OUT}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
-if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ -f "$out/disk.img" ]; then
+# A guest built by an older recipe (without the balloon driver, say) is
+# built again.
+recipe=$(cat "$here/build.sh" "$here/init" "$here/app.script" | sha256sum | cut -d' ' -f1)
+if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ -f "$out/disk.img" ] &&
+  [ "$(cat "$out/recipe" 2>/dev/null)" = "$recipe" ]; then
   exit 0
 fi
+rm -f "$out/recipe"
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -34,6 +39,10 @@ kdir=$(ls -d x/lib/modules/*)
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,run,mnt,lib/modules}
 cp x/bin/busybox "$root/bin/busybox"
+# A capture trims the guest's file systems before it saves them.
+for applet in fstrim wget; do
+  x/bin/busybox --list | grep -qx "$applet" || { echo "guest: busybox-static lacks $applet" >&2; exit 1; }
+done
 
 # Modules, dependencies first, read from each module's own depends= field.
 declare -A seen=()
@@ -50,7 +59,9 @@ add() {
   cp "$f" "$root/lib/modules/"
   order+=("$(basename "$f")")
 }
-for m in crc32c_generic virtio_pci virtio_blk ext4 e1000; do add "$m"; done
+# virtio_balloon reports the guest's free pages to QEMU, which punches
+# them out of the memory file (free page reporting).
+for m in crc32c_generic virtio_pci virtio_blk ext4 e1000 virtio_balloon; do add "$m"; done
 printf '%s\n' "${order[@]}" >"$root/lib/modules/order"
 
 cp "$here/init" "$root/init"
@@ -67,4 +78,5 @@ cp "$here/app.script" "$out/app.script"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 mv "$out/initrd.img.tmp" "$out/initrd.img"
 mv "$out/disk.img.tmp" "$out/disk.img"
+echo "$recipe" >"$out/recipe"
 echo "guest: built $out" >&2
