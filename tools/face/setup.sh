@@ -12,11 +12,16 @@ log=/var/log/face-setup.log
 t0=$(date +%s)
 mkdir -p "$debs" /opt/face
 python3 - "$url" "$debs" <<'PY'
-import os, shutil, sys, urllib.request
+import os, shutil, sys, urllib.parse, urllib.request
 url, debs = sys.argv[1], sys.argv[2]
 def get(name, dst):
-    with urllib.request.urlopen(url + "/" + name, timeout=60) as r, open(dst, "wb") as f:
-        shutil.copyfileobj(r, f, 1 << 20)
+    # Debian's file names carry %3a for the epoch's colon: quote them.
+    u = url + "/" + urllib.parse.quote(name)
+    try:
+        with urllib.request.urlopen(u, timeout=60) as r, open(dst, "wb") as f:
+            shutil.copyfileobj(r, f, 1 << 20)
+    except OSError as e:
+        sys.exit("face setup: GET %s: %s" % (u, e))
 names = urllib.request.urlopen(url + "/debs/index", timeout=60).read().decode().split()
 for n in names:
     get("debs/" + n, os.path.join(debs, n))
