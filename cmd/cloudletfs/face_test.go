@@ -103,7 +103,7 @@ func TestFaceEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustRun("overlay", "capture", "--base", "face", "--script", e.path("app.script"), "--ready", "^face-app-ready",
-		"--ready-timeout", "45m", "--accel", "tcg", "-o", filepath.Join(srvDir, "face.overlay"))
+		"--ready-timeout", "45m", "--codec", "zstd", "--accel", "tcg", "-o", filepath.Join(srvDir, "face.overlay"))
 	info := mustRun("overlay", "info", filepath.Join(srvDir, "face.overlay"))
 	t.Logf("the FACE overlay:\n%s", info)
 

@@ -99,6 +99,20 @@ mke2fs -q -t ext4 -L face -d root disk.img 3G
 rm -rf root
 say "mke2fs done"
 
+# Debian compresses most .debs with xz, and under TCG the guest spent most
+# of its install decompressing them (about 2 MB/s). The same packages,
+# rebuilt by dpkg-deb with zstd, unpack about 8 times faster.
+say "recompressing the application's .debs with zstd"
+repack() {
+  local deb=$1 d
+  d=$(mktemp -d "$deb.XXXXXX")
+  dpkg-deb -R "$deb" "$d/x" && dpkg-deb -Zzstd -z9 -b "$d/x" "$d/new.deb" >/dev/null && mv "$d/new.deb" "$deb"
+  local rc=$?
+  rm -rf "$d"
+  return $rc
+}
+export -f repack
+ls debs/*.deb | xargs -P "$(nproc)" -I{} bash -c 'repack "$1" || { echo "face: cannot recompress $1" >&2; exit 255; }' _ {}
 mkdir -p srv
 mv debs srv/debs
 (cd srv/debs && ls *.deb >index)
