@@ -121,9 +121,9 @@ type Cache interface {
 	VerifySegment(seg int) (bool, error)
 	ReadAt(img overlay.Image, p []byte, off int64) error
 	PutCow(id overlay.ChunkID, data []byte) error
-	// DiscardCow records a whole chunk as zeros, as a marker; Cow then
-	// fills it with zeros.
-	DiscardCow(id overlay.ChunkID) error
+	// DiscardCows records whole chunks as zeros, as markers, in one
+	// write; Cow then fills them with zeros.
+	DiscardCows(ids []overlay.ChunkID) error
 	DiscardedChunks() ([]overlay.ChunkID, error)
 	Cow(id overlay.ChunkID, dst []byte) (bool, error)
 	CowChunks() ([]overlay.ChunkID, error)

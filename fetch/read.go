@@ -170,13 +170,16 @@ func (f *Fetcher) WriteChunk(id overlay.ChunkID, data []byte) error {
 	return nil
 }
 
-// DiscardChunk makes a whole chunk read as zeros, recorded as a marker
-// rather than as a chunk of zeros; Sync makes it durable.
-func (f *Fetcher) DiscardChunk(id overlay.ChunkID) error {
-	if err := f.cache.DiscardCow(id); err != nil {
+// DiscardChunks makes whole chunks read as zeros, recorded as markers
+// rather than as chunks of zeros, in one write to the store; Sync makes
+// them durable.
+func (f *Fetcher) DiscardChunks(ids []overlay.ChunkID) error {
+	if err := f.cache.DiscardCows(ids); err != nil {
 		return err
 	}
-	f.setCow(id, cowZero)
+	for _, id := range ids {
+		f.setCow(id, cowZero)
+	}
 	return nil
 }
 

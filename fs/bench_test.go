@@ -1,6 +1,7 @@
 package fs_test
 
 import (
+	"bytes"
 	"context"
 	"os"
 	"path/filepath"
@@ -194,5 +195,37 @@ func BenchmarkDemandLatency(b *testing.B) {
 			b.ReportMetric(float64(bounds[len(bounds)/2].Microseconds())/1000, "bound-p50-ms")
 			b.ReportMetric(float64(bounds[len(bounds)-1].Microseconds())/1000, "bound-max-ms")
 		})
+	}
+}
+
+// BenchmarkDiscard punches 4 MiB holes in the memory image through the
+// mount, the size QEMU's free-page reporting discards at a time. Each
+// range is written first (untimed), so every punch discards 1024 chunks
+// that hold bytes.
+func BenchmarkDiscard(b *testing.B) {
+	v := newScaledVM(b, overlay.CodecZstd, 1<<20, 22, 16)
+	m, err := v.mount(b, "file://"+v.overlay, 30*time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m.awaitComplete(b, 2*time.Minute)
+	f, err := os.OpenFile(m.path(overlay.Memory), os.O_RDWR, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	const n = 4 << 20
+	data := bytes.Repeat([]byte{0xa5}, n)
+	ranges := int64(len(v.want[overlay.Memory])) / n
+	for i := int64(0); b.Loop(); i++ {
+		off := i % ranges * n
+		b.StopTimer()
+		if _, err := f.WriteAt(data, off); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := syscall.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

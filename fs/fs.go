@@ -505,6 +505,7 @@ func (n *imageNode) Allocate(ctx context.Context, fh fusefs.FileHandle, off, siz
 	}
 	cs := int64(n.m.f.Overlay().Header.ChunkSize)
 	var zeros []byte
+	var whole []uint32
 	for pos := start; pos < end; {
 		idx := pos / cs
 		cstart := idx * cs
@@ -514,17 +515,13 @@ func (n *imageNode) Allocate(ctx context.Context, fh fusefs.FileHandle, off, siz
 			continue
 		}
 		if pos == cstart && end >= cend {
-			mu := &n.locks[idx%int64(len(n.locks))]
-			mu.Lock()
-			err := n.m.f.DiscardChunk(n.chunk(uint32(idx)))
-			mu.Unlock()
-			if err != nil {
-				errno := errnoOf(ctx, err)
-				n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", start).Msgf("discard failed: %s", errnoName(errno))
-				return errno
+			whole = append(whole, uint32(idx))
+			if len(whole) == maxDiscardBatch {
+				if errno := n.discard(ctx, whole); errno != 0 {
+					return errno
+				}
+				whole = whole[:0]
 			}
-			n.m.rec.discarded(n.img, uint32(idx))
-			n.modified()
 			pos = cend
 			continue
 		}
@@ -540,6 +537,48 @@ func (n *imageNode) Allocate(ctx context.Context, fh fusefs.FileHandle, off, siz
 		}
 		pos += l
 	}
+	return n.discard(ctx, whole)
+}
+
+// maxDiscardBatch bounds the chunks discarded in one write to the store
+// (64 MiB of 4 KiB chunks), and so how long writers wait on the chunk locks.
+const maxDiscardBatch = 16384
+
+// discard records whole chunks as discarded, all in one write to the
+// store: a VMM discards megabytes at a time, and a write per chunk made
+// that cost milliseconds per megabyte. It holds the locks of all of them
+// meanwhile, taken in the order of the array, as any other holder of more
+// than one does.
+func (n *imageNode) discard(ctx context.Context, idxs []uint32) syscall.Errno {
+	if len(idxs) == 0 {
+		return 0
+	}
+	var stripes [len(n.locks)]bool
+	ids := make([]overlay.ChunkID, len(idxs))
+	for i, idx := range idxs {
+		stripes[idx%uint32(len(n.locks))] = true
+		ids[i] = n.chunk(idx)
+	}
+	for i, on := range stripes {
+		if on {
+			n.locks[i].Lock()
+		}
+	}
+	err := n.m.f.DiscardChunks(ids)
+	for i, on := range stripes {
+		if on {
+			n.locks[i].Unlock()
+		}
+	}
+	if err != nil {
+		errno := errnoOf(ctx, err)
+		n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", int64(idxs[0])*int64(n.m.f.Overlay().Header.ChunkSize)).Int("chunks", len(idxs)).Msgf("discard failed: %s", errnoName(errno))
+		return errno
+	}
+	for _, idx := range idxs {
+		n.m.rec.discarded(n.img, idx)
+	}
+	n.modified()
 	return 0
 }
 

@@ -502,17 +502,39 @@ func (c *Cache) PutCow(id overlay.ChunkID, data []byte) error {
 	return nil
 }
 
-// DiscardCow records that a whole chunk was discarded through the mount: it
-// reads as zeros from now on, and costs a key rather than a chunk of zeros.
-// It is durable after the next Sync, and fails as PutCow does.
-func (c *Cache) DiscardCow(id overlay.ChunkID) error {
-	if err := c.room.check(); err != nil {
-		return fmt.Errorf("recording discarded %s chunk %d: %w", id.Image, id.Index, err)
+// DiscardCows records that whole chunks were discarded through the mount:
+// they read as zeros from now on, and each costs a key rather than a
+// chunk of zeros. All of them go in one transaction, or in as few as
+// Badger's limit on a transaction's size allows, since a VMM discards
+// megabytes at a time. They are durable after the next Sync; it fails as
+// PutCow does.
+func (c *Cache) DiscardCows(ids []overlay.ChunkID) error {
+	if len(ids) == 0 {
+		return nil
 	}
-	if err := c.db.Update(func(txn *badger.Txn) error {
-		return txn.Set(cowKey(id.Image, id.Index), []byte{})
-	}); err != nil {
-		return fmt.Errorf("recording discarded %s chunk %d: %w", id.Image, id.Index, err)
+	fail := func(err error) error {
+		return fmt.Errorf("recording %d discarded chunks from %s chunk %d: %w", len(ids), ids[0].Image, ids[0].Index, err)
+	}
+	if err := c.room.check(); err != nil {
+		return fail(err)
+	}
+	txn := c.db.NewTransaction(true)
+	defer func() { txn.Discard() }()
+	for _, id := range ids {
+		err := txn.Set(cowKey(id.Image, id.Index), []byte{})
+		if errors.Is(err, badger.ErrTxnTooBig) {
+			if err = txn.Commit(); err != nil {
+				return fail(err)
+			}
+			txn = c.db.NewTransaction(true)
+			err = txn.Set(cowKey(id.Image, id.Index), []byte{})
+		}
+		if err != nil {
+			return fail(err)
+		}
+	}
+	if err := txn.Commit(); err != nil {
+		return fail(err)
 	}
 	return nil
 }
