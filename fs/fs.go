@@ -65,7 +65,10 @@ func New(dir string, f *fetch.Fetcher, opt Options) (*Mount, error) {
 			DisableXAttrs: true,
 			DirectMount:   !strings.HasPrefix(dir, "/dev/fd/"), // else a device the caller mounted itself
 			MaxReadAhead:  128 << 10,
-			Debug:         opt.Debug,
+			// A guest's large requests arrive whole (1 MiB, the kernel's
+			// limit), not as eight round trips of go-fuse's 128 KiB.
+			MaxWrite: 1 << 20,
+			Debug:    opt.Debug,
 			// The images change only through this mount, so the kernel's
 			// page cache is never stale; left to itself, the kernel would
 			// drop an image's whole page cache (and unmap it under QEMU)
@@ -325,7 +328,7 @@ type imageNode struct {
 	mtime, ctime atomic.Int64 // unix nanoseconds
 
 	// locks serialize read-modify-write of a chunk by concurrent writers.
-	locks [64]sync.Mutex
+	locks [chunkLocks]sync.Mutex
 }
 
 var (
@@ -415,11 +418,13 @@ func withCaller(ctx context.Context) context.Context {
 	return ctx
 }
 
-// Write stores whole new versions of the chunks it touches. A partial chunk
-// is read first (which may fetch it) and merged. The image cannot grow: a
-// write that starts at or past its end fails with EFBIG, and one that runs
-// over the end stores the bytes up to it and returns their count (the
-// kernel then asks for the rest, and reports the EFBIG).
+// Write stores the bytes in the store's written-data file, in one write.
+// A chunk it covers only in part that holds no written bytes yet is read
+// first (which may fetch it) and merged, so the store never holds part of
+// a chunk; a chunk written before takes the bytes as they are. The image
+// cannot grow: a write that starts at or past its end fails with EFBIG,
+// and one that runs over the end stores the bytes up to it and returns
+// their count (the kernel then asks for the rest, and reports the EFBIG).
 func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
 	if off < 0 {
 		return 0, syscall.EINVAL
@@ -428,45 +433,75 @@ func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte
 		return 0, syscall.EFBIG
 	}
 	end := min(off+int64(len(data)), n.size)
+	data = data[:end-off]
 	cs := int64(n.m.f.Overlay().Header.ChunkSize)
-	buf := make([]byte, cs)
-	for pos := off; pos < end; {
-		idx := pos / cs
-		start := idx * cs
-		clen := min(cs, n.size-start)
-		chunk := buf[:clen]
-		mu := &n.locks[idx%int64(len(n.locks))]
-		mu.Lock()
-		if pos != start || end < start+clen {
-			if err := n.m.f.ReadAt(withCaller(ctx), n.img, chunk, start); err != nil {
-				mu.Unlock()
-				errno := errnoOf(ctx, err)
-				n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write: reading the chunk to merge into failed: %s", errnoName(errno))
-				return n.written(off, pos, errno)
-			}
+	first, last := off/cs, (end-1)/cs
+	defer n.lockChunks(first, last)()
+	headEnd, tailStart, tailEnd := min((first+1)*cs, n.size), last*cs, min((last+1)*cs, n.size)
+	head := off != first*cs && !n.m.f.Written(n.chunk(uint32(first)))
+	tail := end != tailEnd && !n.m.f.Written(n.chunk(uint32(last)))
+	from := off
+	if head || tail {
+		to := end
+		if head {
+			from = first * cs
 		}
-		m := copy(chunk[pos-start:], data[pos-off:end-off])
-		err := n.m.f.WriteChunk(n.chunk(uint32(idx)), chunk)
-		mu.Unlock()
+		if tail {
+			to = tailEnd
+		}
+		buf := make([]byte, to-from)
+		var err error
+		if head {
+			err = n.m.f.ReadAt(withCaller(ctx), n.img, buf[:headEnd-from], from)
+		}
+		if tail && err == nil && (!head || last != first) {
+			err = n.m.f.ReadAt(withCaller(ctx), n.img, buf[tailStart-from:], tailStart)
+		}
 		if err != nil {
 			errno := errnoOf(ctx, err)
-			n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write failed: %s", errnoName(errno))
-			return n.written(off, pos, errno)
+			n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write: reading the chunk to merge into failed: %s", errnoName(errno))
+			return 0, errno
 		}
-		n.modified()
-		pos += int64(m)
+		copy(buf[off-from:], data)
+		data = buf
 	}
-	n.m.rec.touch(n.img, "write", off, int(end-off), uint32(off/cs), uint32((end-1)/cs), n.m.rec.since(), 0)
+	if err := n.m.f.WriteCow(n.img, data, from); err != nil {
+		errno := errnoOf(ctx, err)
+		n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write failed: %s", errnoName(errno))
+		return 0, errno
+	}
+	n.modified()
+	n.m.rec.touch(n.img, "write", off, int(end-off), uint32(first), uint32(last), n.m.rec.since(), 0)
 	return uint32(end - off), 0
 }
 
-// written is the reply to a write that failed at pos with errno: the bytes
-// stored before it, or errno if there were none.
-func (n *imageNode) written(off, pos int64, errno syscall.Errno) (uint32, syscall.Errno) {
-	if pos > off {
-		return uint32(pos - off), 0
+// chunkLocks is how many locks the chunks of an image share, by index.
+const chunkLocks = 64
+
+// lockChunks takes the locks of chunks first..last and returns what lets
+// them go. Every holder of more than one lock takes them in the order of
+// the array, so two never wait on each other.
+func (n *imageNode) lockChunks(first, last int64) func() {
+	var stripes [len(n.locks)]bool
+	for i := first; i <= last && i < first+int64(len(n.locks)); i++ {
+		stripes[i%int64(len(n.locks))] = true
 	}
-	return 0, errno
+	return n.lockStripes(&stripes)
+}
+
+func (n *imageNode) lockStripes(stripes *[chunkLocks]bool) func() {
+	for i, on := range stripes {
+		if on {
+			n.locks[i].Lock()
+		}
+	}
+	return func() {
+		for i, on := range stripes {
+			if on {
+				n.locks[i].Unlock()
+			}
+		}
+	}
 }
 
 // The fallocate modes an image accepts: both discard a range, which then
@@ -559,17 +594,9 @@ func (n *imageNode) discard(ctx context.Context, idxs []uint32) syscall.Errno {
 		stripes[idx%uint32(len(n.locks))] = true
 		ids[i] = n.chunk(idx)
 	}
-	for i, on := range stripes {
-		if on {
-			n.locks[i].Lock()
-		}
-	}
+	unlock := n.lockStripes(&stripes)
 	err := n.m.f.DiscardChunks(ids)
-	for i, on := range stripes {
-		if on {
-			n.locks[i].Unlock()
-		}
-	}
+	unlock()
 	if err != nil {
 		errno := errnoOf(ctx, err)
 		n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", int64(idxs[0])*int64(n.m.f.Overlay().Header.ChunkSize)).Int("chunks", len(idxs)).Msgf("discard failed: %s", errnoName(errno))
