@@ -55,6 +55,7 @@ bench: deps build
 	tools/bench.sh $(BIN) $(BUILD)/bench
 	tools/bench-order.sh $(BIN) $(BUILD)/bench-order
 	tools/bench-reliability.sh $(BUILD)/bench-reliability
+	tools/bench-io.sh $(BIN) $(BUILD)/bench-io
 
 clean:
 	rm -rf $(BUILD)

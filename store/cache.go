@@ -73,6 +73,8 @@ type Cache struct {
 	mu       sync.Mutex
 	state    [2][]uint8
 	pending  map[overlay.ChunkID]struct{}
+	// stop ends the committer, which closes stopped.
+	stop, stopped chan struct{}
 }
 
 // ChunkData is one chunk's bytes, to be cached at the chunk's offset.
@@ -298,6 +300,10 @@ func (c *Cache) Close() error {
 			// Before the lock goes: a collection that runs once it is
 			// free must see this cache as the most recently used.
 			c.touch()
+		}
+		if c.stop != nil {
+			close(c.stop)
+			<-c.stopped
 		}
 		var cerr error
 		if c.db != nil && c.pending != nil && perr == nil {

@@ -10,7 +10,9 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	"github.com/rs/zerolog"
 
 	"github.com/cloudletfs/cloudletfs/overlay"
@@ -156,5 +158,60 @@ func TestSyncCoversRotatedMemtables(t *testing.T) {
 	}
 	if zero, _ := c2.DiscardedChunks(); len(zero) != rounds*discards {
 		t.Fatalf("%d discarded chunks in the copy taken after Sync, want %d", len(zero), rounds*discards)
+	}
+}
+
+// A chunk written without an fsync reaches the database's marker within
+// about commitEvery, so a daemon killed later, with its page cache intact,
+// keeps it: a copy of the state dir taken then holds it.
+func TestWrittenCommitsWithoutSync(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(filepath.Join(dir, "st"), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := overlay.Digest{6}
+	sizes := [2]int64{1 << 20, 1 << 20}
+	c, err := s.OpenCache(id, 4096, sizes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	data := bytes.Repeat([]byte{0x3c}, 4096)
+	chunk := overlay.ChunkID{Image: overlay.Disk, Index: 5}
+	if err := c.PutCow(chunk, data); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * commitEvery)
+	for {
+		err := c.db.View(func(txn *badger.Txn) error {
+			_, err := txn.Get(cowKey(chunk.Image, chunk.Index))
+			return err
+		})
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no marker for the written chunk %s after it was written: %v", 30*commitEvery, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cp := filepath.Join(dir, "copy")
+	copyTree(t, filepath.Join(dir, "st"), cp)
+	os.Remove(filepath.Join(cp, "overlays", id.String(), "lock"))
+	s2, err := Open(cp, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	c2, err := s2.OpenCache(id, 4096, sizes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	got := make([]byte, 4096)
+	if ok, err := c2.Cow(chunk, got); !ok || err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the chunk in a copy of the state dir: found %v, err %v, same bytes %v", ok, err, bytes.Equal(got, data))
 	}
 }

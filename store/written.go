@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/dgraph-io/badger/v4"
 	"golang.org/x/sys/unix"
@@ -33,10 +34,15 @@ import (
 // writtenMark is the value of the marker of a chunk held in the files.
 var writtenMark = []byte{1}
 
-// pendingLimit is how many newly written chunks wait for a commit at most:
-// it bounds what a crash without an fsync can lose, as the kernel's
-// writeback bounds it for a plain file, and the memory pending takes.
-const pendingLimit = 4096
+// pendingLimit is how many newly written chunks wait for a commit at most,
+// and commitEvery how long: they bound what a crash without an fsync can
+// lose (a plain file loses nothing when its writer is killed, and what the
+// kernel had not written back in a power cut), and the memory pending
+// takes.
+const (
+	pendingLimit = 4096
+	commitEvery  = time.Second
+)
 
 // Chunk states kept in memory, per chunk.
 const (
@@ -72,6 +78,8 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 		c.state[img] = make([]uint8, (sizes[img]+c.chunkSize-1)/c.chunkSize)
 	}
 	c.pending = map[overlay.ChunkID]struct{}{}
+	c.stop, c.stopped = make(chan struct{}), make(chan struct{})
+	go c.committer()
 	var old []overlay.ChunkID
 	prefix := []byte("cow/")
 	err := c.db.View(func(txn *badger.Txn) error {
@@ -218,6 +226,31 @@ func (c *Cache) commit() error {
 	}
 	c.mu.Unlock()
 	return nil
+}
+
+// committer commits what was written every commitEvery, until stop.
+func (c *Cache) committer() {
+	defer close(c.stopped)
+	t := time.NewTicker(commitEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		n := len(c.pending)
+		c.mu.Unlock()
+		if n == 0 {
+			continue
+		}
+		// A failure is met again, and returned, by the next write, fsync
+		// or close.
+		if err := c.commit(); err != nil {
+			c.room.log.Debug().Err(err).Msg("committing written chunks")
+		}
+	}
 }
 
 // syncWritten syncs the bytes of the written-data files.

@@ -4,7 +4,7 @@
 # qemu-img for size baselines; cpio and xz-utils build the test guest and
 # baselines.
 set -euo pipefail
-pkgs=(fuse3 qemu-system-x86 qemu-utils cpio xz-utils)
+pkgs=(fuse3 qemu-system-x86 qemu-utils cpio xz-utils fio)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
