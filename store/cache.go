@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -75,6 +76,12 @@ type Cache struct {
 	pending  map[overlay.ChunkID]struct{}
 	// stop ends the committer, which closes stopped.
 	stop, stopped chan struct{}
+	// unsynced says a written-data file changed since it was last synced,
+	// markersUnsynced that a marker of a written chunk did: an fsync
+	// through the mount syncs only what changed, so a guest's fsync after
+	// overwriting written chunks costs one fdatasync.
+	unsynced        [2]atomic.Bool
+	markersUnsynced atomic.Bool
 }
 
 // ChunkData is one chunk's bytes, to be cached at the chunk's offset.
@@ -495,7 +502,14 @@ func (c *Cache) Sync() error {
 	if err := c.commit(); err != nil {
 		return err
 	}
-	return c.sync()
+	if !c.markersUnsynced.Swap(false) {
+		return nil
+	}
+	if err := c.sync(); err != nil {
+		c.markersUnsynced.Store(true)
+		return err
+	}
+	return nil
 }
 
 func (c *Cache) sync() error { return c.logs.sync() }

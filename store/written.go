@@ -148,6 +148,7 @@ func (c *Cache) WriteCow(img overlay.Image, p []byte, off int64) error {
 	if _, err := c.written[img].WriteAt(p, off); err != nil {
 		return fail(err)
 	}
+	c.unsynced[img].Store(true)
 	c.mu.Lock()
 	for i := first; i <= last; i++ {
 		if c.state[img][i] != chunkInFile {
@@ -253,13 +254,15 @@ func (c *Cache) committer() {
 	}
 }
 
-// syncWritten syncs the bytes of the written-data files.
+// syncWritten syncs the bytes of the written-data files that changed since
+// they were last synced.
 func (c *Cache) syncWritten() error {
-	for _, f := range c.written {
-		if f == nil {
+	for img, f := range c.written {
+		if f == nil || !c.unsynced[img].Swap(false) {
 			continue
 		}
 		if err := unix.Fdatasync(int(f.Fd())); err != nil {
+			c.unsynced[img].Store(true)
 			return fmt.Errorf("syncing %s: %w", f.Name(), err)
 		}
 	}
@@ -269,6 +272,7 @@ func (c *Cache) syncWritten() error {
 // setMarkers sets the markers of chunks to v, in one transaction, or in as
 // few as Badger's limit on a transaction's size allows.
 func (c *Cache) setMarkers(ids []overlay.ChunkID, v []byte) error {
+	c.markersUnsynced.Store(true)
 	txn := c.db.NewTransaction(true)
 	defer func() { txn.Discard() }()
 	for _, id := range ids {
@@ -327,6 +331,7 @@ func (c *Cache) DiscardCows(ids []overlay.ChunkID) error {
 		if err := unix.Fallocate(int(c.written[ids[i].Image].Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, int64(j-i)*c.chunkSize); err != nil {
 			return fail(err)
 		}
+		c.unsynced[ids[i].Image].Store(true)
 		i = j
 	}
 	return nil
