@@ -276,6 +276,17 @@ func BenchmarkImageIO(b *testing.B) {
 			}
 		}
 	})
+	b.Run("rand-write-4K-fsync", func(b *testing.B) {
+		b.SetBytes(4096)
+		for b.Loop() {
+			if _, err := f.WriteAt(buf[:4096], rng.Int64N(region/4096)*4096); err != nil {
+				b.Fatal(err)
+			}
+			if err := f.Sync(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 	b.Run("rand-read-4K", func(b *testing.B) {
 		b.SetBytes(4096)
 		for b.Loop() {
