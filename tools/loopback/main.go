@@ -37,12 +37,7 @@ func run(dir, mnt string) error {
 	if err != nil {
 		return fmt.Errorf("loopback of %s: %w", dir, err)
 	}
-	lr := root.(*fusefs.LoopbackNode).RootData
-	lr.NewNode = func(rd *fusefs.LoopbackRoot, parent *fusefs.Inode, name string, st *syscall.Stat_t) fusefs.InodeEmbedder {
-		return &node{LoopbackNode: fusefs.LoopbackNode{RootData: rd}}
-	}
-	root = &node{LoopbackNode: fusefs.LoopbackNode{RootData: lr}}
-	lr.RootNode = root
+	root = &node{root.(*fusefs.LoopbackNode)}
 	srv, err := fusefs.Mount(mnt, root, &fusefs.Options{MountOptions: fuse.MountOptions{FsName: "loopback", DirectMount: true}})
 	if err != nil {
 		return fmt.Errorf("mounting %s at %s: %w", dir, mnt, err)
@@ -58,10 +53,18 @@ func run(dir, mnt string) error {
 	return nil
 }
 
-// node is a loopback node whose open files offer no passthrough fd.
-type node struct{ fusefs.LoopbackNode }
+// node is a loopback node whose open files offer no passthrough fd, and
+// so are its children.
+type node struct{ *fusefs.LoopbackNode }
 
-var _ = (fusefs.NodeOpener)((*node)(nil))
+var (
+	_ = (fusefs.NodeOpener)((*node)(nil))
+	_ = (fusefs.NodeWrapChilder)((*node)(nil))
+)
+
+func (n *node) WrapChild(ctx context.Context, ops fusefs.InodeEmbedder) fusefs.InodeEmbedder {
+	return &node{ops.(*fusefs.LoopbackNode)}
+}
 
 func (n *node) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, uint32, syscall.Errno) {
 	fh, fl, errno := n.LoopbackNode.Open(ctx, flags)
