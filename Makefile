@@ -68,6 +68,7 @@ bench: deps build
 	tools/bench-order.sh $(BIN) $(BUILD)/bench-order
 	tools/bench-gap.sh $(BIN) $(BUILD)/bench-gap
 	tools/bench-reliability.sh $(BUILD)/bench-reliability
+	tools/bench-io.sh $(BIN) $(BUILD)/bench-io
 
 clean:
 	rm -rf $(BUILD)

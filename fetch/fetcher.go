@@ -120,12 +120,15 @@ type Cache interface {
 	// fails is forgotten.
 	VerifySegment(seg int) (bool, error)
 	ReadAt(img overlay.Image, p []byte, off int64) error
-	PutCow(id overlay.ChunkID, data []byte) error
-	// DiscardCow records a whole chunk as zeros, as a marker; Cow then
-	// fills it with zeros.
-	DiscardCow(id overlay.ChunkID) error
+	// WriteCow stores bytes written through the mount; every chunk they
+	// touch is covered whole or already written. ReadCow reads written
+	// chunks back, a run of them at once.
+	WriteCow(img overlay.Image, p []byte, off int64) error
+	ReadCow(img overlay.Image, p []byte, off int64) error
+	// DiscardCows records whole chunks as zeros, as markers, in one
+	// write; Cow then fills them with zeros.
+	DiscardCows(ids []overlay.ChunkID) error
 	DiscardedChunks() ([]overlay.ChunkID, error)
-	Cow(id overlay.ChunkID, dst []byte) (bool, error)
 	CowChunks() ([]overlay.ChunkID, error)
 	Sync() error
 }

@@ -15,7 +15,7 @@ const (
 	srcZero  source = iota
 	srcBase         // the base image, at the ref's chunk
 	srcCache        // the cache file, at the chunk's own offset
-	srcCow          // a written chunk, one at a time
+	srcCow          // written chunks, in the store's written-data file
 	srcMem          // a fetched chunk the cache could not keep, one at a time
 )
 
@@ -64,7 +64,7 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 		n := int64(1)
 		for idx+n <= (end-1)/cs {
 			s2, r2 := f.sourceOf(img, idx+n, mem)
-			if s2 != src || src == srcCow || src == srcMem || src == srcBase && (r2.Kind != r.Kind || r2.Index != r.Index+uint32(n)) {
+			if s2 != src || src == srcMem || src == srcBase && (r2.Kind != r.Kind || r2.Index != r.Index+uint32(n)) {
 				break
 			}
 			n++
@@ -81,12 +81,7 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 		case srcCache:
 			err = f.cache.ReadAt(img, part, pos)
 		case srcCow:
-			buf := make([]byte, h.ChunkLen(overlay.ChunkID{Image: img, Index: uint32(idx)}))
-			var ok bool
-			if ok, err = f.cache.Cow(overlay.ChunkID{Image: img, Index: uint32(idx)}, buf); err == nil && !ok {
-				err = fmt.Errorf("written data missing from the store")
-			}
-			copy(part, buf[skip:])
+			err = f.cache.ReadCow(img, part, pos)
 		case srcMem:
 			copy(part, mem[int(f.segOf[img][idx])][overlay.ChunkID{Image: img, Index: uint32(idx)}][skip:])
 		}
@@ -98,12 +93,17 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 	return nil
 }
 
-// sourceOf says where chunk idx of img is read from now. Data and self
-// chunks are read from the cache, which await has made sure of, or from
-// mem when the cache could not keep their segment.
+// sourceOf says where chunk idx of img is read from now. Written chunks
+// are read from the store's written-data file and discarded ones are
+// zeros, known from the state kept in memory: no database lookup. Data
+// and self chunks are read from the cache, which await has made sure of,
+// or from mem when the cache could not keep their segment.
 func (f *Fetcher) sourceOf(img overlay.Image, idx int64, mem map[int]map[overlay.ChunkID][]byte) (source, overlay.Ref) {
-	if f.Modified(overlay.ChunkID{Image: img, Index: uint32(idx)}) {
+	switch f.cowOf(overlay.ChunkID{Image: img, Index: uint32(idx)}) {
+	case cowData:
 		return srcCow, overlay.Ref{}
+	case cowZero:
+		return srcZero, overlay.Ref{}
 	}
 	r := f.o.Manifest.Refs[img][idx]
 	switch r.Kind {
@@ -161,22 +161,30 @@ const (
 	cowZero                 // discarded: the store holds a marker, it reads as zeros
 )
 
-// WriteChunk stores a whole new version of a chunk; Sync makes it durable.
-func (f *Fetcher) WriteChunk(id overlay.ChunkID, data []byte) error {
-	if err := f.cache.PutCow(id, data); err != nil {
+// WriteCow stores bytes written at off in img. Every chunk they touch must
+// be covered whole, or be written already (Written): the caller merges a
+// partial chunk first. Sync makes them durable.
+func (f *Fetcher) WriteCow(img overlay.Image, p []byte, off int64) error {
+	if err := f.cache.WriteCow(img, p, off); err != nil {
 		return err
 	}
-	f.setCow(id, cowData)
+	cs := int64(f.o.Header.ChunkSize)
+	for i := off / cs; i <= (off+int64(len(p))-1)/cs; i++ {
+		f.setCow(overlay.ChunkID{Image: img, Index: uint32(i)}, cowData)
+	}
 	return nil
 }
 
-// DiscardChunk makes a whole chunk read as zeros, recorded as a marker
-// rather than as a chunk of zeros; Sync makes it durable.
-func (f *Fetcher) DiscardChunk(id overlay.ChunkID) error {
-	if err := f.cache.DiscardCow(id); err != nil {
+// DiscardChunks makes whole chunks read as zeros, recorded as markers
+// rather than as chunks of zeros, in one write to the store; Sync makes
+// them durable.
+func (f *Fetcher) DiscardChunks(ids []overlay.ChunkID) error {
+	if err := f.cache.DiscardCows(ids); err != nil {
 		return err
 	}
-	f.setCow(id, cowZero)
+	for _, id := range ids {
+		f.setCow(id, cowZero)
+	}
 	return nil
 }
 
@@ -228,14 +236,20 @@ func (f *Fetcher) Held(img overlay.Image) int64 {
 	return f.held[img]
 }
 
-// Modified reports whether a chunk has been written.
-func (f *Fetcher) Modified(id overlay.ChunkID) bool {
+// Modified reports whether a chunk has been written or discarded.
+func (f *Fetcher) Modified(id overlay.ChunkID) bool { return f.cowOf(id) != cowNone }
+
+// Written reports whether a chunk holds bytes written through the mount,
+// so that a write to part of it needs no merge.
+func (f *Fetcher) Written(id overlay.ChunkID) bool { return f.cowOf(id) == cowData }
+
+func (f *Fetcher) cowOf(id overlay.ChunkID) cowState {
 	if !f.anyCow.Load() {
-		return false
+		return cowNone
 	}
 	f.cowMu.RLock()
 	defer f.cowMu.RUnlock()
-	return f.cow[id.Image][id.Index] != cowNone
+	return f.cow[id.Image][id.Index]
 }
 
 // Sync makes every write durable.

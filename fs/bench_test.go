@@ -1,7 +1,9 @@
 package fs_test
 
 import (
+	"bytes"
 	"context"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sort"
@@ -195,4 +197,110 @@ func BenchmarkDemandLatency(b *testing.B) {
 			b.ReportMetric(float64(bounds[len(bounds)-1].Microseconds())/1000, "bound-max-ms")
 		})
 	}
+}
+
+// BenchmarkDiscard punches 4 MiB holes in the memory image through the
+// mount, the size QEMU's free-page reporting discards at a time. Each
+// range is written first (untimed), so every punch discards 1024 chunks
+// that hold bytes.
+func BenchmarkDiscard(b *testing.B) {
+	v := newScaledVM(b, overlay.CodecZstd, 1<<20, 22, 16)
+	m, err := v.mount(b, "file://"+v.overlay, 30*time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m.awaitComplete(b, 2*time.Minute)
+	f, err := os.OpenFile(m.path(overlay.Memory), os.O_RDWR, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	const n = 4 << 20
+	data := bytes.Repeat([]byte{0xa5}, n)
+	ranges := int64(len(v.want[overlay.Memory])) / n
+	for i := int64(0); b.Loop(); i++ {
+		off := i % ranges * n
+		b.StopTimer()
+		if _, err := f.WriteAt(data, off); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := syscall.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkImageIO is a guest's disk I/O through the mount, as fio does it
+// with O_DIRECT and one request at a time (tools/bench-io.sh runs fio
+// itself against a plain file and a loopback too): random 4 KiB writes,
+// random 4 KiB reads of the chunks written, sequential 1 MiB writes. It
+// exists to profile the mount (-cpuprofile): the test's own part is a
+// system call per operation.
+func BenchmarkImageIO(b *testing.B) {
+	v := newScaledVM(b, overlay.CodecZstd, 1<<20, 22, 16)
+	m, err := v.mount(b, "file://"+v.overlay, 30*time.Second)
+	if err != nil {
+		b.Fatal(err)
+	}
+	m.awaitComplete(b, 2*time.Minute)
+	f, err := os.OpenFile(m.path(overlay.Disk), os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	region := int64(len(v.want[overlay.Disk])) &^ (1<<20 - 1)
+	// O_DIRECT wants aligned buffers: a mapping is page-aligned.
+	buf, err := unix.Mmap(-1, 0, 1<<20, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer unix.Munmap(buf)
+	for i := range buf {
+		buf[i] = byte(i*7 + 1)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	b.Run("seq-write-1M", func(b *testing.B) {
+		b.SetBytes(1 << 20)
+		for i := int64(0); b.Loop(); i++ {
+			if _, err := f.WriteAt(buf, i<<20%region); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("rand-write-4K", func(b *testing.B) {
+		b.SetBytes(4096)
+		for b.Loop() {
+			if _, err := f.WriteAt(buf[:4096], rng.Int64N(region/4096)*4096); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("rand-write-4K-fsync", func(b *testing.B) {
+		b.SetBytes(4096)
+		for b.Loop() {
+			if _, err := f.WriteAt(buf[:4096], rng.Int64N(region/4096)*4096); err != nil {
+				b.Fatal(err)
+			}
+			if err := f.Sync(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("rand-read-4K", func(b *testing.B) {
+		b.SetBytes(4096)
+		for b.Loop() {
+			if _, err := f.ReadAt(buf[:4096], rng.Int64N(region/4096)*4096); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("seq-read-1M", func(b *testing.B) {
+		b.SetBytes(1 << 20)
+		for i := int64(0); b.Loop(); i++ {
+			if _, err := f.ReadAt(buf, i<<20%region); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }

@@ -70,7 +70,10 @@ func New(dir string, f *fetch.Fetcher, opt Options) (*Mount, error) {
 			DisableXAttrs: true,
 			DirectMount:   !strings.HasPrefix(dir, "/dev/fd/"), // else a device the caller mounted itself
 			MaxReadAhead:  128 << 10,
-			Debug:         opt.Debug,
+			// A guest's large requests arrive whole (1 MiB, the kernel's
+			// limit), not as eight round trips of go-fuse's 128 KiB.
+			MaxWrite: 1 << 20,
+			Debug:    opt.Debug,
 			// The images change only through this mount, so the kernel's
 			// page cache is never stale; left to itself, the kernel would
 			// drop an image's whole page cache (and unmap it under QEMU)
@@ -330,7 +333,7 @@ type imageNode struct {
 	mtime, ctime atomic.Int64 // unix nanoseconds
 
 	// locks serialize read-modify-write of a chunk by concurrent writers.
-	locks [64]sync.Mutex
+	locks [chunkLocks]sync.Mutex
 }
 
 var (
@@ -420,11 +423,13 @@ func withCaller(ctx context.Context) context.Context {
 	return ctx
 }
 
-// Write stores whole new versions of the chunks it touches. A partial chunk
-// is read first (which may fetch it) and merged. The image cannot grow: a
-// write that starts at or past its end fails with EFBIG, and one that runs
-// over the end stores the bytes up to it and returns their count (the
-// kernel then asks for the rest, and reports the EFBIG).
+// Write stores the bytes in the store's written-data file, in one write.
+// A chunk it covers only in part that holds no written bytes yet is read
+// first (which may fetch it) and merged, so the store never holds part of
+// a chunk; a chunk written before takes the bytes as they are. The image
+// cannot grow: a write that starts at or past its end fails with EFBIG,
+// and one that runs over the end stores the bytes up to it and returns
+// their count (the kernel then asks for the rest, and reports the EFBIG).
 func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
 	if off < 0 {
 		return 0, syscall.EINVAL
@@ -433,45 +438,75 @@ func (n *imageNode) Write(ctx context.Context, fh fusefs.FileHandle, data []byte
 		return 0, syscall.EFBIG
 	}
 	end := min(off+int64(len(data)), n.size)
+	data = data[:end-off]
 	cs := int64(n.m.f.Overlay().Header.ChunkSize)
-	buf := make([]byte, cs)
-	for pos := off; pos < end; {
-		idx := pos / cs
-		start := idx * cs
-		clen := min(cs, n.size-start)
-		chunk := buf[:clen]
-		mu := &n.locks[idx%int64(len(n.locks))]
-		mu.Lock()
-		if pos != start || end < start+clen {
-			if err := n.m.f.ReadAt(withCaller(ctx), n.img, chunk, start); err != nil {
-				mu.Unlock()
-				errno := errnoOf(ctx, err)
-				n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write: reading the chunk to merge into failed: %s", errnoName(errno))
-				return n.written(off, pos, errno)
-			}
+	first, last := off/cs, (end-1)/cs
+	defer n.lockChunks(first, last)()
+	headEnd, tailStart, tailEnd := min((first+1)*cs, n.size), last*cs, min((last+1)*cs, n.size)
+	head := off != first*cs && !n.m.f.Written(n.chunk(uint32(first)))
+	tail := end != tailEnd && !n.m.f.Written(n.chunk(uint32(last)))
+	from := off
+	if head || tail {
+		to := end
+		if head {
+			from = first * cs
 		}
-		m := copy(chunk[pos-start:], data[pos-off:end-off])
-		err := n.m.f.WriteChunk(n.chunk(uint32(idx)), chunk)
-		mu.Unlock()
+		if tail {
+			to = tailEnd
+		}
+		buf := make([]byte, to-from)
+		var err error
+		if head {
+			err = n.m.f.ReadAt(withCaller(ctx), n.img, buf[:headEnd-from], from)
+		}
+		if tail && err == nil && (!head || last != first) {
+			err = n.m.f.ReadAt(withCaller(ctx), n.img, buf[tailStart-from:], tailStart)
+		}
 		if err != nil {
 			errno := errnoOf(ctx, err)
-			n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write failed: %s", errnoName(errno))
-			return n.written(off, pos, errno)
+			n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write: reading the chunk to merge into failed: %s", errnoName(errno))
+			return 0, errno
 		}
-		n.modified()
-		pos += int64(m)
+		copy(buf[off-from:], data)
+		data = buf
 	}
-	n.m.rec.touch(n.img, "write", off, int(end-off), uint32(off/cs), uint32((end-1)/cs), n.m.rec.since(), 0)
+	if err := n.m.f.WriteCow(n.img, data, from); err != nil {
+		errno := errnoOf(ctx, err)
+		n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", off).Msgf("write failed: %s", errnoName(errno))
+		return 0, errno
+	}
+	n.modified()
+	n.m.rec.touch(n.img, "write", off, int(end-off), uint32(first), uint32(last), n.m.rec.since(), 0)
 	return uint32(end - off), 0
 }
 
-// written is the reply to a write that failed at pos with errno: the bytes
-// stored before it, or errno if there were none.
-func (n *imageNode) written(off, pos int64, errno syscall.Errno) (uint32, syscall.Errno) {
-	if pos > off {
-		return uint32(pos - off), 0
+// chunkLocks is how many locks the chunks of an image share, by index.
+const chunkLocks = 64
+
+// lockChunks takes the locks of chunks first..last and returns what lets
+// them go. Every holder of more than one lock takes them in the order of
+// the array, so two never wait on each other.
+func (n *imageNode) lockChunks(first, last int64) func() {
+	var stripes [len(n.locks)]bool
+	for i := first; i <= last && i < first+int64(len(n.locks)); i++ {
+		stripes[i%int64(len(n.locks))] = true
 	}
-	return 0, errno
+	return n.lockStripes(&stripes)
+}
+
+func (n *imageNode) lockStripes(stripes *[chunkLocks]bool) func() {
+	for i, on := range stripes {
+		if on {
+			n.locks[i].Lock()
+		}
+	}
+	return func() {
+		for i, on := range stripes {
+			if on {
+				n.locks[i].Unlock()
+			}
+		}
+	}
 }
 
 // The fallocate modes an image accepts: both discard a range, which then
@@ -510,6 +545,7 @@ func (n *imageNode) Allocate(ctx context.Context, fh fusefs.FileHandle, off, siz
 	}
 	cs := int64(n.m.f.Overlay().Header.ChunkSize)
 	var zeros []byte
+	var whole []uint32
 	for pos := start; pos < end; {
 		idx := pos / cs
 		cstart := idx * cs
@@ -519,17 +555,13 @@ func (n *imageNode) Allocate(ctx context.Context, fh fusefs.FileHandle, off, siz
 			continue
 		}
 		if pos == cstart && end >= cend {
-			mu := &n.locks[idx%int64(len(n.locks))]
-			mu.Lock()
-			err := n.m.f.DiscardChunk(n.chunk(uint32(idx)))
-			mu.Unlock()
-			if err != nil {
-				errno := errnoOf(ctx, err)
-				n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", start).Msgf("discard failed: %s", errnoName(errno))
-				return errno
+			whole = append(whole, uint32(idx))
+			if len(whole) == maxDiscardBatch {
+				if errno := n.discard(ctx, whole); errno != 0 {
+					return errno
+				}
+				whole = whole[:0]
 			}
-			n.m.rec.discarded(n.img, uint32(idx))
-			n.modified()
 			pos = cend
 			continue
 		}
@@ -545,6 +577,40 @@ func (n *imageNode) Allocate(ctx context.Context, fh fusefs.FileHandle, off, siz
 		}
 		pos += l
 	}
+	return n.discard(ctx, whole)
+}
+
+// maxDiscardBatch bounds the chunks discarded in one write to the store
+// (64 MiB of 4 KiB chunks), and so how long writers wait on the chunk locks.
+const maxDiscardBatch = 16384
+
+// discard records whole chunks as discarded, all in one write to the
+// store: a VMM discards megabytes at a time, and a write per chunk made
+// that cost milliseconds per megabyte. It holds the locks of all of them
+// meanwhile, taken in the order of the array, as any other holder of more
+// than one does.
+func (n *imageNode) discard(ctx context.Context, idxs []uint32) syscall.Errno {
+	if len(idxs) == 0 {
+		return 0
+	}
+	var stripes [len(n.locks)]bool
+	ids := make([]overlay.ChunkID, len(idxs))
+	for i, idx := range idxs {
+		stripes[idx%uint32(len(n.locks))] = true
+		ids[i] = n.chunk(idx)
+	}
+	unlock := n.lockStripes(&stripes)
+	err := n.m.f.DiscardChunks(ids)
+	unlock()
+	if err != nil {
+		errno := errnoOf(ctx, err)
+		n.m.logFailure(errno, err).Str("image", n.img.String()).Int64("offset", int64(idxs[0])*int64(n.m.f.Overlay().Header.ChunkSize)).Int("chunks", len(idxs)).Msgf("discard failed: %s", errnoName(errno))
+		return errno
+	}
+	for _, idx := range idxs {
+		n.m.rec.discarded(n.img, idx)
+	}
+	n.modified()
 	return 0
 }
 

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -26,14 +27,16 @@ import (
 // cache/<id>/disk and cache/<id>/memory, laid out like the images: a cached
 // chunk sits at its own offset, so a run of cached chunks is one read. Its
 // own Badger database, overlays/<id>/db, records which segments are
-// complete in the files and keeps the copy-on-write data. Keys:
+// complete in the files and which chunks were written through the mount
+// (their bytes are in files of their own, see written.go). Keys:
 //
 //	seg/<segment>         -> sha256 of the chunks' bytes, then the chunks
 //	                         (uvarint index<<1|image each), in the order
 //	                         hashed; the chunks are in the files
-//	cow/<image><index>    -> a whole chunk as written through the mount;
-//	                         empty if it was discarded (fallocate punched
-//	                         or zeroed all of it), so it reads as zeros
+//	cow/<image><index>    -> one byte if the chunk was written through the
+//	                         mount and is in the written-data file; empty
+//	                         if it was discarded (fallocate punched or
+//	                         zeroed all of it), so it reads as zeros
 //
 // <image> is one byte, <index> and <segment> 4 bytes big-endian. A
 // segment's marker is written only after its chunks are synced to the
@@ -59,6 +62,26 @@ type Cache struct {
 	room      room
 	mounted   bool // opened by OpenCache: Close records the use
 	closeOnce sync.Once
+
+	// The written-data files (see written.go); state is each chunk's
+	// chunkNone, chunkDiscarded or chunkInFile as the markers say, and
+	// pending the chunks written since the last commit that the markers
+	// do not name yet. commitMu orders commits and discards, mu guards
+	// state and pending.
+	written  [2]*os.File
+	sizes    [2]int64
+	commitMu sync.Mutex
+	mu       sync.Mutex
+	state    [2][]uint8
+	pending  map[overlay.ChunkID]struct{}
+	// stop ends the committer, which closes stopped.
+	stop, stopped chan struct{}
+	// unsynced says a written-data file changed since it was last synced,
+	// markersUnsynced that a marker of a written chunk did: an fsync
+	// through the mount syncs only what changed, so a guest's fsync after
+	// overwriting written chunks costs one fdatasync.
+	unsynced        [2]atomic.Bool
+	markersUnsynced atomic.Bool
 }
 
 // ChunkData is one chunk's bytes, to be cached at the chunk's offset.
@@ -150,6 +173,9 @@ func (s *Store) OpenCache(id overlay.Digest, chunkSize int, sizes [2]int64) (_ *
 	}); err != nil {
 		return nil, err
 	}
+	if err := c.openWritten(s.writtenDir(id), sizes); err != nil {
+		return nil, err
+	}
 	if err := s.moveOldKeys(c); err != nil {
 		return nil, err
 	}
@@ -196,8 +222,8 @@ func (s *Store) moveOldKeys(c *Cache) error {
 		if !found {
 			continue
 		}
-		// Durable in the overlay's database before the registry forgets it.
-		if err := c.sync(); err != nil {
+		// Durable in the overlay's own files before the registry forgets it.
+		if err := c.Sync(); err != nil {
 			return err
 		}
 		if err := s.db.DropPrefix(old); err != nil {
@@ -282,7 +308,17 @@ func (c *Cache) Close() error {
 			// free must see this cache as the most recently used.
 			c.touch()
 		}
-		for _, f := range c.files {
+		if c.stop != nil {
+			close(c.stop)
+			<-c.stopped
+		}
+		var cerr error
+		if c.db != nil && c.pending != nil && perr == nil {
+			// What was written goes in before the database closes: a
+			// clean unmount keeps it all.
+			cerr = c.commit()
+		}
+		for _, f := range append(c.files[:], c.written[:]...) {
 			if f != nil {
 				f.Close()
 			}
@@ -294,7 +330,7 @@ func (c *Cache) Close() error {
 				// the next open.
 				err = fmt.Errorf("cache of overlay %s is left as it is: %w", c.id, perr)
 			} else {
-				err = c.db.Close()
+				err = errors.Join(cerr, c.db.Close())
 			}
 		}
 		if c.lock != nil {
@@ -460,103 +496,21 @@ func (c *Cache) ReadAt(img overlay.Image, p []byte, off int64) error {
 	return nil
 }
 
-// Cow copies a written chunk into dst and reports whether there was one.
-func (c *Cache) Cow(id overlay.ChunkID, dst []byte) (bool, error) {
-	found := false
-	err := c.db.View(func(txn *badger.Txn) error {
-		it, err := txn.Get(cowKey(id.Image, id.Index))
-		if err != nil {
-			return err
-		}
-		found = true
-		return it.Value(func(v []byte) error {
-			if len(v) == 0 {
-				clear(dst)
-				return nil
-			}
-			if len(v) != len(dst) {
-				return errors.New("written chunk has the wrong length")
-			}
-			copy(dst, v)
-			return nil
-		})
-	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return false, nil
-	}
-	return found, err
-}
-
-// PutCow stores a whole chunk written through the mount. It is durable
-// after the next Sync. It fails with an error that wraps syscall.ENOSPC or
-// syscall.EROFS when the state dir is full or read-only.
-func (c *Cache) PutCow(id overlay.ChunkID, data []byte) error {
-	if err := c.room.check(); err != nil {
-		return fmt.Errorf("storing written %s chunk %d: %w", id.Image, id.Index, err)
-	}
-	if err := c.db.Update(func(txn *badger.Txn) error {
-		return txn.Set(cowKey(id.Image, id.Index), data)
-	}); err != nil {
-		return fmt.Errorf("storing written %s chunk %d: %w", id.Image, id.Index, err)
-	}
-	return nil
-}
-
-// DiscardCow records that a whole chunk was discarded through the mount: it
-// reads as zeros from now on, and costs a key rather than a chunk of zeros.
-// It is durable after the next Sync, and fails as PutCow does.
-func (c *Cache) DiscardCow(id overlay.ChunkID) error {
-	if err := c.room.check(); err != nil {
-		return fmt.Errorf("recording discarded %s chunk %d: %w", id.Image, id.Index, err)
-	}
-	if err := c.db.Update(func(txn *badger.Txn) error {
-		return txn.Set(cowKey(id.Image, id.Index), []byte{})
-	}); err != nil {
-		return fmt.Errorf("recording discarded %s chunk %d: %w", id.Image, id.Index, err)
-	}
-	return nil
-}
-
-// DropWritten forgets every chunk written through mounts of this overlay.
-func (c *Cache) DropWritten() error {
-	if err := c.db.DropPrefix([]byte("cow/")); err != nil {
+// Sync makes every write so far durable: the written-data files, then the
+// markers of the chunks newly written to them, then the database's logs.
+func (c *Cache) Sync() error {
+	if err := c.commit(); err != nil {
 		return err
 	}
-	return c.sync()
-}
-
-// CowChunks lists the chunks that have been written, discarded ones too.
-func (c *Cache) CowChunks() ([]overlay.ChunkID, error) {
-	return c.cowChunks(false)
-}
-
-// DiscardedChunks lists the written chunks that were discarded.
-func (c *Cache) DiscardedChunks() ([]overlay.ChunkID, error) {
-	return c.cowChunks(true)
-}
-
-func (c *Cache) cowChunks(discarded bool) ([]overlay.ChunkID, error) {
-	var out []overlay.ChunkID
-	prefix := []byte("cow/")
-	err := c.db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			// An empty value is kept in the key's entry, so its size is
-			// exact without reading it.
-			if discarded && it.Item().ValueSize() != 0 {
-				continue
-			}
-			k := it.Item().Key()[len(prefix):]
-			out = append(out, overlay.ChunkID{Image: overlay.Image(k[0]), Index: binary.BigEndian.Uint32(k[1:])})
-		}
+	if !c.markersUnsynced.Swap(false) {
 		return nil
-	})
-	return out, err
+	}
+	if err := c.sync(); err != nil {
+		c.markersUnsynced.Store(true)
+		return err
+	}
+	return nil
 }
-
-// Sync makes every write so far durable.
-func (c *Cache) Sync() error { return c.sync() }
 
 func (c *Cache) sync() error { return c.logs.sync() }
 

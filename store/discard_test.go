@@ -34,7 +34,7 @@ func TestDiscardCow(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := c.DiscardCow(b); err != nil {
+	if err := c.DiscardCows([]overlay.ChunkID{b}); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.Sync(); err != nil {
@@ -58,5 +58,41 @@ func TestDiscardCow(t *testing.T) {
 	}
 	if zero, _ := c.DiscardedChunks(); len(zero) != 0 {
 		t.Fatalf("a chunk written after its discard is still listed as discarded: %v", zero)
+	}
+}
+
+// A discard larger than Badger takes in one transaction (a guest's fstrim
+// of a whole disk) is recorded whole, across a reopen.
+func TestDiscardCowsLarge(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "st")
+	s, err := Open(dir, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const n = 300_000 // over 1 GiB of 4 KiB chunks
+	open := func() *Cache {
+		c, err := s.OpenCache(overlay.Digest{8}, 4096, [2]int64{n * 4096, 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := open()
+	ids := make([]overlay.ChunkID, n)
+	for i := range ids {
+		ids[i] = overlay.ChunkID{Image: overlay.Disk, Index: uint32(i)}
+	}
+	if err := c.DiscardCows(ids); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	c = open()
+	defer c.Close()
+	if zero, err := c.DiscardedChunks(); err != nil || len(zero) != n {
+		t.Fatalf("%d discard markers after a reopen (%v), want %d", len(zero), err, n)
 	}
 }

@@ -10,7 +10,9 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	"github.com/rs/zerolog"
 
 	"github.com/cloudletfs/cloudletfs/overlay"
@@ -67,11 +69,13 @@ func copyTree(t *testing.T, src, dst string) {
 }
 
 // Every chunk written before a Sync is in files whose pages have all been
-// written back when Sync returns, even after the memtable holding it filled
-// up and was rotated: the logs of rotated memtables have no dirty page
-// left, and a copy of the state dir taken then, while the process still
-// runs, holds every chunk. Without a sync of the rotated memtables' logs,
-// their pages stay dirty until Badger has flushed them.
+// written back when Sync returns, even after the memtable holding its
+// marker filled up and was rotated: the logs of rotated memtables have no
+// dirty page left, and a copy of the state dir taken then, while the
+// process still runs, holds every chunk. Without a sync of the rotated
+// memtables' logs, their pages stay dirty until Badger has flushed them.
+// Markers are small, so large discards between the writes fill the
+// memtables.
 func TestSyncCoversRotatedMemtables(t *testing.T) {
 	dir := t.TempDir()
 	s, err := Open(filepath.Join(dir, "st"), zerolog.Nop())
@@ -80,7 +84,8 @@ func TestSyncCoversRotatedMemtables(t *testing.T) {
 	}
 	defer s.Close()
 	id := overlay.Digest{9}
-	c, err := s.OpenCache(id, 4096, [2]int64{1 << 30, 1 << 20})
+	sizes := [2]int64{1 << 30, 8 << 30}
+	c, err := s.OpenCache(id, 4096, sizes)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,17 +95,25 @@ func TestSyncCoversRotatedMemtables(t *testing.T) {
 		binary.BigEndian.PutUint32(b, uint32(i))
 		return b
 	}
-	// 8 MiB memtables: 12000 chunks of 4 KiB fill about six of them. Each
-	// rotation is a chance to catch a rotated log with dirty pages before
-	// Badger's flush removes it, so six make a miss of all of them, with
-	// the rotated logs not synced, unlikely.
-	const n = 12000
+	// 8 MiB memtables: 40 rounds of 16 written chunks and 30000
+	// discarded ones fill about eight of them. Each rotation is a chance to
+	// catch a rotated log with dirty pages before Badger's flush removes
+	// it, so six make a miss of all of them, with the rotated logs not
+	// synced, unlikely.
+	const rounds, n, discards = 40, 16, 30000
 	logs := map[string]bool{}
-	for i := 0; i < n; i += 16 {
-		for j := i; j < min(n, i+16); j++ {
+	for r := range rounds {
+		for j := r * n; j < (r+1)*n; j++ {
 			if err := c.PutCow(overlay.ChunkID{Image: overlay.Disk, Index: uint32(j)}, chunk(j)); err != nil {
 				t.Fatal(err)
 			}
+		}
+		ids := make([]overlay.ChunkID, discards)
+		for j := range ids {
+			ids[j] = overlay.ChunkID{Image: overlay.Memory, Index: uint32(r*discards + j)}
+		}
+		if err := c.DiscardCows(ids); err != nil {
+			t.Fatal(err)
 		}
 		if err := c.Sync(); err != nil {
 			t.Fatal(err)
@@ -108,7 +121,7 @@ func TestSyncCoversRotatedMemtables(t *testing.T) {
 		for f, kb := range dirtyLogPages(t, c.dbDir) {
 			logs[f] = true
 			if kb != 0 {
-				t.Fatalf("after the Sync that followed chunk %d, Badger's log %s still has %d kB of dirty pages", min(n, i+16)-1, f, kb)
+				t.Fatalf("after the Sync that followed round %d, Badger's log %s still has %d kB of dirty pages", r, f, kb)
 			}
 		}
 	}
@@ -131,16 +144,74 @@ func TestSyncCoversRotatedMemtables(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s2.Close()
-	c2, err := s2.OpenCache(id, 4096, [2]int64{1 << 30, 1 << 20})
+	c2, err := s2.OpenCache(id, 4096, sizes)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c2.Close()
 	buf := make([]byte, 4096)
-	for i := range n {
+	for i := range rounds * n {
 		ok, err := c2.Cow(overlay.ChunkID{Image: overlay.Disk, Index: uint32(i)}, buf)
 		if err != nil || !ok || !bytes.Equal(buf, chunk(i)) {
 			t.Fatalf("chunk %d in the copy taken after Sync: found %v, err %v, same bytes %v", i, ok, err, bytes.Equal(buf, chunk(i)))
 		}
+	}
+	if zero, _ := c2.DiscardedChunks(); len(zero) != rounds*discards {
+		t.Fatalf("%d discarded chunks in the copy taken after Sync, want %d", len(zero), rounds*discards)
+	}
+}
+
+// A chunk written without an fsync reaches the database's marker within
+// about commitEvery, so a daemon killed later, with its page cache intact,
+// keeps it: a copy of the state dir taken then holds it.
+func TestWrittenCommitsWithoutSync(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(filepath.Join(dir, "st"), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := overlay.Digest{6}
+	sizes := [2]int64{1 << 20, 1 << 20}
+	c, err := s.OpenCache(id, 4096, sizes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	data := bytes.Repeat([]byte{0x3c}, 4096)
+	chunk := overlay.ChunkID{Image: overlay.Disk, Index: 5}
+	if err := c.PutCow(chunk, data); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * commitEvery)
+	for {
+		err := c.db.View(func(txn *badger.Txn) error {
+			_, err := txn.Get(cowKey(chunk.Image, chunk.Index))
+			return err
+		})
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no marker for the written chunk %s after it was written: %v", 30*commitEvery, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cp := filepath.Join(dir, "copy")
+	copyTree(t, filepath.Join(dir, "st"), cp)
+	os.Remove(filepath.Join(cp, "overlays", id.String(), "lock"))
+	s2, err := Open(cp, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	c2, err := s2.OpenCache(id, 4096, sizes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	got := make([]byte, 4096)
+	if ok, err := c2.Cow(chunk, got); !ok || err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("the chunk in a copy of the state dir: found %v, err %v, same bytes %v", ok, err, bytes.Equal(got, data))
 	}
 }

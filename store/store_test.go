@@ -288,3 +288,47 @@ func TestOldWrittenDataMoves(t *testing.T) {
 		return nil
 	})
 }
+
+// Chunks that state dirs before the written-data files kept whole in the
+// overlay's database move into the files when the overlay is next opened,
+// and the database keeps only their markers.
+func TestWrittenChunksMoveToFiles(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "st"), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := overlay.Digest{5}
+	open := func() *Cache {
+		c, err := s.OpenCache(id, 4096, [2]int64{1 << 20, 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := open()
+	chunk := bytes.Repeat([]byte{0x6b}, 4096)
+	if err := c.db.Update(func(txn *badger.Txn) error { return txn.Set(cowKey(overlay.Disk, 7), chunk) }); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	c = open()
+	defer c.Close()
+	got := make([]byte, 4096)
+	if ok, err := c.Cow(overlay.ChunkID{Image: overlay.Disk, Index: 7}, got); !ok || err != nil || !bytes.Equal(got, chunk) {
+		t.Fatalf("written chunk after the move: %v %v", ok, err)
+	}
+	err = c.db.View(func(txn *badger.Txn) error {
+		it, err := txn.Get(cowKey(overlay.Disk, 7))
+		if err != nil {
+			return err
+		}
+		if it.ValueSize() != int64(len(writtenMark)) {
+			t.Errorf("the database still holds %d bytes for the moved chunk", it.ValueSize())
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}

@@ -127,7 +127,10 @@ func checkAlive(t *testing.T, e *env, m *proc, mnt string, disk []byte) {
 // again once there is room.
 func TestFullStateDir(t *testing.T) {
 	requireFUSE(t)
-	e := newEnv(t)
+	// An 8 MiB disk: a chunk written before is overwritten in place and
+	// takes no more space, so the writes must reach more new chunks than
+	// the 2 MiB above the reserve below.
+	e := bigEnv(t, 2048, 1024)
 	e.state = e.path("state-tmpfs")
 	mountFS(t, e.state, "-t", "tmpfs", "-o", "size="+strconv.FormatInt(store.SpaceReserve+48<<20, 10), "tmpfs")
 	m, mnt := mountOnState(t, e)
