@@ -99,9 +99,9 @@ mke2fs -q -t ext4 -L face -d root disk.img 3G
 rm -rf root
 say "mke2fs done"
 
-# Debian compresses most .debs with xz, and under TCG the guest spent most
-# of its install decompressing them (about 2 MB/s). The same packages,
-# rebuilt by dpkg-deb with zstd, unpack about 8 times faster.
+# Debian compresses most .debs with xz. The same packages, rebuilt by
+# dpkg-deb with zstd, decompress about 8 times faster, which counts under
+# TCG, where the guest unpacked at about 2 MB/s.
 say "recompressing the application's .debs with zstd"
 repack() {
   local deb=$1 d

@@ -17,7 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$work"
 work=$(realpath "$work")
 export CLOUDLETFS_STATE_DIR="$work/state"
-rm -rf "$CLOUDLETFS_STATE_DIR" "$work/srv" "$work/face-extracted" "$work/face-download.overlay"
+rm -rf "$CLOUDLETFS_STATE_DIR" "$work/srv" "$work/face-extracted" "$work/face-download.overlay" "$work"/serve.*
 mkdir -p "$work/srv"
 
 now() { date +%s.%N; }
@@ -25,16 +25,16 @@ secs() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 step() { printf '\n== %s\n' "$*"; }
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
-# serve DIR [FLAGS]: serves DIR in the background and prints its URL.
+# serve DIR [FLAGS]: serves DIR in the background and sets served to its URL.
 serve() {
   local dir=$1 log
   shift
-  log=$(mktemp "$work/serve.XXXXXX")
-  "$bin" serve --addr 127.0.0.1:0 "$@" "$dir" >"$log" 2>"$log.err" &
+  log="$work/serve.$((${#pids[@]} + 1))"
+  "$bin" serve --addr 127.0.0.1:0 "$@" "$dir" >"$log.out" 2>"$log.err" &
   pids+=($!)
-  for _ in $(seq 200); do grep -q serving "$log" && break; sleep 0.05; done
-  grep -q serving "$log" || { cat "$log.err" >&2; echo "face demo: cloudletfs serve $dir did not start" >&2; exit 1; }
-  awk '{ print $4 }' "$log"
+  for _ in $(seq 200); do grep -q serving "$log.out" && break; sleep 0.05; done
+  grep -q serving "$log.out" || { cat "$log.err" >&2; echo "face demo: cloudletfs serve $dir did not start" >&2; exit 1; }
+  served=$(awk '{ print $4 }' "$log.out")
 }
 
 step "build or reuse the FACE guest (Debian bookworm, systemd, python3; the OpenCV .debs kept apart)"
@@ -52,8 +52,8 @@ base_s=$(secs "$t")
 step "cloudletfs overlay capture (install python3-opencv and opencv-data from the host, start the face service)"
 # The guest fetches the .debs, the service and its setup from the host at
 # 10.0.2.2, user-mode networking's address of the host.
-debs_url=$(serve "$guest/srv")
-sed "s/@PORT@/${debs_url##*:}/g" "$guest/app.script" >"$work/app.script"
+serve "$guest/srv"
+sed "s/@PORT@/${served##*:}/g" "$guest/app.script" >"$work/app.script"
 t=$(now)
 "$bin" overlay capture --base face --script "$work/app.script" --ready '^face-app-ready' --ready-timeout 60m \
   -o "$work/srv/face.overlay" | tee "$work/capture.out"
@@ -69,7 +69,8 @@ else
 fi
 "$bin" overlay info "$work/srv/face.overlay"
 
-url="$(serve "$work/srv" --rate 38mbit --rtt 20ms)/face.overlay"
+serve "$work/srv" --rate 38mbit --rtt 20ms
+url="$served/face.overlay"
 probe="curl -sf -m 300 --data-binary @$guest/face.png http://127.0.0.1:\$CLOUDLETFS_PORT/detect"
 # One face in the photo, its box in the upper middle of the 512x512 image.
 check() {
