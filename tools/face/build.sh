@@ -25,9 +25,15 @@ out=${1:?usage: build.sh OUT}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-if [ -f "$out/disk.img" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ -d "$out/srv" ] && [ -f "$out/app.script" ]; then
+# A guest built by an older recipe (before a change to the service, its
+# setup or the root's files, say) is built again.
+recipe=$(cd "$here" && find build.sh init app.script setup.sh face.py face.service rootfs -type f | LC_ALL=C sort |
+  xargs sha256sum | sha256sum | cut -d' ' -f1)
+if [ -f "$out/disk.img" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ -d "$out/srv" ] && [ -f "$out/app.script" ] &&
+  [ "$(cat "$out/recipe" 2>/dev/null)" = "$recipe" ]; then
   exit 0
 fi
+rm -f "$out/recipe"
 command -v mmdebstrap >/dev/null || { echo "face: mmdebstrap is missing: run make deps (tools/install-deps.sh)" >&2; exit 1; }
 # Built next to OUT, so the results can be renamed into place.
 work=$(mktemp -d "$out/.build.XXXXXX")
@@ -125,4 +131,5 @@ for f in srv app.script append face.png vmlinuz initrd.img disk.img; do
   rm -rf "${out:?}/$f"
   mv "$f" "$out/$f"
 done
+echo "$recipe" >"$out/recipe"
 say "built $out"
