@@ -272,7 +272,11 @@ func (c *Cache) syncWritten() error {
 // setMarkers sets the markers of chunks to v, in one transaction, or in as
 // few as Badger's limit on a transaction's size allows.
 func (c *Cache) setMarkers(ids []overlay.ChunkID, v []byte) error {
-	c.markersUnsynced.Store(true)
+	// Raised once the markers are in, while commitMu is held: a Sync,
+	// whose commit waits for commitMu, finds it raised if a marker went
+	// in before and syncs the logs. Raised before, a Sync could lower it
+	// and sync before the markers are in.
+	defer c.markersUnsynced.Store(true)
 	txn := c.db.NewTransaction(true)
 	defer func() { txn.Discard() }()
 	for _, id := range ids {
