@@ -132,8 +132,9 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 // WriteCow stores bytes written through the mount at off in image img. Each
 // chunk it touches must be covered whole by p or already be written (see
 // Written): a chunk is never part new bytes and part hole. It is durable
-// after the next Sync. It fails with an error that wraps syscall.ENOSPC or
-// syscall.EROFS when the state dir is full or read-only.
+// after the next Sync. It fails with an error that wraps syscall.EROFS
+// when the state dir is read-only, and one that wraps syscall.ENOSPC when
+// it is full (below SpaceReserve) and p touches a chunk not written yet.
 func (c *Cache) WriteCow(img overlay.Image, p []byte, off int64) error {
 	first, last := off/c.chunkSize, (off+int64(len(p))-1)/c.chunkSize
 	fail := func(err error) error {
@@ -142,7 +143,22 @@ func (c *Cache) WriteCow(img overlay.Image, p []byte, off int64) error {
 	if len(p) == 0 {
 		return nil
 	}
-	if err := c.room.check(); err != nil {
+	// Chunks already in the file are overwritten in place, which takes no
+	// new space: below the reserve they still take writes, as an image
+	// file on a full local disk does. New chunks take space, and a marker
+	// each.
+	c.mu.Lock()
+	inPlace := true
+	for i := first; i <= last && inPlace; i++ {
+		_, pending := c.pending[overlay.ChunkID{Image: img, Index: uint32(i)}]
+		inPlace = pending || c.state[img][i] == chunkInFile
+	}
+	c.mu.Unlock()
+	check := c.room.check
+	if inPlace {
+		check = c.room.checkWritable
+	}
+	if err := check(); err != nil {
 		return fail(err)
 	}
 	if _, err := c.written[img].WriteAt(p, off); err != nil {
@@ -214,7 +230,11 @@ func (c *Cache) commit() error {
 	if len(ids) == 0 {
 		return nil
 	}
-	if err := c.room.check(); err != nil {
+	// Only markers go in, a byte each for chunks whose bytes were taken
+	// while there was room: the reserve is there so that such writes
+	// still can, and refusing them below it would lose writes the guest
+	// was told succeeded.
+	if err := c.room.checkWritable(); err != nil {
 		return err
 	}
 	if err := c.setMarkers(ids, writtenMark); err != nil {
