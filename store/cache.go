@@ -86,8 +86,13 @@ type Cache struct {
 	// first found unsynced are durable only once its sync of the logs
 	// returns, and the second must not report them durable before that.
 	syncMu sync.Mutex
-	// syncHook, set only by tests, runs before each sync of the logs.
+	// punchFailed says a hole punch failed, which is logged once.
+	punchFailed atomic.Bool
+	// syncHook, set only by tests, runs before each sync of the logs, and
+	// txnHook before each commit of a transaction of markers; an error
+	// from it fails the commit.
 	syncHook func()
+	txnHook  func() error
 }
 
 // ChunkData is one chunk's bytes, to be cached at the chunk's offset.

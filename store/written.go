@@ -119,7 +119,7 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 	if err := c.syncWritten(); err != nil {
 		return err
 	}
-	if err := c.setMarkers(old, writtenMark); err != nil {
+	if _, err := c.setMarkers(old, writtenMark); err != nil {
 		return err
 	}
 	for _, id := range old {
@@ -237,16 +237,14 @@ func (c *Cache) commit() error {
 	if err := c.room.checkWritable(); err != nil {
 		return err
 	}
-	if err := c.setMarkers(ids, writtenMark); err != nil {
-		return err
-	}
+	done, err := c.setMarkers(ids, writtenMark)
 	c.mu.Lock()
-	for _, id := range ids {
+	for _, id := range ids[:done] {
 		delete(c.pending, id)
 		c.state[id.Image][id.Index] = chunkInFile
 	}
 	c.mu.Unlock()
-	return nil
+	return err
 }
 
 // committer commits what was written every commitEvery, until stop.
@@ -290,8 +288,10 @@ func (c *Cache) syncWritten() error {
 }
 
 // setMarkers sets the markers of chunks to v, in one transaction, or in as
-// few as Badger's limit on a transaction's size allows.
-func (c *Cache) setMarkers(ids []overlay.ChunkID, v []byte) error {
+// few as Badger's limit on a transaction's size allows. It returns how
+// many of ids, from the first, have their markers in: on a failure part
+// way, those are set and the rest are not.
+func (c *Cache) setMarkers(ids []overlay.ChunkID, v []byte) (int, error) {
 	// Raised once the markers are in, while commitMu is held: a Sync,
 	// whose commit waits for commitMu, finds it raised if a marker went
 	// in before and syncs the logs. Raised before, a Sync could lower it
@@ -299,20 +299,51 @@ func (c *Cache) setMarkers(ids []overlay.ChunkID, v []byte) error {
 	defer c.markersUnsynced.Store(true)
 	txn := c.db.NewTransaction(true)
 	defer func() { txn.Discard() }()
-	for _, id := range ids {
-		err := txn.Set(cowKey(id.Image, id.Index), v)
-		if errors.Is(err, badger.ErrTxnTooBig) {
-			if err = txn.Commit(); err != nil {
+	commit := func() error {
+		if c.txnHook != nil {
+			if err := c.txnHook(); err != nil {
 				return err
 			}
+		}
+		return txn.Commit()
+	}
+	done := 0
+	for i, id := range ids {
+		err := txn.Set(cowKey(id.Image, id.Index), v)
+		if errors.Is(err, badger.ErrTxnTooBig) {
+			if err = commit(); err != nil {
+				return done, err
+			}
+			done = i
 			txn = c.db.NewTransaction(true)
 			err = txn.Set(cowKey(id.Image, id.Index), v)
 		}
 		if err != nil {
-			return err
+			return done, err
 		}
 	}
-	return txn.Commit()
+	if err := commit(); err != nil {
+		return done, err
+	}
+	return len(ids), nil
+}
+
+// DiscardError says a discard failed part way, when its markers took more
+// than one transaction: the first Done chunks are discarded (they read as
+// zeros, now and after a remount), the others are as they were.
+type DiscardError struct {
+	Done int
+	Err  error
+}
+
+func (e *DiscardError) Error() string { return e.Err.Error() }
+func (e *DiscardError) Unwrap() error { return e.Err }
+
+// punchHole gives back the space of n bytes at off in f. A variable so
+// that tests can make it fail as a file system without hole punching
+// does.
+var punchHole = func(f *os.File, off, n int64) error {
+	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 }
 
 // DiscardCows records that whole chunks were discarded through the mount:
@@ -321,7 +352,8 @@ func (c *Cache) setMarkers(ids []overlay.ChunkID, v []byte) error {
 // Badger's limit on a transaction's size allows, since a VMM discards
 // megabytes at a time; then their bytes are punched out of the
 // written-data files. They are durable after the next Sync; it fails as
-// WriteCow does.
+// WriteCow does, and with a *DiscardError when only some of the chunks
+// were discarded.
 func (c *Cache) DiscardCows(ids []overlay.ChunkID) error {
 	if len(ids) == 0 {
 		return nil
@@ -334,9 +366,15 @@ func (c *Cache) DiscardCows(ids []overlay.ChunkID) error {
 	}
 	c.commitMu.Lock()
 	defer c.commitMu.Unlock()
-	if err := c.setMarkers(ids, []byte{}); err != nil {
-		return fail(err)
+	done, err := c.setMarkers(ids, []byte{})
+	if err != nil {
+		err = fail(err)
+		if done == 0 {
+			return err
+		}
+		err = &DiscardError{Done: done, Err: err}
 	}
+	ids = ids[:done]
 	c.mu.Lock()
 	for _, id := range ids {
 		delete(c.pending, id)
@@ -345,20 +383,27 @@ func (c *Cache) DiscardCows(ids []overlay.ChunkID) error {
 	c.mu.Unlock()
 	// Give back the space of runs of chunks; a crash before the markers
 	// are synced reads a punched chunk as zeros, which is what it was
-	// discarded to.
+	// discarded to. The markers already make the chunks read as zeros:
+	// a punch that fails (a file system without hole punching, an I/O
+	// error) only keeps their space taken, and the discard took effect.
 	for i := 0; i < len(ids); {
 		j := i + 1
 		for j < len(ids) && ids[j].Image == ids[i].Image && ids[j].Index == ids[j-1].Index+1 {
 			j++
 		}
-		off := int64(ids[i].Index) * c.chunkSize
-		if err := unix.Fallocate(int(c.written[ids[i].Image].Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, int64(j-i)*c.chunkSize); err != nil {
-			return fail(err)
+		f := c.written[ids[i].Image]
+		if perr := punchHole(f, int64(ids[i].Index)*c.chunkSize, int64(j-i)*c.chunkSize); perr != nil {
+			ev := c.room.log.Debug()
+			if !c.punchFailed.Swap(true) {
+				ev = c.room.log.Warn()
+			}
+			ev.Err(perr).Str("file", f.Name()).Msg("could not punch discarded chunks out of the written-data file: they read as zeros, but their space stays taken until the overlay's written data is dropped (--fresh)")
+		} else {
+			c.unsynced[ids[i].Image].Store(true)
 		}
-		c.unsynced[ids[i].Image].Store(true)
 		i = j
 	}
-	return nil
+	return err
 }
 
 // DropWritten forgets every chunk written through mounts of this overlay.
