@@ -214,3 +214,58 @@ func TestDiscardFailsPartWay(t *testing.T) {
 	defer c.Close()
 	check("after a reopen")
 }
+
+// A written-data file that is gone (removed by hand) is made anew, and the
+// markers of the chunks it held go with it, logged as lost writes: those
+// chunks are no longer written, rather than read as the new file's holes.
+// The other image's written chunks, and discarded chunks, stay.
+func TestWrittenFileGone(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "st")
+	var log bytes.Buffer
+	s, err := Open(dir, zerolog.New(&log).Level(zerolog.InfoLevel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := overlay.Digest{15}
+	open := func() *Cache {
+		c, err := s.OpenCache(id, 4096, [2]int64{1 << 20, 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := open()
+	data := bytes.Repeat([]byte{7}, 4096)
+	lost, kept, zero := overlay.ChunkID{Image: overlay.Disk, Index: 1}, overlay.ChunkID{Image: overlay.Memory, Index: 1}, overlay.ChunkID{Image: overlay.Disk, Index: 2}
+	for _, ch := range []overlay.ChunkID{lost, kept, zero} {
+		if err := c.PutCow(ch, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.DiscardCows([]overlay.ChunkID{zero}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if err := os.Remove(filepath.Join(s.writtenDir(id), overlay.Disk.String())); err != nil {
+		t.Fatal(err)
+	}
+	c = open()
+	defer c.Close()
+	buf := make([]byte, 4096)
+	if ok, err := c.Cow(lost, buf); ok || err != nil {
+		t.Fatalf("a chunk whose written-data file is gone reads as written (%v), as %d nonzero bytes", err, len(bytes.Trim(buf, "\x00")))
+	}
+	if ok, err := c.Cow(kept, buf); !ok || err != nil || !bytes.Equal(buf, data) {
+		t.Fatalf("a chunk of the other image: written %v, %v", ok, err)
+	}
+	if d, _ := c.DiscardedChunks(); len(d) != 1 || d[0] != zero {
+		t.Fatalf("discarded chunks %v, want %v", d, zero)
+	}
+	if !strings.Contains(log.String(), `"level":"error"`) || !strings.Contains(log.String(), "is lost") {
+		t.Fatalf("no error says the written data is lost:\n%s", log.String())
+	}
+}

@@ -30,6 +30,9 @@ import (
 // until the next commit, which syncs the files and then writes them (Sync,
 // Close, or every pendingLimit chunks). A chunk already in the file is
 // overwritten in place, as a write to an image file on a local disk is.
+// A file found missing at open is made anew only after the markers of the
+// chunks it held are dropped, durably, and logged as lost: its holes are
+// never served as written data.
 
 // writtenMark is the value of the marker of a chunk held in the files.
 var writtenMark = []byte{1}
@@ -62,6 +65,19 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
+	var made []overlay.Image
+	for _, img := range overlay.Images {
+		if _, err := os.Stat(filepath.Join(dir, img.String())); errors.Is(err, os.ErrNotExist) {
+			made = append(made, img)
+		} else if err != nil {
+			return err
+		}
+	}
+	if len(made) > 0 {
+		if err := c.dropLostMarkers(made); err != nil {
+			return fmt.Errorf("dropping the markers of written chunks whose file is gone: %w", err)
+		}
+	}
 	for _, img := range overlay.Images {
 		f, err := os.OpenFile(filepath.Join(dir, img.String()), os.O_RDWR|os.O_CREATE, 0o600)
 		if err == nil {
@@ -76,6 +92,15 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 		c.written[img] = f
 		c.sizes[img] = sizes[img]
 		c.state[img] = make([]uint8, (sizes[img]+c.chunkSize-1)/c.chunkSize)
+	}
+	if len(made) > 0 {
+		// The new files' names, and the directory's, are durable before
+		// any marker names a chunk in them.
+		for _, d := range []string{dir, filepath.Dir(dir)} {
+			if err := fsyncPath(d, false); err != nil {
+				return fmt.Errorf("syncing %s: %w", d, err)
+			}
+		}
 	}
 	c.pending = map[overlay.ChunkID]struct{}{}
 	c.stop, c.stopped = make(chan struct{}), make(chan struct{})
@@ -127,6 +152,54 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 	}
 	c.room.log.Info().Int("chunks", len(old)).Msg("moved written data out of the database into the written-data files")
 	return c.sync()
+}
+
+// dropLostMarkers drops, durably, the markers of chunks held in the
+// written-data files of imgs, which are missing and about to be made
+// anew: the bytes those markers name are gone, and a new file would serve
+// its holes as the chunks. Discard markers (empty) and chunks older state
+// dirs kept in the database need no file and stay.
+func (c *Cache) dropLostMarkers(imgs []overlay.Image) error {
+	var lost [2]int
+	wb := c.db.NewWriteBatch()
+	defer wb.Cancel()
+	err := c.db.View(func(txn *badger.Txn) error {
+		for _, img := range imgs {
+			prefix := []byte{'c', 'o', 'w', '/', byte(img)}
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
+			for it.Rewind(); it.Valid(); it.Next() {
+				if it.Item().ValueSize() != int64(len(writtenMark)) {
+					continue
+				}
+				if err := wb.Delete(it.Item().KeyCopy(nil)); err != nil {
+					it.Close()
+					return err
+				}
+				lost[img]++
+			}
+			it.Close()
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if lost[0]+lost[1] == 0 {
+		return nil
+	}
+	if err := wb.Flush(); err != nil {
+		return err
+	}
+	if err := c.sync(); err != nil {
+		return err
+	}
+	for _, img := range imgs {
+		if lost[img] > 0 {
+			c.room.log.Error().Str("image", img.String()).Int("chunks", lost[img]).
+				Msg("the written-data file of the image is gone (removed by hand?): the data written to those chunks through earlier mounts is lost; they read as the overlay has them")
+		}
+	}
+	return nil
 }
 
 // WriteCow stores bytes written through the mount at off in image img. Each
