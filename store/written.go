@@ -66,12 +66,15 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 		return err
 	}
 	var made []overlay.Image
+	var isMade [2]bool
 	for _, img := range overlay.Images {
 		if _, err := os.Stat(filepath.Join(dir, img.String())); errors.Is(err, os.ErrNotExist) {
 			made = append(made, img)
+			isMade[img] = true
 		} else if err != nil {
 			return err
 		}
+		c.sizes[img] = sizes[img]
 	}
 	if len(made) > 0 {
 		if err := c.dropLostMarkers(made); err != nil {
@@ -90,7 +93,6 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 			return err
 		}
 		c.written[img] = f
-		c.sizes[img] = sizes[img]
 		c.state[img] = make([]uint8, (sizes[img]+c.chunkSize-1)/c.chunkSize)
 	}
 	if len(made) > 0 {
@@ -116,10 +118,10 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 			if int(id.Image) >= len(c.state) || int64(id.Index) >= int64(len(c.state[id.Image])) {
 				continue
 			}
-			switch it.Item().ValueSize() {
-			case 0:
+			switch n := it.Item().ValueSize(); {
+			case n == 0:
 				c.state[id.Image][id.Index] = chunkDiscarded
-			case int64(len(writtenMark)):
+			case !c.oldChunk(id, n, isMade[id.Image]):
 				c.state[id.Image][id.Index] = chunkInFile
 			default:
 				v, err := it.Item().ValueCopy(nil)
@@ -129,6 +131,7 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 				if _, err := c.written[id.Image].WriteAt(v, int64(id.Index)*c.chunkSize); err != nil {
 					return err
 				}
+				c.unsynced[id.Image].Store(true)
 				old = append(old, id)
 			}
 		}
@@ -154,6 +157,22 @@ func (c *Cache) openWritten(dir string, sizes [2]int64) error {
 	return c.sync()
 }
 
+// oldChunk tells a chunk that older state dirs kept whole in the database
+// from a marker (writtenMark), by the value's size n: an old chunk is as
+// long as the chunk, which only the last chunk of an image can be by
+// being one byte long. Such a one-byte value is a marker if the
+// written-data file was there (made is false): old chunks are moved into
+// it, synced, before their markers replace them; and an old chunk if the
+// file is being made, as it is the first time a state dir of that format
+// is opened.
+func (c *Cache) oldChunk(id overlay.ChunkID, n int64, made bool) bool {
+	length := min(c.chunkSize, c.sizes[id.Image]-int64(id.Index)*c.chunkSize)
+	if n != int64(len(writtenMark)) {
+		return true
+	}
+	return length == n && made
+}
+
 // dropLostMarkers drops, durably, the markers of chunks held in the
 // written-data files of imgs, which are missing and about to be made
 // anew: the bytes those markers name are gone, and a new file would serve
@@ -168,7 +187,9 @@ func (c *Cache) dropLostMarkers(imgs []overlay.Image) error {
 			prefix := []byte{'c', 'o', 'w', '/', byte(img)}
 			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
 			for it.Rewind(); it.Valid(); it.Next() {
-				if it.Item().ValueSize() != int64(len(writtenMark)) {
+				k := it.Item().Key()[len(prefix):]
+				id := overlay.ChunkID{Image: img, Index: binary.BigEndian.Uint32(k)}
+				if n := it.Item().ValueSize(); n == 0 || c.oldChunk(id, n, true) {
 					continue
 				}
 				if err := wb.Delete(it.Item().KeyCopy(nil)); err != nil {
