@@ -245,7 +245,7 @@ func (c *Cache) WriteCow(img overlay.Image, p []byte, off int64) error {
 	inPlace := true
 	for i := first; i <= last && inPlace; i++ {
 		_, pending := c.pending[overlay.ChunkID{Image: img, Index: uint32(i)}]
-		inPlace = pending || c.state[img][i] == chunkInFile
+		inPlace = pending || i < int64(len(c.state[img])) && c.state[img][i] == chunkInFile
 	}
 	c.mu.Unlock()
 	check := c.room.check
