@@ -2,10 +2,12 @@ package fetch
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 
 	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/store"
 )
 
 // source is where a run of chunks is read from.
@@ -177,15 +179,22 @@ func (f *Fetcher) WriteCow(img overlay.Image, p []byte, off int64) error {
 
 // DiscardChunks makes whole chunks read as zeros, recorded as markers
 // rather than as chunks of zeros, in one write to the store; Sync makes
-// them durable.
+// them durable. When the store discarded only some of them (a
+// *store.DiscardError), those read as zeros here too, as they will after
+// a remount.
 func (f *Fetcher) DiscardChunks(ids []overlay.ChunkID) error {
-	if err := f.cache.DiscardCows(ids); err != nil {
-		return err
+	err := f.cache.DiscardCows(ids)
+	if err != nil {
+		var part *store.DiscardError
+		if !errors.As(err, &part) {
+			return err
+		}
+		ids = ids[:part.Done]
 	}
 	for _, id := range ids {
 		f.setCow(id, cowZero)
 	}
-	return nil
+	return err
 }
 
 // setCow moves a chunk to state st and keeps held and discarded in step.

@@ -194,7 +194,11 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 	// After the cache is let go: what this mount fetched counts against
 	// the cap too.
 	s.close = append(s.close, func() { collectCaches(opt.StateDir, log, limit) })
-	s.close = append(s.close, func() { cache.Close() })
+	s.close = append(s.close, func() {
+		if err := cache.Close(); err != nil {
+			log.Error().Err(err).Str("overlay", s.Shown).Msg("closing the overlay's cache: data written through the mount since the last fsync may be lost")
+		}
+	})
 	if opt.DropWritten {
 		// Runs before the cache closes: a closed cache refuses to drop.
 		s.close = append(s.close, func() {

@@ -82,6 +82,17 @@ type Cache struct {
 	// overwriting written chunks costs one fdatasync.
 	unsynced        [2]atomic.Bool
 	markersUnsynced atomic.Bool
+	// syncMu makes an fsync wait for one under way: the markers the
+	// first found unsynced are durable only once its sync of the logs
+	// returns, and the second must not report them durable before that.
+	syncMu sync.Mutex
+	// punchFailed says a hole punch failed, which is logged once.
+	punchFailed atomic.Bool
+	// syncHook, set only by tests, runs before each sync of the logs, and
+	// txnHook before each commit of a transaction of markers; an error
+	// from it fails the commit.
+	syncHook func()
+	txnHook  func() error
 }
 
 // ChunkData is one chunk's bytes, to be cached at the chunk's offset.
@@ -499,6 +510,8 @@ func (c *Cache) ReadAt(img overlay.Image, p []byte, off int64) error {
 // Sync makes every write so far durable: the written-data files, then the
 // markers of the chunks newly written to them, then the database's logs.
 func (c *Cache) Sync() error {
+	c.syncMu.Lock()
+	defer c.syncMu.Unlock()
 	if err := c.commit(); err != nil {
 		return err
 	}
@@ -512,7 +525,12 @@ func (c *Cache) Sync() error {
 	return nil
 }
 
-func (c *Cache) sync() error { return c.logs.sync() }
+func (c *Cache) sync() error {
+	if c.syncHook != nil {
+		c.syncHook()
+	}
+	return c.logs.sync()
+}
 
 // DropCaches forgets every cached chunk of every overlay that is not
 // mounted; written data stays.

@@ -17,7 +17,10 @@ import (
 // sparse files: its memtable's log, the tables a flush or a compaction
 // writes. On a full disk such a write does not fail, the process gets
 // SIGBUS. So every write through a mount first checks that this much is
-// free and fails with ENOSPC otherwise. The reserve covers what Badger can
+// free and fails with ENOSPC otherwise; writes that need no new space (a
+// chunk overwritten in place, the one-byte markers of chunks taken before)
+// go on below it, since refusing them would lose writes the guest was
+// told succeeded. The reserve covers what Badger can
 // still write without another check, for the options openDB sets: the rest
 // of the memtable's log (at most 8 MiB), flushing the two memtables into
 // tables (about 16 MiB), and a compaction of level 0 into level 1 (at most
@@ -59,6 +62,22 @@ func (r *room) check() error {
 		r.log.Info().Str("state_dir", r.dir).Msg("the state dir takes writes again")
 	}
 	r.failing = err
+	return err
+}
+
+// checkWritable is check without the reserve, for writes that take no
+// new space, or bytes for what the reserve is kept (the markers of chunks
+// already taken): it fails only on a state dir that went read-only.
+func (r *room) checkWritable() error {
+	err := r.probeWrite()
+	if err != nil {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.failing == nil {
+			r.log.Error().Msgf("%v; reads go on", err)
+		}
+		r.failing = err
+	}
 	return err
 }
 

@@ -146,3 +146,63 @@ func TestReadOnlyFileSystem(t *testing.T) {
 		t.Fatalf("%d log lines say the state dir is read-only, want 1:\n%s", n, logBuf.String())
 	}
 }
+
+// Below the reserve, what needs no new space still goes through: a chunk
+// already written is overwritten in place, and the markers of chunks whose
+// bytes were taken before the state dir filled are committed at close, so
+// the next mount reads them. A new chunk is refused.
+func TestSpaceReserveKeepsTakenWrites(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(filepath.Join(dir, "st"), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	open := func() *Cache {
+		c, err := s.OpenCache(overlay.Digest{12}, 4096, [2]int64{1 << 20, 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := open()
+	old, data := bytes.Repeat([]byte{1}, 4096), bytes.Repeat([]byte{7}, 4096)
+	committed, pending := overlay.ChunkID{Image: overlay.Disk, Index: 2}, overlay.ChunkID{Image: overlay.Memory, Index: 1}
+	if err := c.PutCow(committed, old); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// Taken, its marker not committed yet.
+	if err := c.PutCow(pending, data); err != nil {
+		t.Fatal(err)
+	}
+	defer func(r int64) { SpaceReserve = r }(SpaceReserve)
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	SpaceReserve = int64(st.Blocks) * st.Bsize * 2
+	if err := c.PutCow(committed, data); err != nil {
+		t.Fatalf("overwriting a written chunk in place below the reserve: %v", err)
+	}
+	if err := c.WriteCow(pending.Image, data[:512], int64(pending.Index)*4096); err != nil {
+		t.Fatalf("overwriting part of a chunk taken before the state dir filled: %v", err)
+	}
+	if err := c.PutCow(overlay.ChunkID{Image: overlay.Disk, Index: 9}, data); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("a new chunk below the reserve: %v, want ENOSPC", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatalf("closing below the reserve: %v", err)
+	}
+	SpaceReserve = 0
+	c = open()
+	defer c.Close()
+	buf := make([]byte, 4096)
+	for _, id := range []overlay.ChunkID{committed, pending} {
+		if ok, err := c.Cow(id, buf); !ok || err != nil || !bytes.Equal(buf, data) {
+			t.Fatalf("%v after a close below the reserve: written %v, %v, same bytes %v", id, ok, err, bytes.Equal(buf, data))
+		}
+	}
+}

@@ -332,3 +332,45 @@ func TestWrittenChunksMoveToFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A chunk that a state dir before the written-data files kept whole in the
+// database is told from a marker by its length even when it is one byte
+// long, the last chunk of an image one byte past a whole chunk, and moves
+// into the file like any other.
+func TestOneByteChunkMovesToFiles(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "st"), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	id := overlay.Digest{16}
+	open := func() *Cache {
+		c, err := s.OpenCache(id, 4096, [2]int64{3*4096 + 1, 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := open()
+	last := overlay.ChunkID{Image: overlay.Disk, Index: 3}
+	if err := c.db.Update(func(txn *badger.Txn) error { return txn.Set(cowKey(last.Image, last.Index), []byte{0xab}) }); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	// Such state dirs have no written-data files.
+	if err := os.RemoveAll(s.writtenDir(id)); err != nil {
+		t.Fatal(err)
+	}
+	c = open()
+	got := []byte{0}
+	if ok, err := c.Cow(last, got); !ok || err != nil || got[0] != 0xab {
+		t.Fatalf("one-byte last chunk after the move: written %v, %v, byte %#x, want 0xab", ok, err, got[0])
+	}
+	c.Close()
+	// Its marker, a byte too, is now a marker.
+	c = open()
+	defer c.Close()
+	if ok, err := c.Cow(last, got); !ok || err != nil || got[0] != 0xab {
+		t.Fatalf("one-byte last chunk after a reopen: written %v, %v, byte %#x, want 0xab", ok, err, got[0])
+	}
+}
