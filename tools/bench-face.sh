@@ -72,7 +72,7 @@ read -r ch_nd z_nd b_nd s_nd d_nd < <(counts "$work/nodiscard.overlay.log")
 read -r ch_d z_d b_d s_d d_d < <(counts "$work/srv/face.overlay.log")
 size_d=$(stat -c %s "$work/srv/face.overlay")
 size_nd=$(stat -c %s "$work/nodiscard.overlay")
-discarded=$(grep -o 'discarded [0-9]* chunks' "$work/srv/face.overlay.log" | tail -1 || true)
+discarded=$(grep -o '[0-9]* chunks ([^)]*) discarded while the VM ran' "$work/srv/face.overlay.log" | tail -1 || true)
 
 # overlay create for these image sizes, from the files the overlay extracts to.
 step "overlay extract and overlay create"
@@ -94,21 +94,21 @@ first() {
   awk '/first response/ { print $1; exit }' "$1"
 }
 base=$(cli base list --json | awk -F'"' '/"path"/ { print $4; exit }' | xargs dirname)
-# launch URL ARGS...: first response from a cold cache (a fresh state dir
-# with the base imported); appends the daemon's peak RSS in kB to
-# WORKDIR/peak-rss (it runs in a subshell).
+# launch NAME URL ARGS...: first response from a cold cache (a fresh state
+# dir with the base imported), its timeline in WORKDIR/launch-NAME.out;
+# appends the daemon's peak RSS in kB to WORKDIR/peak-rss (it runs in a
+# subshell).
 : >"$work/peak-rss"
-n=0
 launch() {
-  local u=$1 st p hwm=0 h
-  shift
-  n=$((n + 1))
+  local n=$1 u=$2 st p hwm=0 h
+  shift 2
   st="$work/cold-$n"
   rm -rf "$st"
   "$bin" --state-dir "$st" base import --name face --disk "$base/disk.img" --memory "$base/memory.img" \
     --state "$base/state" --vm-config "$base/vm.json" >/dev/null
   "$bin" --state-dir "$st" launch --probe "$probe" --exit-after-probe "$@" "$u" >"$work/launch-$n.out" &
   p=$!
+  pids+=("$p")
   while kill -0 "$p" 2>/dev/null; do
     h=$(awk '/^VmHWM/ { print $2 }' "/proc/$p/status" 2>/dev/null || true)
     [ -n "$h" ] && hwm=$h
@@ -131,9 +131,9 @@ for link in "38mbit 20ms" "100mbit 5ms" "1gbit 1ms"; do
   cli launch --probe "$probe" --exit-after-probe "$work/dlx" >"$work/local-$rate.out"
   local_fr=$(first "$work/local-$rate.out")
   baseline=$(awk -v a="$dl" -v b="$ex" -v c="$local_fr" 'BEGIN { printf "%.3f", a + b + c }')
-  early=$(launch "$url/face.overlay" --trace-out "$work/launch-$rate.trace")
+  early=$(launch "early-$rate" "$url/face.overlay" --trace-out "$work/launch-$rate.trace")
   cli overlay reorder "$work/srv/face.overlay" --trace "$work/launch-$rate.trace" -o "$work/srv/reordered-$rate.overlay" >/dev/null
-  reord=$(launch "$url/reordered-$rate.overlay")
+  reord=$(launch "reordered-$rate" "$url/reordered-$rate.overlay")
   kill "$srv_pid"; wait "$srv_pid" 2>/dev/null || true
   rep=$(cli replay --overlay "$work/srv/face.overlay" --trace "$work/launch-$rate.trace" --rate "$rate" --rtt "$rtt")
   limit=$(printf '%s\n' "$rep" | awk '/physical limit/ { print $3 }')
