@@ -8,7 +8,7 @@ STATICCHECK_VERSION := v0.8.2
 # report a spurious "context deadline exceeded" when a -fuzztime duration
 # ends (golang/go#75804).
 
-.PHONY: all build deps demo demo-face face test lint unit fuzz-short fuzz bench clean
+.PHONY: all build deps demo demo-face face test lint unit fuzz-short fuzz bench bench-face clean
 
 all: build
 
@@ -69,6 +69,11 @@ bench: deps build
 	tools/bench-gap.sh $(BIN) $(BUILD)/bench-gap
 	tools/bench-reliability.sh $(BUILD)/bench-reliability
 	tools/bench-io.sh $(BIN) $(BUILD)/bench-io
+
+# The FACE VM's figures (two captures and nine launches under TCG: about an
+# hour on 2 cores).
+bench-face: deps build
+	tools/bench-face.sh $(BIN) $(BUILD)/bench-face
 
 clean:
 	rm -rf $(BUILD)
