@@ -23,11 +23,12 @@
 set -euo pipefail
 out=${1:?usage: build.sh OUT}
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/../guest/kernel.sh"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 # A guest built by an older recipe (before a change to the service, its
 # setup or the root's files, say) is built again.
-recipe=$(cd "$here" && find build.sh init app.script setup.sh face.py face.service rootfs -type f | LC_ALL=C sort |
+recipe=$(cd "$here" && find build.sh ../guest/kernel.sh init app.script setup.sh face.py face.service rootfs -type f | LC_ALL=C sort |
   xargs sha256sum | sha256sum | cut -d' ' -f1)
 if [ -f "$out/disk.img" ] && [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ -d "$out/srv" ] && [ -f "$out/app.script" ] &&
   [ "$(cat "$out/recipe" 2>/dev/null)" = "$recipe" ]; then
@@ -44,11 +45,7 @@ start=$(date +%s)
 say() { echo "face: $* ($(( $(date +%s) - start )) s)" >&2; }
 
 # The kernel and busybox, as tools/guest/build.sh takes them.
-kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-if [ -z "$kpkg" ]; then
-  apt-get update -qq
-  kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-fi
+kpkg=$(kernel_package)
 mkdir dl
 (cd dl && apt-get download -q "$kpkg" busybox-static python3-skimage >/dev/null 2>&1 ||
   apt-get download "$kpkg" busybox-static python3-skimage)
@@ -59,22 +56,7 @@ say "downloaded $kpkg, busybox-static and python3-skimage (for its astronaut pho
 initrd=$work/initrd
 mkdir -p "$initrd"/{bin,dev,proc,sys,newroot,lib/modules}
 cp x/bin/busybox "$initrd/bin/busybox"
-declare -A seen=()
-order=()
-add() {
-  local name=$1 f dep
-  [ -n "${seen[$name]:-}" ] && return
-  seen[$name]=1
-  f=$(find "$kdir" -name "$name.ko" -o -name "${name//_/-}.ko" | head -1)
-  [ -n "$f" ] || { echo "face: module $name not found in $kpkg" >&2; exit 1; }
-  for dep in $(grep -a -o 'depends=[a-z0-9_,-]*' "$f" | head -1 | cut -d= -f2 | tr ',' ' '); do
-    add "$dep"
-  done
-  cp "$f" "$initrd/lib/modules/"
-  order+=("$(basename "$f")")
-}
-for m in crc32c_generic virtio_pci virtio_blk ext4 e1000 virtio_net virtio_balloon; do add "$m"; done
-printf '%s\n' "${order[@]}" >"$initrd/lib/modules/order"
+add_modules "$kdir" "$initrd/lib/modules" crc32c_generic virtio_pci virtio_blk ext4 e1000 virtio_net virtio_balloon
 cp "$here/init" "$initrd/init"
 chmod 755 "$initrd/init"
 (cd "$initrd" && find . | cpio -o -H newc --quiet | gzip -9) >initrd.img

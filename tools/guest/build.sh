@@ -10,10 +10,11 @@
 set -euo pipefail
 out=${1:?usage: build.sh OUT}
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/kernel.sh"
 mkdir -p "$out"
 # A guest built by an older recipe (without the balloon driver, say) is
 # built again.
-recipe=$(cat "$here/build.sh" "$here/init" "$here/app.script" | sha256sum | cut -d' ' -f1)
+recipe=$(cat "$here/build.sh" "$here/kernel.sh" "$here/init" "$here/app.script" | sha256sum | cut -d' ' -f1)
 if [ -f "$out/vmlinuz" ] && [ -f "$out/initrd.img" ] && [ -f "$out/disk.img" ] &&
   [ "$(cat "$out/recipe" 2>/dev/null)" = "$recipe" ]; then
   exit 0
@@ -26,11 +27,7 @@ cd "$work"
 
 # apt-get download runs as the _apt user when it can; let it write here.
 chmod 755 "$work"
-kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-if [ -z "$kpkg" ]; then
-  apt-get update -qq
-  kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-fi
+kpkg=$(kernel_package)
 echo "guest: downloading $kpkg and busybox-static" >&2
 apt-get download -q "$kpkg" busybox-static >/dev/null 2>&1 || apt-get download "$kpkg" busybox-static
 for d in *.deb; do dpkg-deb -x "$d" x; done
@@ -44,25 +41,9 @@ for applet in fstrim wget; do
   x/bin/busybox --list | grep -qx "$applet" || { echo "guest: busybox-static lacks $applet" >&2; exit 1; }
 done
 
-# Modules, dependencies first, read from each module's own depends= field.
-declare -A seen=()
-order=()
-add() {
-  local name=$1 f dep
-  [ -n "${seen[$name]:-}" ] && return
-  seen[$name]=1
-  f=$(find "$kdir" -name "$name.ko" -o -name "${name//_/-}.ko" | head -1)
-  [ -n "$f" ] || { echo "guest: module $name not found" >&2; exit 1; }
-  for dep in $(grep -a -o 'depends=[a-z0-9_,-]*' "$f" | head -1 | cut -d= -f2 | tr ',' ' '); do
-    add "$dep"
-  done
-  cp "$f" "$root/lib/modules/"
-  order+=("$(basename "$f")")
-}
 # virtio_balloon reports the guest's free pages to QEMU, which punches
 # them out of the memory file (free page reporting).
-for m in crc32c_generic virtio_pci virtio_blk ext4 e1000 virtio_balloon; do add "$m"; done
-printf '%s\n' "${order[@]}" >"$root/lib/modules/order"
+add_modules "$kdir" "$root/lib/modules" crc32c_generic virtio_pci virtio_blk ext4 e1000 virtio_balloon
 
 cp "$here/init" "$root/init"
 chmod 755 "$root/init"
