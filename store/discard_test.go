@@ -23,13 +23,7 @@ func TestDiscardCow(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	open := func() *Cache {
-		c, err := s.OpenCache(overlay.Digest{9}, 4096, [2]int64{1 << 20, 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	open := cacheOpener(t, s, overlay.Digest{9}, 1<<20)
 	c := open()
 	data := bytes.Repeat([]byte{7}, 4096)
 	a, b := overlay.ChunkID{Image: overlay.Disk, Index: 1}, overlay.ChunkID{Image: overlay.Memory, Index: 2}
@@ -75,13 +69,7 @@ func TestDiscardCowsLarge(t *testing.T) {
 	}
 	defer s.Close()
 	const n = 300_000 // over 1 GiB of 4 KiB chunks
-	open := func() *Cache {
-		c, err := s.OpenCache(overlay.Digest{8}, 4096, [2]int64{n * 4096, 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	open := cacheOpener(t, s, overlay.Digest{8}, n*4096)
 	c := open()
 	ids := make([]overlay.ChunkID, n)
 	for i := range ids {
@@ -115,13 +103,7 @@ func TestDiscardPunchFails(t *testing.T) {
 	defer s.Close()
 	defer func(p func(*os.File, int64, int64) error) { punchHole = p }(punchHole)
 	punchHole = func(*os.File, int64, int64) error { return syscall.EOPNOTSUPP }
-	open := func() *Cache {
-		c, err := s.OpenCache(overlay.Digest{13}, 4096, [2]int64{1 << 20, 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	open := cacheOpener(t, s, overlay.Digest{13}, 1<<20)
 	c := open()
 	data := bytes.Repeat([]byte{7}, 4096)
 	ids := []overlay.ChunkID{{Image: overlay.Disk, Index: 1}, {Image: overlay.Disk, Index: 4}}
@@ -173,13 +155,7 @@ func TestDiscardFailsPartWay(t *testing.T) {
 	}
 	defer s.Close()
 	const n = 50_000 // several transactions of markers
-	open := func() *Cache {
-		c, err := s.OpenCache(overlay.Digest{14}, 4096, [2]int64{n * 4096, 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	open := cacheOpener(t, s, overlay.Digest{14}, n*4096)
 	c := open()
 	ids := make([]overlay.ChunkID, n)
 	for i := range ids {
@@ -228,13 +204,7 @@ func TestWrittenFileGone(t *testing.T) {
 	}
 	defer s.Close()
 	id := overlay.Digest{15}
-	open := func() *Cache {
-		c, err := s.OpenCache(id, 4096, [2]int64{1 << 20, 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	open := cacheOpener(t, s, id, 1<<20)
 	c := open()
 	data := bytes.Repeat([]byte{7}, 4096)
 	lost, kept, zero := overlay.ChunkID{Image: overlay.Disk, Index: 1}, overlay.ChunkID{Image: overlay.Memory, Index: 1}, overlay.ChunkID{Image: overlay.Disk, Index: 2}

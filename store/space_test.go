@@ -158,13 +158,7 @@ func TestSpaceReserveKeepsTakenWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	open := func() *Cache {
-		c, err := s.OpenCache(overlay.Digest{12}, 4096, [2]int64{1 << 20, 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	open := cacheOpener(t, s, overlay.Digest{12}, 1<<20)
 	c := open()
 	old, data := bytes.Repeat([]byte{1}, 4096), bytes.Repeat([]byte{7}, 4096)
 	committed, pending := overlay.ChunkID{Image: overlay.Disk, Index: 2}, overlay.ChunkID{Image: overlay.Memory, Index: 1}

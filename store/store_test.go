@@ -299,13 +299,7 @@ func TestWrittenChunksMoveToFiles(t *testing.T) {
 	}
 	defer s.Close()
 	id := overlay.Digest{5}
-	open := func() *Cache {
-		c, err := s.OpenCache(id, 4096, [2]int64{1 << 20, 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	open := cacheOpener(t, s, id, 1<<20)
 	c := open()
 	chunk := bytes.Repeat([]byte{0x6b}, 4096)
 	if err := c.db.Update(func(txn *badger.Txn) error { return txn.Set(cowKey(overlay.Disk, 7), chunk) }); err != nil {
@@ -344,13 +338,7 @@ func TestOneByteChunkMovesToFiles(t *testing.T) {
 	}
 	defer s.Close()
 	id := overlay.Digest{16}
-	open := func() *Cache {
-		c, err := s.OpenCache(id, 4096, [2]int64{3*4096 + 1, 1 << 20})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return c
-	}
+	open := cacheOpener(t, s, id, 3*4096+1)
 	c := open()
 	last := overlay.ChunkID{Image: overlay.Disk, Index: 3}
 	if err := c.db.Update(func(txn *badger.Txn) error { return txn.Set(cowKey(last.Image, last.Index), []byte{0xab}) }); err != nil {
@@ -372,5 +360,20 @@ func TestOneByteChunkMovesToFiles(t *testing.T) {
 	defer c.Close()
 	if ok, err := c.Cow(last, got); !ok || err != nil || got[0] != 0xab {
 		t.Fatalf("one-byte last chunk after a reopen: written %v, %v, byte %#x, want 0xab", ok, err, got[0])
+	}
+}
+
+// cacheOpener returns what opens overlay id's cache in s, with a disk image
+// of diskSize bytes and a 1 MiB memory image: a test closes and opens it
+// again to see what a remount sees.
+func cacheOpener(t *testing.T, s *Store, id overlay.Digest, diskSize int64) func() *Cache {
+	t.Helper()
+	return func() *Cache {
+		t.Helper()
+		c, err := s.OpenCache(id, 4096, [2]int64{diskSize, 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
 	}
 }
