@@ -87,9 +87,9 @@ mke2fs -q -t ext4 -L face -d root disk.img 3G
 rm -rf root
 say "mke2fs done"
 
-# Debian compresses most .debs with xz. The same packages, rebuilt by
-# dpkg-deb with zstd, decompress about 8 times faster, which counts under
-# TCG, where the guest unpacked at about 2 MB/s.
+# Debian compresses most .debs with xz, which the guest unpacked at about
+# 2 MB/s under TCG. The same packages, rebuilt by dpkg-deb with zstd, cost
+# the guest less CPU to unpack (README: where the FACE install's time goes).
 say "recompressing the application's .debs with zstd"
 repack() {
   local deb=$1 d
