@@ -546,17 +546,23 @@ func TestFaults(t *testing.T) {
 		}
 	})
 	t.Run("stays dead", func(t *testing.T) {
-		m, err := v.mount(t, url, 1500*time.Millisecond)
-		if err != nil {
-			t.Fatal(err)
-		}
+		// The server fails the last segment from the start: set once the
+		// mount is up, the stream could have fetched it already.
+		last := v.segments[len(v.segments)-1]
 		srv.setFault(func(w http.ResponseWriter, r *http.Request) bool {
+			if !strings.HasPrefix(r.Header.Get("Range"), fmt.Sprintf("bytes=%d-", last.Offset)) {
+				return false
+			}
 			http.Error(w, "down", http.StatusServiceUnavailable)
 			return true
 		})
 		defer srv.setFault(nil)
+		m, err := v.mount(t, url, 1500*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
 		o := m.f.Overlay()
-		id := o.Manifest.Order[v.segments[len(v.segments)-1].First]
+		id := o.Manifest.Order[last.First]
 		start := time.Now()
 		_, err = m.readAt(id.Image, int64(id.Index)*4096, 10)
 		took := time.Since(start)
@@ -574,11 +580,12 @@ func TestFaults(t *testing.T) {
 		}
 	})
 	t.Run("corrupt segment", func(t *testing.T) {
-		m, err := v.mount(t, url, 10*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
+		// Corrupt from the start, before the stream can fetch it whole.
 		last := v.segments[len(v.segments)-1]
+		total := int64(-1)
+		if st, err := os.Stat(v.overlay); err == nil {
+			total = st.Size()
+		}
 		srv.setFault(func(w http.ResponseWriter, r *http.Request) bool {
 			if !strings.HasPrefix(r.Header.Get("Range"), fmt.Sprintf("bytes=%d-", last.Offset)) {
 				return false
@@ -586,12 +593,16 @@ func TestFaults(t *testing.T) {
 			b, _ := os.ReadFile(v.overlay)
 			b = b[last.Offset : last.Offset+int64(last.Stored)]
 			b[len(b)/2] ^= 4
-			w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", last.Offset, last.Offset+int64(last.Stored)-1, m.f.Overlay().Header.TotalLen()))
+			w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", last.Offset, last.Offset+int64(last.Stored)-1, total))
 			w.WriteHeader(http.StatusPartialContent)
 			w.Write(b)
 			return true
 		})
 		defer srv.setFault(nil)
+		m, err := v.mount(t, url, 10*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
 		o := m.f.Overlay()
 		id := o.Manifest.Order[last.First]
 		if _, err := m.readAt(id.Image, int64(id.Index)*4096, 10); !errors.Is(err, syscall.EIO) {
