@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -54,6 +55,55 @@ type Options struct {
 	// Stopped, if set, runs once QEMU has stopped, while the mount is still
 	// there (nil without one): to write its trace, for example.
 	Stopped func(s *session.Session) error
+
+	// Mountpoint, if set, is an existing empty directory to mount on;
+	// otherwise the mount gets a temporary one.
+	Mountpoint string
+	// Forwards are the guest's TCP ports to reach from the host; a
+	// HostPort of 0 takes a free port of HostAddr. Without them, the
+	// guest port vm.json names is forwarded from a free port of
+	// 127.0.0.1.
+	Forwards []qemu.Forward
+	// ProbeHTTP, if set, is a path: the probe is a GET of it on the first
+	// forwarded port, which succeeds on a 2xx reply. Probe, if also set,
+	// runs instead.
+	ProbeHTTP string
+	// Events, if set, gets every step of the timeline as it happens,
+	// besides the line written to Timeline.
+	Events func(Event)
+	// Running, if set, is called once QEMU has resumed the VM.
+	Running func(Running)
+}
+
+// Step names a point of the journey.
+type Step string
+
+// The steps of a launch, in the order they happen. Complete may come
+// before or after FirstResponse; Exited and Stopped end it.
+const (
+	StepMetadata      Step = "metadata"       // the overlay's metadata arrived and it is mounted
+	StepLocal         Step = "local"          // the files of an extracted VM are used instead
+	StepRunning       Step = "running"        // QEMU resumed the VM
+	StepFirstResponse Step = "first-response" // the probe succeeded
+	StepComplete      Step = "complete"       // every segment of the overlay is present
+	StepExited        Step = "exited"         // the VM exited on its own
+	StepStopping      Step = "stopping"       // a stop was asked for
+	StepStopped       Step = "stopped"        // the VM was stopped
+)
+
+// Event is one step of the timeline.
+type Event struct {
+	At   time.Duration `json:"-"` // since Run started
+	Step Step          `json:"step"`
+	Text string        `json:"text"`
+}
+
+// Running is what a caller can see of a launch once its VM runs.
+type Running struct {
+	Session  *session.Session // nil for an extracted VM
+	QEMUPid  int
+	Mount    string // the mountpoint, "" for an extracted VM
+	Forwards []qemu.Forward
 }
 
 // Run mounts, resumes and serves the VM until it exits, the probe settles
@@ -62,10 +112,16 @@ type Options struct {
 func Run(ctx context.Context, opt Options) (err error) {
 	start := time.Now()
 	var markMu sync.Mutex // the probe marks too
-	mark := func(what string) {
+	mark := func(step Step, what string) {
 		markMu.Lock()
 		defer markMu.Unlock()
-		fmt.Fprintf(opt.Timeline, "%8.3f s  %s\n", time.Since(start).Seconds(), what)
+		at := time.Since(start)
+		if opt.Timeline != nil {
+			fmt.Fprintf(opt.Timeline, "%8.3f s  %s\n", at.Seconds(), what)
+		}
+		if opt.Events != nil {
+			opt.Events(Event{At: at, Step: step, Text: what})
+		}
 	}
 	// The VM's files: from a mount of the overlay, or, for the full
 	// synthesis baseline, from a directory `overlay extract` wrote.
@@ -82,15 +138,17 @@ func Run(ctx context.Context, opt Options) (err error) {
 		if cfg, err = qemu.LoadConfig(raw); err != nil {
 			return err
 		}
-		mark("local files of an extracted VM")
+		mark(StepLocal, "local files of an extracted VM")
 	} else {
 		ref := opt.Session.Overlay
-		session.CleanDeadMounts(filepath.Join(os.TempDir(), "cloudletfs-launch-*"), opt.Session.Log)
-		mnt, err := os.MkdirTemp("", "cloudletfs-launch-")
-		if err != nil {
-			return err
+		mnt := opt.Mountpoint
+		if mnt == "" {
+			session.CleanDeadMounts(filepath.Join(os.TempDir(), "cloudletfs-launch-*"), opt.Session.Log)
+			if mnt, err = os.MkdirTemp("", "cloudletfs-launch-"); err != nil {
+				return err
+			}
+			defer os.Remove(mnt)
 		}
-		defer os.Remove(mnt)
 		// The VM must be able to run before earlier writes are discarded.
 		check := func(o *overlay.Overlay, base *store.Base) error {
 			if o.VMConfig == nil {
@@ -116,13 +174,17 @@ func Run(ctx context.Context, opt Options) (err error) {
 			return err
 		}
 		defer s.Close()
-		mark(fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.Overlay.Header.TotalLen())), len(s.Overlay.Manifest.Segments)))
+		mark(StepMetadata, fmt.Sprintf("metadata arrived, mounted (%s overlay, %d segments)", humanize.IBytes(uint64(s.Overlay.Header.TotalLen())), len(s.Overlay.Manifest.Segments)))
 		memory, disk, state = filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image"), filepath.Join(mnt, "state")
 	}
 	cfg.Extra = append(cfg.Extra, opt.Extra...)
-	port, err := FreePort()
+	fwd, err := forwards(cfg, opt.Forwards)
 	if err != nil {
 		return err
+	}
+	port := 0
+	if len(fwd) > 0 {
+		port = fwd[0].HostPort
 	}
 	// A directory of its own: launches in one process never share a socket.
 	qmpDir, err := os.MkdirTemp("", "cloudletfs-qmp-")
@@ -132,7 +194,7 @@ func Run(ctx context.Context, opt Options) (err error) {
 	defer os.RemoveAll(qmpDir)
 	qmp := filepath.Join(qmpDir, "qmp.sock")
 	args := cfg.Args(qemu.Run{Accel: opt.Accel, Memory: memory, Share: false,
-		Disk: disk, QMP: qmp, Incoming: true, HostPort: port, Dir: baseDir})
+		Disk: disk, QMP: qmp, Incoming: true, Forwards: fwd, Dir: baseDir})
 	vm, err := qemu.Start(ctx, opt.QEMU, args, qmp, opt.Console)
 	if err != nil {
 		return err
@@ -168,10 +230,17 @@ func Run(ctx context.Context, opt Options) (err error) {
 			return err
 		}
 	}
-	mark(fmt.Sprintf("QEMU running (%s; guest port %d on 127.0.0.1:%d)", opt.Accel, cfg.GuestPort, port))
+	mark(StepRunning, fmt.Sprintf("QEMU running (%s%s)", opt.Accel, describeForwards(fwd)))
+	if opt.Running != nil {
+		r := Running{QEMUPid: vm.Pid(), Forwards: fwd, Session: s}
+		if s != nil {
+			r.Mount = s.Dir
+		}
+		opt.Running(r)
+	}
 
 	probed := make(chan error, 1)
-	if opt.Probe != "" {
+	if opt.Probe != "" || opt.ProbeHTTP != "" {
 		// The probe ends before Run does, and before the mount it marks
 		// goes.
 		pctx, cancel := context.WithCancel(ctx)
@@ -188,7 +257,7 @@ func Run(ctx context.Context, opt Options) (err error) {
 	if s != nil {
 		complete = s.Fetcher.Complete()
 	}
-	probeDone := opt.Probe == ""
+	probeDone := opt.Probe == "" && opt.ProbeHTTP == ""
 	for {
 		select {
 		case err, more := <-probed:
@@ -206,24 +275,68 @@ func Run(ctx context.Context, opt Options) (err error) {
 			probeDone, probed = true, nil
 		case <-complete:
 			st := s.Fetcher.Stats()
-			mark(fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, stalled %.0f ms: some read waited; %.0f ms waited summed over reads)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallMs, st.WaitTotalMs))
+			mark(StepComplete, fmt.Sprintf("overlay complete (%s fetched, %d demand fetches, stalled %.0f ms: some read waited; %.0f ms waited summed over reads)", humanize.IBytes(uint64(st.BytesFetched)), st.DemandFetches, st.StallMs, st.WaitTotalMs))
 			complete = nil
 		case <-vm.Exited():
-			mark("the VM exited")
+			mark(StepExited, "the VM exited")
 			if err := stop(); err != nil {
 				return err
 			}
 			return vmEnded(vm, s, probeDone)
 		case <-ctx.Done():
-			mark("stopping on a signal")
-			return stop()
+			mark(StepStopping, "stopping on a signal")
+			err := stop()
+			if opt.Events != nil {
+				opt.Events(Event{At: time.Since(start), Step: StepStopped, Text: "stopped the VM"})
+			}
+			return err
 		}
 		if opt.ExitAfterProbe && probeDone && (s == nil || complete == nil || opt.Session.Policy == order.DemandOnly) {
 			err := stop()
-			mark("stopped the VM")
+			mark(StepStopped, "stopped the VM")
 			return err
 		}
 	}
+}
+
+// forwards resolves the ports to forward: free host ports where none is
+// given, and vm.json's guest port when none is asked for.
+func forwards(cfg *qemu.Config, want []qemu.Forward) ([]qemu.Forward, error) {
+	if len(want) == 0 {
+		if cfg.GuestPort == 0 || cfg.NIC == "" {
+			return nil, nil
+		}
+		want = []qemu.Forward{{GuestPort: cfg.GuestPort}}
+	}
+	if cfg.NIC == "" {
+		return nil, errors.New("the VM has no network card (vm.json names no nic), so no port can be forwarded to it")
+	}
+	out := make([]qemu.Forward, len(want))
+	for i, f := range want {
+		if f.GuestPort < 1 || f.GuestPort > 65535 {
+			return nil, fmt.Errorf("guest port %d: want 1 to 65535", f.GuestPort)
+		}
+		if f.HostAddr == "" {
+			f.HostAddr = "127.0.0.1"
+		}
+		if f.HostPort == 0 {
+			p, err := FreePortOn(f.HostAddr)
+			if err != nil {
+				return nil, err
+			}
+			f.HostPort = p
+		}
+		out[i] = f
+	}
+	return out, nil
+}
+
+func describeForwards(fwd []qemu.Forward) string {
+	var b strings.Builder
+	for _, f := range fwd {
+		fmt.Fprintf(&b, "; guest port %d on %s", f.GuestPort, net.JoinHostPort(f.HostAddr, strconv.Itoa(f.HostPort)))
+	}
+	return b.String()
 }
 
 // vmEnded is the outcome of a launch whose VM exited on its own: an error
@@ -252,24 +365,19 @@ var errVMExited = errors.New("the VM exited")
 
 // probe runs the probe command until it succeeds, and marks the first
 // response on the timeline.
-func probe(ctx context.Context, opt Options, s *session.Session, port int, vm *qemu.VM, mark func(string)) error {
+func probe(ctx context.Context, opt Options, s *session.Session, port int, vm *qemu.VM, mark func(Step, string)) error {
 	deadline := time.Now().Add(opt.ProbeTimeout)
+	try := func() (string, error) { return probeShell(ctx, opt.Probe, port) }
+	if opt.Probe == "" {
+		try = func() (string, error) { return probeHTTP(ctx, opt.ProbeHTTP, port) }
+	}
 	for {
-		cmd := exec.CommandContext(ctx, "sh", "-c", opt.Probe)
-		cmd.Env = append(os.Environ(), "CLOUDLETFS_PORT="+strconv.Itoa(port))
-		// A stop ends the probe's whole process group, not only sh: a
-		// child left holding its output would keep Output, and so the
-		// stop, waiting.
-		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-		cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-		cmd.WaitDelay = time.Second
-		qemu.CloseOnExec()
-		out, err := cmd.Output()
+		out, err := try()
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		if err == nil {
-			mark("first response: " + strings.TrimSpace(string(out)))
+			mark(StepFirstResponse, "first response: "+strings.TrimSpace(out))
 			if s != nil {
 				s.Mount.Mark(order.FirstResponse)
 			}
@@ -288,6 +396,52 @@ func probe(ctx context.Context, opt Options, s *session.Session, port int, vm *q
 	}
 }
 
+// probeShell runs a probe command once, with the host port in
+// $CLOUDLETFS_PORT.
+func probeShell(ctx context.Context, command string, port int) (string, error) {
+	cmd := exec.CommandContext(ctx, "sh", "-c", command)
+	cmd.Env = append(os.Environ(), "CLOUDLETFS_PORT="+strconv.Itoa(port))
+	// A stop ends the probe's whole process group, not only sh: a child
+	// left holding its output would keep Output, and so the stop, waiting.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = time.Second
+	qemu.CloseOnExec()
+	out, err := cmd.Output()
+	return string(out), err
+}
+
+// probeHTTP GETs path on the forwarded port once; a 2xx reply is a
+// response, and its first line is what the timeline shows.
+func probeHTTP(ctx context.Context, path string, port int) (string, error) {
+	if port == 0 {
+		return "", errors.New("no port is forwarded to the guest")
+	}
+	if !strings.HasPrefix(path, "/") {
+		path = "/" + path
+	}
+	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(rctx, http.MethodGet, "http://127.0.0.1:"+strconv.Itoa(port)+path, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := probeClient.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode/100 != 2 {
+		return "", fmt.Errorf("GET %s: %s", path, resp.Status)
+	}
+	first, _, _ := strings.Cut(string(body), "\n")
+	return fmt.Sprintf("HTTP %d %s", resp.StatusCode, strings.TrimSpace(first)), nil
+}
+
+// probeClient keeps no connection: each try must reach the guest anew.
+var probeClient = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+
 // BaseConfig loads a base's vm.json, and returns the directory its kernel
 // and initrd are in.
 func BaseConfig(b *store.Base) (*qemu.Config, string, error) {
@@ -303,8 +457,11 @@ func BaseConfig(b *store.Base) (*qemu.Config, string, error) {
 }
 
 // FreePort asks the kernel for a free TCP port on 127.0.0.1.
-func FreePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func FreePort() (int, error) { return FreePortOn("127.0.0.1") }
+
+// FreePortOn asks the kernel for a free TCP port on the address host.
+func FreePortOn(host string) (int, error) {
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		return 0, err
 	}

@@ -65,12 +65,22 @@ type Run struct {
 	Disk     string
 	QMP      string // unix socket path
 	Incoming bool   // -incoming defer: wait for migrate-incoming
-	HostPort int    // host side of the forwarded guest port
+	HostPort int    // host side of the forwarded guest port, on 127.0.0.1
+	// Forwards, if set, replace HostPort: each forwards a host address to
+	// a guest TCP port, so a VM can serve on several ports.
+	Forwards []Forward
 	Dir      string // where Kernel and Initrd live
 	Boot     bool   // pass -kernel/-initrd/-append
 	// NoDiscard makes the drive ignore the guest's discards even where
 	// the Config has Discard; the hardware the guest sees is the same.
 	NoDiscard bool
+}
+
+// Forward is one TCP port forwarded from the host into the guest.
+type Forward struct {
+	HostAddr  string `json:"host_addr"` // an IP address of the host
+	HostPort  int    `json:"host_port"`
+	GuestPort int    `json:"guest_port"`
 }
 
 // Args builds the QEMU command line. Capture and resume use the same
@@ -99,8 +109,16 @@ func (c *Config) Args(r Run) []string {
 	}
 	if c.NIC != "" {
 		netdev := "user,id=net0"
-		if c.GuestPort > 0 && r.HostPort > 0 {
-			netdev += fmt.Sprintf(",hostfwd=tcp:127.0.0.1:%d-:%d", r.HostPort, c.GuestPort)
+		fwd := r.Forwards
+		if len(fwd) == 0 && c.GuestPort > 0 && r.HostPort > 0 {
+			fwd = []Forward{{HostAddr: "127.0.0.1", HostPort: r.HostPort, GuestPort: c.GuestPort}}
+		}
+		for _, f := range fwd {
+			host := f.HostAddr
+			if strings.Contains(host, ":") {
+				host = "[" + host + "]"
+			}
+			netdev += fmt.Sprintf(",hostfwd=tcp:%s:%d-:%d", host, f.HostPort, f.GuestPort)
 		}
 		a = append(a, "-netdev", netdev, "-device", c.NIC+",netdev=net0")
 	}
@@ -388,6 +406,9 @@ func (v *VM) ExitErr() error {
 	defer v.mu.Unlock()
 	return v.waitErr
 }
+
+// Pid is QEMU's process ID.
+func (v *VM) Pid() int { return v.cmd.Process.Pid }
 
 // Kill stops QEMU at once.
 func (v *VM) Kill() {
