@@ -60,9 +60,9 @@ type Options struct {
 	// otherwise the mount gets a temporary one.
 	Mountpoint string
 	// Forwards are the guest's TCP ports to reach from the host; a
-	// HostPort of 0 takes a free port of HostAddr. Without them, the
-	// guest port vm.json names is forwarded from a free port of
-	// 127.0.0.1.
+	// HostPort of 0 takes a free port of HostAddr, and a GuestPort of 0
+	// is the port vm.json names, if it names one. Without them, that
+	// port is forwarded from a free port of 127.0.0.1.
 	Forwards []qemu.Forward
 	// ProbeHTTP, if set, is a path: the probe is a GET of it on the first
 	// forwarded port, which succeeds on a 2xx reply. Probe, if also set,
@@ -303,16 +303,19 @@ func Run(ctx context.Context, opt Options) (err error) {
 // given, and vm.json's guest port when none is asked for.
 func forwards(cfg *qemu.Config, want []qemu.Forward) ([]qemu.Forward, error) {
 	if len(want) == 0 {
-		if cfg.GuestPort == 0 || cfg.NIC == "" {
-			return nil, nil
+		want = []qemu.Forward{{}}
+	}
+	var out []qemu.Forward
+	for _, f := range want {
+		if f.GuestPort == 0 {
+			if cfg.GuestPort == 0 || cfg.NIC == "" {
+				continue // vm.json forwards nothing
+			}
+			f.GuestPort = cfg.GuestPort
 		}
-		want = []qemu.Forward{{GuestPort: cfg.GuestPort}}
-	}
-	if cfg.NIC == "" {
-		return nil, errors.New("the VM has no network card (vm.json names no nic), so no port can be forwarded to it")
-	}
-	out := make([]qemu.Forward, len(want))
-	for i, f := range want {
+		if cfg.NIC == "" {
+			return nil, errors.New("the VM has no network card (vm.json names no nic), so no port can be forwarded to it")
+		}
 		if f.GuestPort < 1 || f.GuestPort > 65535 {
 			return nil, fmt.Errorf("guest port %d: want 1 to 65535", f.GuestPort)
 		}
@@ -326,7 +329,7 @@ func forwards(cfg *qemu.Config, want []qemu.Forward) ([]qemu.Forward, error) {
 			}
 			f.HostPort = p
 		}
-		out[i] = f
+		out = append(out, f)
 	}
 	return out, nil
 }

@@ -136,6 +136,9 @@ var positional = map[string]args{
 	"trace merge":     {1, -1, "one TRACE or more", false},
 	"cache verify":    {0, -1, "", false},
 	"cache rm":        {1, 1, "one OVERLAY-ID (see cloudletfs cache ls)", false},
+	"cloudlet-worker": {1, 1, "the VM's DIR", false},
+	"synthesize":      {1, 1, "one OVERLAY-URL", false},
+	"stop":            {1, -1, "one VM ID or more (see cloudletfs vms)", false},
 }
 
 // args is what a command takes as positional arguments.
@@ -152,7 +155,7 @@ var zeroDuration = map[string]bool{"rtt": true, "startup": true, "ready-after": 
 
 // zeroInt names the whole-number flags for which zero means something; every
 // other one counts something and must be positive.
-var zeroInt = map[string]bool{"guest-port": true}
+var zeroInt = map[string]bool{"guest-port": true, "max-vms": true}
 
 // wasRequired remembers the flags checkUsage took the Required mark off,
 // since the flag values are shared by every app built in one process.

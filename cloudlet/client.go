@@ -1,0 +1,221 @@
+package cloudlet
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// Client speaks to a cloudlet service's API.
+type Client struct {
+	base  *url.URL
+	token string
+	http  *http.Client
+}
+
+// NewClient returns a client of the cloudlet at base (http://HOST:PORT).
+func NewClient(base, token string) (*Client, error) {
+	u, err := url.Parse(base)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("--cloudlet %q: want the cloudlet's URL, such as http://cloudlet:8021", base)
+	}
+	u.Path = strings.TrimSuffix(u.Path, "/")
+	return &Client{base: u, token: token, http: &http.Client{Transport: &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
+		ResponseHeaderTimeout: 2 * time.Minute, // a stop waits for the VM
+	}}}, nil
+}
+
+// APIError is a reply of the cloudlet's that is not a success.
+type APIError struct {
+	Status int
+	Field  string // the request field at fault, for a 400
+	Msg    string
+}
+
+func (e *APIError) Error() string {
+	msg := e.Msg
+	if e.Field != "" {
+		msg = e.Field + ": " + msg
+	}
+	return fmt.Sprintf("cloudlet: %s (HTTP %d)", msg, e.Status)
+}
+
+func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+	var rd io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return err
+		}
+		rd = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, c.base.String()+path, rd)
+	if err != nil {
+		return err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("cloudlet %s: %w", c.base.Redacted(), err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return readError(resp)
+	}
+	if out == nil || resp.StatusCode == http.StatusNoContent {
+		return nil
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(out); err != nil {
+		return fmt.Errorf("cloudlet %s: %s %s: %w", c.base.Redacted(), method, path, err)
+	}
+	return nil
+}
+
+func readError(resp *http.Response) error {
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	var body Error
+	if json.Unmarshal(b, &body) != nil || body.Error == "" {
+		body.Error = strings.TrimSpace(resp.Status + " " + strings.TrimSpace(string(b)))
+	}
+	return &APIError{Status: resp.StatusCode, Field: body.Field, Msg: body.Error}
+}
+
+// Create asks for a VM.
+func (c *Client) Create(ctx context.Context, r Request) (VM, error) {
+	var v VM
+	err := c.do(ctx, http.MethodPost, "/v1/vms", r, &v)
+	return v, err
+}
+
+// Get returns one VM.
+func (c *Client) Get(ctx context.Context, id string) (VM, error) {
+	var v VM
+	err := c.do(ctx, http.MethodGet, "/v1/vms/"+url.PathEscape(id), nil, &v)
+	return v, err
+}
+
+// List returns every VM the cloudlet knows.
+func (c *Client) List(ctx context.Context) ([]VM, error) {
+	var out struct {
+		VMs []VM `json:"vms"`
+	}
+	err := c.do(ctx, http.MethodGet, "/v1/vms", nil, &out)
+	return out.VMs, err
+}
+
+// Stop stops a VM and returns it stopped.
+func (c *Client) Stop(ctx context.Context, id string) (VM, error) {
+	var v VM
+	err := c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(id), nil, &v)
+	return v, err
+}
+
+// Bases lists the bases the cloudlet holds.
+func (c *Client) Bases(ctx context.Context) ([]Base, error) {
+	var out struct {
+		Bases []Base `json:"bases"`
+	}
+	err := c.do(ctx, http.MethodGet, "/v1/bases", nil, &out)
+	return out.Bases, err
+}
+
+// Follow calls f with the VM as it is and again on every change, from its
+// event stream, until f returns false, the VM has ended, or ctx ends. A
+// stream that is cut (the daemon restarting, say) is opened again; it
+// gives up only once the cloudlet has refused it for a minute. It returns
+// the VM as last seen.
+func (c *Client) Follow(ctx context.Context, id string, f func(VM) bool) (VM, error) {
+	var last VM
+	var failingSince time.Time
+	delay := 100 * time.Millisecond
+	for {
+		done, err := c.stream(ctx, id, func(v VM) bool {
+			last = v
+			failingSince = time.Time{}
+			return f(v) && !v.State.Final()
+		})
+		if done || ctx.Err() != nil {
+			if err == nil {
+				err = ctx.Err()
+			}
+			return last, err
+		}
+		var ae *APIError
+		if errors.As(err, &ae) && ae.Status < 500 {
+			return last, err // a 404 or a refused token will not pass
+		}
+		if failingSince.IsZero() {
+			failingSince = time.Now()
+		} else if time.Since(failingSince) > time.Minute {
+			return last, fmt.Errorf("lost the cloudlet's event stream of VM %s: %w", id, err)
+		}
+		select {
+		case <-ctx.Done():
+			return last, ctx.Err()
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 2*time.Second)
+	}
+}
+
+// stream reads one event stream; done says f or the VM's end stopped it.
+func (c *Client) stream(ctx context.Context, id string, f func(VM) bool) (done bool, err error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base.String()+"/v1/vms/"+url.PathEscape(id)+"/events", nil)
+	if err != nil {
+		return true, err
+	}
+	req.Header.Set("Accept", "text/event-stream")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return false, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return false, readError(resp)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	var data []byte
+	for sc.Scan() {
+		line := sc.Bytes()
+		switch {
+		case len(line) == 0:
+			if len(data) == 0 {
+				continue
+			}
+			var v VM
+			if err := json.Unmarshal(data, &v); err != nil {
+				return true, fmt.Errorf("cloudlet: an event of VM %s: %w", id, err)
+			}
+			data = data[:0]
+			if !f(v) {
+				return true, nil
+			}
+		case bytes.HasPrefix(line, []byte("data:")):
+			data = append(data, bytes.TrimSpace(line[5:])...)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return false, err
+	}
+	return false, io.ErrUnexpectedEOF
+}

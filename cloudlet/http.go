@@ -1,0 +1,207 @@
+package cloudlet
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"time"
+)
+
+// maxBody bounds a request body.
+const maxBody = 64 << 10
+
+// Handler serves the API under /v1, the metrics at /metrics and the status
+// page at /.
+func (s *Service) Handler() http.Handler {
+	mux := http.NewServeMux()
+	api := func(pattern string, h http.HandlerFunc) { mux.Handle(pattern, s.auth(h)) }
+	api("POST /v1/vms", s.postVM)
+	api("GET /v1/vms", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"vms": s.List()})
+	})
+	api("GET /v1/vms/{id}", func(w http.ResponseWriter, r *http.Request) {
+		e := s.lookup(r.PathValue("id"))
+		if e == nil {
+			writeError(w, notFound(r.PathValue("id")))
+			return
+		}
+		v, _ := e.snapshot()
+		writeJSON(w, http.StatusOK, v)
+	})
+	api("GET /v1/vms/{id}/events", s.events)
+	api("DELETE /v1/vms/{id}", s.deleteVM)
+	api("GET /v1/bases", func(w http.ResponseWriter, r *http.Request) {
+		bs, err := s.Bases()
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"bases": bs})
+	})
+	api("/v1/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, &RequestError{Status: 404, Msg: fmt.Sprintf("no such API call: %s %s (see `cloudletfs cloudlet --help`)", r.Method, r.URL.Path)})
+	})
+	status := func(h http.Handler) http.Handler {
+		if s.opt.OpenStatus {
+			return h
+		}
+		return s.auth(h.ServeHTTP)
+	}
+	mux.Handle("GET /metrics", status(s.metrics.handler()))
+	mux.Handle("GET /{$}", status(http.HandlerFunc(s.statusPage)))
+	mux.Handle("/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, &RequestError{Status: 404, Msg: "not found: the API is under /v1, metrics at /metrics, the status page at /"})
+	}))
+	return mux
+}
+
+func notFound(id string) error {
+	return &RequestError{Status: 404, Msg: fmt.Sprintf("no VM %s on this cloudlet (GET /v1/vms lists them)", id)}
+}
+
+// auth lets a request through only with the token, if the service has
+// one; the comparison takes the same time wherever the tokens differ.
+func (s *Service) auth(h http.HandlerFunc) http.Handler {
+	if s.opt.Token == "" {
+		return h
+	}
+	want := []byte("Bearer " + s.opt.Token)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got := []byte(r.Header.Get("Authorization"))
+		if subtle.ConstantTimeCompare(got, want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="cloudletfs"`)
+			writeError(w, &RequestError{Status: 401, Msg: "missing or wrong token: send Authorization: Bearer TOKEN, with the token of the cloudlet's --token-file"})
+			return
+		}
+		h(w, r)
+	})
+}
+
+func (s *Service) postVM(w http.ResponseWriter, r *http.Request) {
+	var req Request
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		var mbe *http.MaxBytesError
+		var ute *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &mbe):
+			writeError(w, &RequestError{Status: 413, Msg: fmt.Sprintf("the request body is larger than %d bytes", maxBody)})
+		case errors.As(err, &ute):
+			writeError(w, badRequest(ute.Field, "want a JSON %s", ute.Type))
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			writeError(w, badRequest(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`), "unknown field: the request takes overlay, headers, ports and probe"))
+		default:
+			writeError(w, badRequest("", "the body is not a JSON request: %v", err))
+		}
+		return
+	}
+	if dec.More() {
+		writeError(w, badRequest("", "the body holds more than one JSON value"))
+		return
+	}
+	v, err := s.Create(r.Context(), req)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	w.Header().Set("Location", "/v1/vms/"+v.ID)
+	writeJSON(w, http.StatusAccepted, v)
+}
+
+func (s *Service) deleteVM(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	e := s.lookup(id)
+	if e == nil {
+		writeError(w, notFound(id))
+		return
+	}
+	if v, _ := e.snapshot(); v.State.Final() && r.URL.Query().Get("forget") != "" {
+		if err := s.Remove(id); err != nil {
+			writeError(w, err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	v, err := s.Stop(r.Context(), id)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, v)
+}
+
+// events streams a VM as server-sent events: the VM now, then again on
+// every change, until it has ended. A comment line every 15 s keeps
+// proxies from cutting a quiet stream.
+func (s *Service) events(w http.ResponseWriter, r *http.Request) {
+	e := s.lookup(r.PathValue("id"))
+	if e == nil {
+		writeError(w, notFound(r.PathValue("id")))
+		return
+	}
+	fl, ok := w.(http.Flusher)
+	if !ok {
+		writeError(w, errors.New("streaming is not supported on this connection"))
+		return
+	}
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	keep := time.NewTicker(15 * time.Second)
+	defer keep.Stop()
+	for {
+		v, changed := e.snapshot()
+		b, err := json.Marshal(v)
+		if err != nil {
+			return
+		}
+		if _, err := fmt.Fprintf(w, "event: vm\ndata: %s\n\n", b); err != nil {
+			return
+		}
+		fl.Flush()
+		if v.State.Final() || !waitChange(w, fl, changed, keep.C, r) {
+			return
+		}
+	}
+}
+
+// waitChange waits for the VM to change, writing a comment on every tick;
+// false if the client went away.
+func waitChange(w io.Writer, fl http.Flusher, changed <-chan struct{}, tick <-chan time.Time, r *http.Request) bool {
+	for {
+		select {
+		case <-changed:
+			return true
+		case <-tick:
+			if _, err := io.WriteString(w, ": keep-alive\n\n"); err != nil {
+				return false
+			}
+			fl.Flush()
+		case <-r.Context().Done():
+			return false
+		}
+	}
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	var re *RequestError
+	if errors.As(err, &re) {
+		writeJSON(w, re.Status, Error{Error: re.Msg, Field: re.Field})
+		return
+	}
+	writeJSON(w, http.StatusInternalServerError, Error{Error: err.Error()})
+}

@@ -1,0 +1,376 @@
+package cloudlet
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/cloudletfs/cloudletfs/launch"
+	"github.com/cloudletfs/cloudletfs/qemu"
+	"github.com/cloudletfs/cloudletfs/session"
+)
+
+// A VM's directory under <state dir>/cloudlet/vms/<id> holds:
+const (
+	specFile    = "spec.json"   // what the worker runs (0600: it holds the request's headers)
+	statusFile  = "status.json" // the worker's last report, final once it has ended
+	socketFile  = "worker.sock" // the worker's live reports
+	mountDir    = "mnt"         // the overlay's mount
+	consoleFile = "console.log" // the guest's serial console
+	logFile     = "worker.log"  // the worker's own log
+)
+
+// spec is what the daemon hands a worker.
+type spec struct {
+	VM       VM      `json:"vm"` // as admitted: ID, overlay, request time, timeline so far
+	Request  Request `json:"request"`
+	StateDir string  `json:"state_dir"`
+	QEMU     string  `json:"qemu"`
+	Accel    string  `json:"accel"`
+	HostAddr string  `json:"host_addr"`
+	// Durations in nanoseconds.
+	FetchTimeout time.Duration `json:"fetch_timeout"`
+	ProbeTimeout time.Duration `json:"probe_timeout"`
+	CacheSize    int64         `json:"cache_size"`
+}
+
+// report is what a worker says of its VM: what the API shows, and what
+// the daemon needs to clean up after a worker that died.
+type report struct {
+	VM      VM     `json:"vm"`
+	QEMUPid int    `json:"qemu_pid,omitempty"`
+	Mount   string `json:"mount,omitempty"`
+}
+
+// worker runs one VM and reports on it. Its reports go to subscribers of
+// the socket and to the status file; the last one, written and synced
+// before the worker exits, is final.
+type worker struct {
+	dir string
+	log zerolog.Logger
+
+	mu       sync.Mutex
+	rep      report
+	changed  chan struct{} // closed and replaced on every change
+	ended    bool
+	probed   bool // a probe was asked for
+	answered bool // and it succeeded
+	complete bool
+	sess     *session.Session // once QEMU runs
+}
+
+// RunWorker runs the VM described in dir until it ends or ctx does, and
+// reports on it; `cloudletfs cloudlet-worker DIR` is this. It is the
+// daemon's child but not tied to it: a daemon that dies leaves it running,
+// and the next daemon finds it again by its socket. It returns once the
+// final report is written.
+func RunWorker(ctx context.Context, dir string, log zerolog.Logger) error {
+	raw, err := os.ReadFile(filepath.Join(dir, specFile))
+	if err != nil {
+		return fmt.Errorf("worker: %w", err)
+	}
+	var sp spec
+	if err := json.Unmarshal(raw, &sp); err != nil {
+		return fmt.Errorf("worker: %s: %w", specFile, err)
+	}
+	w := &worker{dir: dir, log: log, rep: report{VM: sp.VM}, changed: make(chan struct{})}
+	w.probed = sp.Request.Probe != nil && sp.Request.Probe.HTTP != ""
+	sock := filepath.Join(dir, socketFile)
+	os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return fmt.Errorf("worker: %w", err)
+	}
+	srv := &http.Server{Handler: w.handler(), ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	defer srv.Close()
+	w.save(false)
+
+	console, err := os.OpenFile(filepath.Join(dir, consoleFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return fmt.Errorf("worker: %w", err)
+	}
+	defer console.Close()
+	mnt := filepath.Join(dir, mountDir)
+	if err := os.MkdirAll(mnt, 0o700); err != nil {
+		return fmt.Errorf("worker: %w", err)
+	}
+	var headers []string
+	for k, v := range sp.Request.Headers {
+		headers = append(headers, k+": "+v)
+	}
+	sort.Strings(headers)
+	var fwd []qemu.Forward
+	for _, p := range sp.Request.Ports {
+		fwd = append(fwd, qemu.Forward{HostAddr: sp.HostAddr, GuestPort: p})
+	}
+	if len(fwd) == 0 {
+		// vm.json's own guest port, on the cloudlet's address.
+		fwd = append(fwd, qemu.Forward{HostAddr: sp.HostAddr})
+	}
+	opt := launch.Options{
+		Session: session.Options{Overlay: sp.Request.Overlay, StateDir: sp.StateDir, Log: log,
+			Headers: headers, FetchTimeout: sp.FetchTimeout, CacheSize: sp.CacheSize},
+		Mountpoint: mnt, QEMU: sp.QEMU, Accel: sp.Accel, Forwards: fwd,
+		ProbeTimeout: sp.ProbeTimeout, Console: console, Events: w.event, Running: w.running,
+	}
+	if w.probed {
+		opt.ProbeHTTP = sp.Request.Probe.HTTP
+	}
+	stopSampling := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		w.sample(stopSampling)
+	}()
+	runErr := launch.Run(ctx, opt)
+	close(stopSampling)
+	<-sampled
+	w.finish(ctx, runErr)
+	return runErr
+}
+
+// event turns a step of the launch into the VM's timeline and state.
+func (w *worker) event(e launch.Event) {
+	w.update(func(r *report) {
+		v := &r.VM
+		v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: string(e.Step), Text: e.Text})
+		switch e.Step {
+		case launch.StepMetadata:
+			v.State = Resuming
+		case launch.StepRunning:
+			v.State = Running
+			if w.complete && !w.probed {
+				v.State = Complete
+			}
+		case launch.StepFirstResponse:
+			w.answered = true
+			v.State = FirstResponse
+			if w.complete {
+				v.State = Complete
+			}
+		case launch.StepComplete:
+			w.complete = true
+			if (w.answered || !w.probed) && v.State != Resuming {
+				v.State = Complete
+			}
+		case launch.StepStopping:
+			v.State = Stopping
+		}
+	})
+}
+
+// running records where the VM can be reached and what to clean up.
+func (w *worker) running(r launch.Running) {
+	w.update(func(rep *report) {
+		rep.QEMUPid, rep.Mount = r.QEMUPid, r.Mount
+		rep.VM.Ports = nil
+		for _, f := range r.Forwards {
+			rep.VM.Ports = append(rep.VM.Ports, Port{Guest: f.GuestPort, Host: net.JoinHostPort(f.HostAddr, fmt.Sprint(f.HostPort))})
+		}
+	})
+	w.mu.Lock()
+	w.sess = r.Session
+	w.mu.Unlock()
+}
+
+// sample reports the overlay's progress every second while the VM runs.
+func (w *worker) sample(stop <-chan struct{}) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			w.progress()
+			return
+		case <-t.C:
+			w.progress()
+		}
+	}
+}
+
+func (w *worker) progress() {
+	w.mu.Lock()
+	s := w.sess
+	w.mu.Unlock()
+	if s == nil {
+		return
+	}
+	st := s.Fetcher.Stats()
+	w.update(func(r *report) {
+		r.VM.Stats = &st
+		r.VM.Progress = &Progress{Segments: st.Segments, SegmentsPresent: st.SegmentsPresent,
+			BytesFetched: st.BytesFetched, OverlayBytes: st.OverlayBytes, Complete: st.Complete}
+	})
+}
+
+// finish writes the final report: stopped if the VM was stopped or ended
+// well, failed with the reason otherwise.
+func (w *worker) finish(ctx context.Context, runErr error) {
+	w.update(func(r *report) {
+		v := &r.VM
+		switch {
+		case runErr != nil && ctx.Err() == nil:
+			v.State, v.Reason = Failed, oneLine(runErr.Error())
+			v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: StepFailed, Text: v.Reason})
+		case ctx.Err() != nil:
+			v.State, v.Reason = Stopped, "stopped as asked"
+			if runErr != nil {
+				v.Reason += " (" + oneLine(runErr.Error()) + ")"
+			}
+		default:
+			v.State, v.Reason = Stopped, "the VM exited"
+		}
+		if v.State == Stopped {
+			v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: string(launch.StepStopped), Text: v.Reason})
+		}
+		r.QEMUPid = 0
+		w.ended = true
+	})
+	w.save(true)
+}
+
+// oneLine keeps an error's first line: the console lines some errors end
+// with are in the VM's console log.
+func oneLine(s string) string {
+	first, _, _ := strings.Cut(s, "\n")
+	return strings.TrimSuffix(strings.TrimSpace(first), ";")
+}
+
+func (w *worker) update(f func(r *report)) {
+	w.mu.Lock()
+	f(&w.rep)
+	close(w.changed)
+	w.changed = make(chan struct{})
+	w.mu.Unlock()
+	w.save(false)
+}
+
+// save writes the report to the status file, atomically, and syncs it
+// when final.
+func (w *worker) save(final bool) {
+	w.mu.Lock()
+	b, err := json.Marshal(w.rep)
+	w.mu.Unlock()
+	if err == nil {
+		err = writeAtomic(filepath.Join(w.dir, statusFile), b, final)
+	}
+	if err != nil {
+		w.log.Warn().Err(err).Msg("writing the VM's status file")
+	}
+}
+
+// handler serves GET /watch: one report a line, the current one first,
+// then each change, until the final report.
+func (w *worker) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /watch", func(rw http.ResponseWriter, r *http.Request) {
+		rw.Header().Set("Content-Type", "application/x-ndjson")
+		fl, _ := rw.(http.Flusher)
+		enc := json.NewEncoder(rw)
+		for {
+			w.mu.Lock()
+			rep, changed, ended := w.rep, w.changed, w.ended
+			err := enc.Encode(rep)
+			w.mu.Unlock()
+			if err != nil {
+				return
+			}
+			if fl != nil {
+				fl.Flush()
+			}
+			if ended {
+				return
+			}
+			select {
+			case <-changed:
+			case <-r.Context().Done():
+				return
+			}
+		}
+	})
+	return mux
+}
+
+// watch follows a worker's reports on its socket, calling f for each,
+// until the stream ends or ctx does.
+func watch(ctx context.Context, dir string, f func(report)) error {
+	c := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", filepath.Join(dir, socketFile))
+		},
+	}}
+	defer c.CloseIdleConnections()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://worker/watch", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 16<<20)
+	for sc.Scan() {
+		var rep report
+		if err := json.Unmarshal(sc.Bytes(), &rep); err != nil {
+			return fmt.Errorf("worker %s: %w", dir, err)
+		}
+		f(rep)
+	}
+	if err := sc.Err(); err != nil {
+		return err
+	}
+	return nil
+}
+
+// readReport reads a worker's last report from its status file.
+func readReport(dir string) (report, error) {
+	var rep report
+	b, err := os.ReadFile(filepath.Join(dir, statusFile))
+	if err != nil {
+		return rep, err
+	}
+	if err := json.Unmarshal(b, &rep); err != nil {
+		return rep, fmt.Errorf("%s: %w", filepath.Join(dir, statusFile), err)
+	}
+	return rep, nil
+}
+
+// writeAtomic replaces path with b: a reader sees the old file or the
+// new one, never a part.
+func writeAtomic(path string, b []byte, sync bool) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(b)
+	if err == nil && sync {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,380 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/urfave/cli/v2"
+
+	"github.com/cloudletfs/cloudletfs/cloudlet"
+	"github.com/cloudletfs/cloudletfs/qemu"
+)
+
+var (
+	cloudletFlag = &cli.StringFlag{Name: "cloudlet", EnvVars: []string{"CLOUDLETFS_CLOUDLET"}, Value: "http://127.0.0.1:8021",
+		Usage: "the cloudlet service's URL"}
+	tokenFileFlag = &cli.PathFlag{Name: "token-file", EnvVars: []string{"CLOUDLETFS_TOKEN_FILE"},
+		Usage: "file holding the API token (sent as 'Authorization: Bearer TOKEN')"}
+)
+
+func cloudletCommands() []*cli.Command {
+	return []*cli.Command{
+		{
+			Name:      "cloudlet",
+			Usage:     "run the cloudlet service: users' devices ask it over HTTP for VMs from overlays",
+			UsageText: "cloudletfs cloudlet [--listen 127.0.0.1:8021] [--token-file F] [--max-memory SIZE] [--max-vms N] [--allow-file]",
+			Description: `A long-running daemon with a JSON API under /v1:
+  POST   /v1/vms              {"overlay": URL, "headers": {...}, "ports": [8080], "probe": {"http": "/"}}
+                              answers 202 with the VM's id; the VM is then synthesized with early start
+  GET    /v1/vms              every VM: state, timeline, forwarded ports, the overlay's progress
+  GET    /v1/vms/ID           one VM;  GET /v1/vms/ID/events: the same as server-sent events
+  DELETE /v1/vms/ID           stop the VM and unmount (?forget=1 on a stopped VM forgets it)
+  GET    /v1/bases            the bases this cloudlet holds
+  GET    /metrics             Prometheus metrics;  GET /: a status page
+Overlay URLs are http://, https:// (presigned S3 URLs too), s3://BUCKET/KEY (endpoint
+and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ~/.aws/credentials...), and
+file:// with --allow-file. Each VM runs in a worker process of its own, with its mount
+and its QEMU: stopping the daemon (Ctrl-C, or even kill -9) leaves the VMs running, and
+the daemon started again on the same state dir finds them. Stop VMs with
+'cloudletfs stop' or DELETE. The VMs' ports are forwarded on the --listen address.
+With --token-file every call needs 'Authorization: Bearer TOKEN'; --open-status leaves
+/ and /metrics open. Use 'cloudletfs synthesize' from any machine to ask for a VM.`,
+			Flags: []cli.Flag{
+				&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8021", Usage: "address of the API; the VMs' forwarded ports bind to its host"},
+				&cli.PathFlag{Name: "token-file", Usage: "file holding the token every API call must bring as 'Authorization: Bearer TOKEN'"},
+				&cli.BoolFlag{Name: "open-status", Usage: "with --token-file, serve / and /metrics without the token"},
+				&cli.StringFlag{Name: "max-memory", Value: "0", Usage: "cap on the guest RAM of the VMs running at once, e.g. 16GiB (0: no cap); a VM past it is refused with 507"},
+				&cli.IntFlag{Name: "max-vms", Value: 0, Usage: "cap on the VMs running at once (0: no cap); a VM past it is refused with 429"},
+				&cli.BoolFlag{Name: "allow-file", Usage: "let requests name file:// overlays on this machine"},
+				accelFlag, qemuFlag,
+				&cli.DurationFlag{Name: "fetch-timeout", Value: 30 * time.Second, Usage: "longest a VM's read waits for its segment before failing with EIO"},
+				&cli.DurationFlag{Name: "probe-timeout", Value: 10 * time.Minute, Usage: "how long a VM's probe is tried before the VM is failed"},
+				cacheSizeFlag,
+			},
+			Action: cloudletCmd,
+		},
+		{
+			Name:   "cloudlet-worker",
+			Usage:  "run one VM of the cloudlet service (started by the service)",
+			Hidden: true,
+			Action: func(c *cli.Context) error {
+				if err := need(c, 1, "the VM's DIR"); err != nil {
+					return err
+				}
+				return cloudlet.RunWorker(c.Context, c.Args().First(), logger(c))
+			},
+		},
+		{
+			Name:      "synthesize",
+			Usage:     "ask a cloudlet for a VM from an overlay and follow it until its application answers",
+			UsageText: "cloudletfs synthesize --cloudlet http://HOST:8021 [--port 8080]... [--probe /] [--detach] OVERLAY-URL",
+			Description: `Sends the request, follows the VM's events and prints its timeline as it happens:
+admitted, metadata arrived, QEMU running, first response (a GET of --probe on the
+first port answered 2xx), overlay complete. Ends by printing where the application
+answers; the VM runs on until 'cloudletfs stop'. Exits 0 once the VM gave its first
+response (with --probe '' or --detach: once it runs), 1 if it failed first.`,
+			Flags: []cli.Flag{
+				cloudletFlag, tokenFileFlag,
+				&cli.IntSliceFlag{Name: "port", Usage: "guest TCP port to forward (repeatable; default: the one the overlay's vm.json names)"},
+				&cli.StringFlag{Name: "probe", Value: "/", Usage: "path to GET on the first port until it answers 2xx: the first response ('' for none)"},
+				headerFlag,
+				&cli.BoolFlag{Name: "detach", Usage: "return once the VM runs"},
+				&cli.DurationFlag{Name: "timeout", Value: 15 * time.Minute, Usage: "give up following the VM after this long (it runs on)"},
+			},
+			Action: synthesizeCmd,
+		},
+		{
+			Name:      "vms",
+			Usage:     "list a cloudlet's VMs",
+			UsageText: "cloudletfs vms --cloudlet URL [--json]",
+			Flags:     []cli.Flag{cloudletFlag, tokenFileFlag, &cli.BoolFlag{Name: "json", Usage: "print the API's JSON"}},
+			Action:    vmsCmd,
+		},
+		{
+			Name:      "stop",
+			Usage:     "stop VMs on a cloudlet and unmount them",
+			UsageText: "cloudletfs stop --cloudlet URL ID...",
+			Flags:     []cli.Flag{cloudletFlag, tokenFileFlag},
+			Action:    stopCmd,
+		},
+	}
+}
+
+// readToken reads a token file: its first line, which must not be empty.
+func readToken(path string) (string, error) {
+	if path == "" {
+		return "", nil
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", badFlag("--token-file: %v", err)
+	}
+	tok := strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0])
+	if tok == "" {
+		return "", badFlag("--token-file %s: the file is empty", path)
+	}
+	return tok, nil
+}
+
+func cloudletCmd(c *cli.Context) error {
+	token, err := readToken(c.Path("token-file"))
+	if err != nil {
+		return err
+	}
+	if c.Bool("open-status") && token == "" {
+		return badFlag("--open-status: only means something with --token-file")
+	}
+	maxMem, err := humanize.ParseBytes(c.String("max-memory"))
+	if err != nil {
+		return badFlag("--max-memory %q: want a size such as 16GiB, or 0 for no cap", c.String("max-memory"))
+	}
+	if c.Int("max-vms") < 0 {
+		return badFlag("--max-vms %d: want 0 (no cap) or more", c.Int("max-vms"))
+	}
+	limit, err := parseCacheSize(c)
+	if err != nil {
+		return err
+	}
+	bin, err := qemu.CheckBinary(c.String("qemu"))
+	if err != nil {
+		return err
+	}
+	accel, err := qemu.ResolveAccel(c.String("accel"))
+	if err != nil {
+		return err
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", c.String("listen"))
+	if err != nil {
+		return fmt.Errorf("cloudlet: --listen: %w", err)
+	}
+	defer ln.Close()
+	host := ln.Addr().(*net.TCPAddr).IP.String()
+	s, err := cloudlet.New(cloudlet.Options{
+		StateDir: c.String("state-dir"), HostAddr: host, Token: token, OpenStatus: c.Bool("open-status"),
+		MaxMemory: int64(maxMem), MaxVMs: c.Int("max-vms"), AllowFile: c.Bool("allow-file"),
+		Worker: []string{exe, "--state-dir", c.String("state-dir"), "--log-level", c.String("log-level"), "cloudlet-worker"},
+		QEMU:   bin, Accel: accel, FetchTimeout: c.Duration("fetch-timeout"), ProbeTimeout: c.Duration("probe-timeout"),
+		CacheSize: limit, Log: logger(c),
+	})
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: 16 << 10,
+		IdleTimeout: 2 * time.Minute}
+	go func() {
+		<-c.Context.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+		srv.Close() // event streams do not end on their own
+	}()
+	live := 0
+	for _, v := range s.List() {
+		if !v.State.Final() {
+			live++
+		}
+	}
+	fmt.Fprintf(c.App.Writer, "cloudlet listening on http://%s (%s, %d VMs running)\n", ln.Addr(), accel, live)
+	serr := srv.Serve(ln)
+	cerr := s.Close()
+	if !errors.Is(serr, http.ErrServerClosed) {
+		return serr
+	}
+	if cerr != nil {
+		return cerr
+	}
+	if n := running(s.List()); n > 0 {
+		fmt.Fprintf(c.App.ErrWriter, "cloudlet stopped; %d VMs run on, and a cloudlet started again on this state dir finds them (stop them with 'cloudletfs stop')\n", n)
+	}
+	return nil
+}
+
+func running(vms []cloudlet.VM) int {
+	n := 0
+	for _, v := range vms {
+		if !v.State.Final() {
+			n++
+		}
+	}
+	return n
+}
+
+func client(c *cli.Context) (*cloudlet.Client, error) {
+	token, err := readToken(c.Path("token-file"))
+	if err != nil {
+		return nil, err
+	}
+	cl, err := cloudlet.NewClient(c.String("cloudlet"), token)
+	if err != nil {
+		return nil, badFlag("%v", err)
+	}
+	return cl, nil
+}
+
+func synthesizeCmd(c *cli.Context) error {
+	if err := need(c, 1, "one OVERLAY-URL"); err != nil {
+		return err
+	}
+	cl, err := client(c)
+	if err != nil {
+		return err
+	}
+	req := cloudlet.Request{Overlay: c.Args().First(), Ports: c.IntSlice("port")}
+	if p := c.String("probe"); p != "" {
+		req.Probe = &cloudlet.Probe{HTTP: p}
+	}
+	for _, h := range c.StringSlice("header") {
+		k, v, ok := strings.Cut(h, ":")
+		if !ok || strings.TrimSpace(k) == "" {
+			return badFlag("--header: want \"Name: value\", got a line without a name and a colon")
+		}
+		if req.Headers == nil {
+			req.Headers = map[string]string{}
+		}
+		req.Headers[strings.TrimSpace(k)] = strings.TrimSpace(v)
+	}
+	ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
+	defer cancel()
+	v, err := cl.Create(ctx, req)
+	if err != nil {
+		return err
+	}
+	w := c.App.Writer
+	fmt.Fprintf(w, "VM %s on %s\n", v.ID, c.String("cloudlet"))
+	printed := 0
+	var lastProgress time.Time
+	wantAnswer := req.Probe != nil && !c.Bool("detach")
+	last, err := cl.Follow(ctx, v.ID, func(v cloudlet.VM) bool {
+		for ; printed < len(v.Timeline); printed++ {
+			s := v.Timeline[printed]
+			fmt.Fprintf(w, "%8.3f s  %s\n", s.At, s.Text)
+		}
+		if p := v.Progress; p != nil && !p.Complete && time.Since(lastProgress) >= 5*time.Second {
+			lastProgress = time.Now()
+			fmt.Fprintf(w, "           overlay: %d/%d segments, %s of %s fetched\n", p.SegmentsPresent, p.Segments,
+				humanize.IBytes(uint64(p.BytesFetched)), humanize.IBytes(uint64(p.OverlayBytes)))
+		}
+		switch v.State {
+		case cloudlet.FirstResponse, cloudlet.Complete:
+			return false
+		case cloudlet.Running:
+			return wantAnswer
+		}
+		return true
+	})
+	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	switch last.State {
+	case cloudlet.FirstResponse, cloudlet.Complete:
+		printPorts(w, c.String("cloudlet"), last)
+		return nil
+	case cloudlet.Running:
+		if !wantAnswer {
+			printPorts(w, c.String("cloudlet"), last)
+			return nil
+		}
+	case cloudlet.Failed:
+		return fmt.Errorf("VM %s failed: %s", last.ID, last.Reason)
+	case cloudlet.Stopped:
+		return fmt.Errorf("VM %s stopped before its first response: %s", last.ID, last.Reason)
+	}
+	return fmt.Errorf("VM %s is %s after --timeout %s: it runs on; 'cloudletfs vms' follows it, 'cloudletfs stop %s' stops it", last.ID, last.State, c.Duration("timeout"), last.ID)
+}
+
+// printPorts says where the application answers. A port forwarded on all
+// of the cloudlet's addresses is shown on the one the client reached.
+func printPorts(w io.Writer, cloudletURL string, v cloudlet.VM) {
+	u, _ := url.Parse(cloudletURL)
+	for _, p := range v.Ports {
+		fmt.Fprintf(w, "the application answers at %s (guest port %d of VM %s)\n", reachable(u, p.Host), p.Guest, v.ID)
+	}
+	if len(v.Ports) == 0 {
+		fmt.Fprintf(w, "VM %s runs; no port of it is forwarded\n", v.ID)
+	}
+}
+
+func reachable(cloudletURL *url.URL, hostPort string) string {
+	host, port, err := net.SplitHostPort(hostPort)
+	if err != nil || cloudletURL == nil {
+		return hostPort
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		host = cloudletURL.Hostname()
+	}
+	return net.JoinHostPort(host, port)
+}
+
+func vmsCmd(c *cli.Context) error {
+	cl, err := client(c)
+	if err != nil {
+		return err
+	}
+	vms, err := cl.List(c.Context)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		enc := json.NewEncoder(c.App.Writer)
+		enc.SetIndent("", "  ")
+		return enc.Encode(vms)
+	}
+	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSTATE\tFIRST RESPONSE\tOVERLAY\tPORTS\tPROGRESS")
+	for _, v := range vms {
+		first := "-"
+		if at, ok := v.At("first-response"); ok {
+			first = fmt.Sprintf("%.1f s", at)
+		}
+		var ports []string
+		for _, p := range v.Ports {
+			ports = append(ports, fmt.Sprintf("%d→%s", p.Guest, p.Host))
+		}
+		progress := "-"
+		if p := v.Progress; p != nil && p.Segments > 0 {
+			progress = fmt.Sprintf("%d%%", p.SegmentsPresent*100/p.Segments)
+		}
+		state := string(v.State)
+		if v.Reason != "" && v.State == cloudlet.Failed {
+			state += ": " + v.Reason
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.ID, state, first, v.Overlay, strings.Join(ports, " "), progress)
+	}
+	return tw.Flush()
+}
+
+func stopCmd(c *cli.Context) error {
+	cl, err := client(c)
+	if err != nil {
+		return err
+	}
+	var failed []string
+	for _, id := range c.Args().Slice() {
+		v, err := cl.Stop(c.Context, id)
+		if err != nil {
+			fmt.Fprintf(c.App.ErrWriter, "cloudletfs: stop %s: %v\n", id, err)
+			failed = append(failed, id)
+			continue
+		}
+		fmt.Fprintf(c.App.Writer, "%s %s\n", v.ID, v.State)
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("stop: %d of %d VMs not stopped", len(failed), c.NArg())
+	}
+	return nil
+}
