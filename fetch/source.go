@@ -1,5 +1,5 @@
 // Package fetch brings an overlay's bytes to the cloudlet: sources (HTTP(S)
-// with Range, local files), the streamer that pulls segments in overlay
+// with Range, S3 objects, local files), the streamer that pulls segments in overlay
 // order, the demand scheduler that lets a waiting read jump ahead of it,
 // retries, verification, and the chunk cache. It knows nothing of FUSE; the
 // file system asks it for chunks.
@@ -58,9 +58,11 @@ func Redact(ref string) string {
 	return ref
 }
 
-// OpenSource returns the source for an http(s):// URL, a file:// URL or a
-// path. header is sent with every HTTP request (credentials, say); it never
-// appears in errors or logs, and neither do credentials in the URL.
+// OpenSource returns the source for an http(s):// URL, an s3://bucket/key
+// URL (S3Source), a file:// URL or a path. header is sent with every HTTP
+// request (credentials, say); it never appears in errors or logs, and
+// neither do credentials in the URL. An s3:// source takes its credentials
+// from the environment instead, and refuses a header.
 func OpenSource(ref string, client *http.Client, header http.Header) (Source, error) {
 	u, err := url.Parse(ref)
 	if err != nil && strings.Contains(ref, "://") {
@@ -75,11 +77,14 @@ func OpenSource(ref string, client *http.Client, header http.Header) (Source, er
 		h.size.Store(-1)
 		return h, nil
 	}
+	if err == nil && u.Scheme == "s3" {
+		return openS3(u, client, header)
+	}
 	path := ref
 	if err == nil && u.Scheme == "file" {
 		path = u.Path
 	} else if err == nil && u.Scheme != "" && len(u.Scheme) > 1 {
-		return nil, fmt.Errorf("overlay %s: unsupported scheme %q: use http://, https://, file:// or a path", Redact(ref), u.Scheme)
+		return nil, fmt.Errorf("overlay %s: unsupported scheme %q: use http://, https://, s3://, file:// or a path", Redact(ref), u.Scheme)
 	}
 	f, err := os.Open(path)
 	if err != nil {
@@ -164,14 +169,19 @@ type HTTPError struct {
 	// RetryAfter is the server's Retry-After, 0 if none.
 	RetryAfter time.Duration
 	msg        string
+	// temporary marks a refusal that the next try mends whatever its
+	// status: an S3 credential that expired, which that try fetches anew.
+	temporary bool
 }
 
 func (e *HTTPError) Error() string { return e.msg }
 
 // Temporary reports whether the same request may succeed later: 408, 429
-// and 5xx. Any other 4xx will not pass by asking again soon.
+// and 5xx. Any other 4xx will not pass by asking again soon, unless the
+// source mends its cause before the next try (an S3 credential that
+// expired).
 func (e *HTTPError) Temporary() bool {
-	return e.Status == http.StatusRequestTimeout || e.Status == http.StatusTooManyRequests || e.Status >= 500
+	return e.temporary || e.Status == http.StatusRequestTimeout || e.Status == http.StatusTooManyRequests || e.Status >= 500
 }
 
 // Permanent reports whether err, from a ReadRange, will not pass by asking
