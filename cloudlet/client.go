@@ -72,7 +72,7 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return fmt.Errorf("cloudlet %s: %w", c.base.Redacted(), err)
+		return c.unreachable(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
@@ -85,6 +85,16 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 		return fmt.Errorf("cloudlet %s: %s %s: %w", c.base.Redacted(), method, path, err)
 	}
 	return nil
+}
+
+// unreachable says that the cloudlet could not be asked, without the
+// request's URL that the HTTP client's error repeats.
+func (c *Client) unreachable(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	return fmt.Errorf("cannot reach the cloudlet at %s: %w (is 'cloudletfs cloudlet' running there?)", c.base.Redacted(), err)
 }
 
 func readError(resp *http.Response) error {

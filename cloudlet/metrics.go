@@ -56,7 +56,7 @@ func newMetrics(s *Service) *metrics {
 		Help: "Time from a VM's request to QEMU running it.", Buckets: secondBuckets})
 	m.firstResponse = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "cloudletfs_vm_first_response_seconds",
 		Help: "Time from a VM's request to its application's first response.", Buckets: secondBuckets})
-	m.demand = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "cloudletfs_vm_demand_fetches",
+	m.demand = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "cloudletfs_vm_demand_fetches_per_vm",
 		Help: "Demand fetches (reads that jumped ahead of the stream) of each VM that ended.", Buckets: prometheus.ExponentialBuckets(1, 4, 10)})
 	m.stall = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "cloudletfs_vm_stall_seconds",
 		Help: "Wall-clock time in which some read of a VM waited for the network, for each VM that ended.", Buckets: secondBuckets})

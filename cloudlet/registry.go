@@ -11,7 +11,6 @@ import (
 	"syscall"
 
 	badger "github.com/dgraph-io/badger/v4"
-	"github.com/rs/zerolog"
 )
 
 // record is what the registry keeps of a VM: enough for a daemon that
@@ -31,10 +30,12 @@ type record struct {
 // <state dir>/cloudlet/db. One daemon holds it at a time.
 type registry struct{ db *badger.DB }
 
-func openRegistry(dir string, log zerolog.Logger) (*registry, error) {
-	opts := badger.DefaultOptions(dir).WithLogger(nil).WithMemTableSize(4 << 20).
-		WithNumMemtables(2).WithBlockCacheSize(0).WithIndexCacheSize(0).WithValueLogFileSize(16 << 20).
-		WithSyncWrites(true)
+func openRegistry(dir string) (*registry, error) {
+	// A registry of a few VMs: small tables and caches. Each write is
+	// synced, since a VM admitted must be found again after a crash.
+	opts := badger.DefaultOptions(dir).WithLogger(nil).WithSyncWrites(true).
+		WithMemTableSize(8 << 20).WithNumMemtables(2).WithBlockCacheSize(8 << 20).
+		WithValueLogFileSize(16 << 20).WithNumCompactors(2)
 	db, err := badger.Open(opts)
 	if err != nil {
 		if strings.Contains(err.Error(), "Cannot acquire directory lock") {

@@ -124,7 +124,7 @@ func New(opt Options) (*Service, error) {
 	if err := os.MkdirAll(filepath.Join(opt.StateDir, "cloudlet", "vms"), 0o700); err != nil {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
-	reg, err := openRegistry(filepath.Join(opt.StateDir, "cloudlet", "db"), opt.Log)
+	reg, err := openRegistry(filepath.Join(opt.StateDir, "cloudlet", "db"))
 	if err != nil {
 		return nil, err
 	}
@@ -589,7 +589,20 @@ func (s *Service) settle(e *entry, why string) {
 	if err == nil {
 		v = rep.VM
 	}
+	if last := lastLine(filepath.Join(dir, logFile)); last != "" {
+		why += " (its log ends: " + last + ")"
+	}
 	s.apply(e, report{VM: failedVM(v, why+"; its console is in "+filepath.Join(dir, consoleFile)+" and its log in "+filepath.Join(dir, logFile))})
+}
+
+// lastLine returns the last line of a worker's log that says something.
+func lastLine(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	return strings.TrimSpace(lines[len(lines)-1])
 }
 
 // finalize records a final entry and wakes those waiting for it.

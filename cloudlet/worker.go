@@ -3,6 +3,8 @@ package cloudlet
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -25,7 +27,6 @@ import (
 const (
 	specFile    = "spec.json"   // what the worker runs (0600: it holds the request's headers)
 	statusFile  = "status.json" // the worker's last report, final once it has ended
-	socketFile  = "worker.sock" // the worker's live reports
 	mountDir    = "mnt"         // the overlay's mount
 	consoleFile = "console.log" // the guest's serial console
 	logFile     = "worker.log"  // the worker's own log
@@ -86,9 +87,7 @@ func RunWorker(ctx context.Context, dir string, log zerolog.Logger) error {
 	}
 	w := &worker{dir: dir, log: log, rep: report{VM: sp.VM}, changed: make(chan struct{})}
 	w.probed = sp.Request.Probe != nil && sp.Request.Probe.HTTP != ""
-	sock := filepath.Join(dir, socketFile)
-	os.Remove(sock)
-	ln, err := net.Listen("unix", sock)
+	ln, err := net.Listen("unix", socketAddr(dir))
 	if err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
@@ -303,13 +302,26 @@ func (w *worker) handler() http.Handler {
 	return mux
 }
 
+// socketAddr is where the worker of the VM in dir reports: a socket in
+// the abstract namespace, named by the directory. A path would have to fit
+// the 108 bytes of a socket address, and would outlive a worker killed.
+// Anyone on the machine may connect; the reports hold nothing secret.
+func socketAddr(dir string) string {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		abs = dir
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return "@cloudletfs-vm-" + hex.EncodeToString(sum[:12])
+}
+
 // watch follows a worker's reports on its socket, calling f for each,
 // until the stream ends or ctx does.
 func watch(ctx context.Context, dir string, f func(report)) error {
 	c := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", filepath.Join(dir, socketFile))
+			return d.DialContext(ctx, "unix", socketAddr(dir))
 		},
 	}}
 	defer c.CloseIdleConnections()
