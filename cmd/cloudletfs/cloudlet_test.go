@@ -19,6 +19,7 @@ import (
 
 	"github.com/cloudletfs/cloudletfs/cloudlet"
 	"github.com/cloudletfs/cloudletfs/internal/browser"
+	"github.com/cloudletfs/cloudletfs/internal/s3test"
 )
 
 // cloudletd is a running `cloudletfs cloudlet`.
@@ -285,6 +286,72 @@ func testCloudlet(t *testing.T, e *env, srvDir, url, ovl, trace string) {
 	out, err = run("vms", "--cloudlet", d.url, "--token-file", tok)
 	if err != nil || strings.Count(out, "\n") != 4 || !strings.Contains(out, vms[0].id+"  stopped") {
 		t.Fatalf("cloudletfs vms: %v\n%s", err, out)
+	}
+	d.p.cmd.Process.Signal(syscall.SIGTERM)
+	d.p.wait(t)
+
+	t.Run("overlays in S3", func(t *testing.T) { testCloudletS3(t, e, filepath.Join(srvDir, "app4.overlay")) })
+}
+
+// testCloudletS3 synthesizes the VM of the overlay file ovl from a real
+// S3-compatible server: by s3:// URL with the credentials of the
+// daemon's environment, and by a presigned URL. A wrong key is refused
+// at admission, and the key's secret appears nowhere.
+func testCloudletS3(t *testing.T, e *env, ovl string) {
+	bin := cloudletfsBinary(t)
+	srv := s3test.Start(t)
+	srv.Put(t, srv.Bucket, "vms/app.overlay", ovl)
+	s3url := "s3://" + srv.Bucket + "/vms/app.overlay"
+	synth := func(d *cloudletd, url string) synthesized {
+		t.Helper()
+		out, err := exec.Command(bin, "synthesize", "--cloudlet", d.url, "--probe", "/cgi-bin/app", url).CombinedOutput()
+		if err != nil {
+			t.Fatalf("synthesize %s: %v\n%s", url, err, out)
+		}
+		return parseSynth(t, string(out))
+	}
+	stop := func(d *cloudletd, id string) {
+		t.Helper()
+		cl, _ := cloudlet.NewClient(d.url, "")
+		if v, err := cl.Stop(context.Background(), id); err != nil || v.State != cloudlet.Stopped {
+			t.Fatalf("stop: %v %+v", err, v)
+		}
+	}
+
+	// A wrong secret: refused when the VM is asked for, naming the
+	// object and what to check, never the secret.
+	wrong := srv.Readers[0]
+	wrong.SecretKey = "wrong-" + wrong.SecretKey
+	srv.Env(t, wrong)
+	d := startCloudlet(t, e)
+	cl, _ := cloudlet.NewClient(d.url, "")
+	_, err := cl.Create(context.Background(), cloudlet.Request{Overlay: s3url})
+	if err == nil || !strings.Contains(err.Error(), "s3://"+srv.Bucket+"/vms/app.overlay") || !strings.Contains(err.Error(), "credentials") {
+		t.Fatalf("a wrong key: %v", err)
+	}
+	if strings.Contains(err.Error(), wrong.SecretKey) || strings.Contains(d.p.errText(), wrong.SecretKey) {
+		t.Fatal("the secret key appears in the error or the daemon's log")
+	}
+	d.p.cmd.Process.Signal(syscall.SIGTERM)
+	d.p.wait(t)
+
+	// The right key, from the daemon's environment.
+	srv.Env(t, srv.Readers[0])
+	d = startCloudlet(t, e)
+	v := synth(d, s3url)
+	askApp(t, v.app)
+	stop(d, v.id)
+
+	// A presigned URL is an https:// (here http://) URL like any other.
+	u, err := srv.Client(t, srv.Readers[1]).PresignedGetObject(context.Background(), srv.Bucket, "vms/app.overlay", time.Hour, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v = synth(d, u.String())
+	askApp(t, v.app)
+	stop(d, v.id)
+	if strings.Contains(d.p.errText(), srv.Readers[0].SecretKey) {
+		t.Fatal("the secret key appears in the daemon's log")
 	}
 	d.p.cmd.Process.Signal(syscall.SIGTERM)
 	d.p.wait(t)
