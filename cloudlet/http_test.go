@@ -99,7 +99,7 @@ func TestTokenGuardsTheAPI(t *testing.T) {
 				if resp.StatusCode != want {
 					t.Errorf("OpenStatus %v: GET %s with %s: %d, want %d", open, tc.path, try.name, resp.StatusCode, want)
 				}
-				if want == http.StatusUnauthorized && !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Bearer") {
+				if resp.StatusCode == http.StatusUnauthorized && !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Bearer") {
 					t.Errorf("GET %s with %s: 401 without a Bearer challenge", tc.path, try.name)
 				}
 			}
@@ -307,15 +307,32 @@ func TestStatusPage(t *testing.T) {
 
 func TestStatusPageInABrowser(t *testing.T) {
 	u := start(t, cloudlet.Options{})
-	importBase(t, u.opt.StateDir, "debian-min", baseFiles(t, t.TempDir(), 3, true))
+	url := runnable(t, u.opt.StateDir, 1)[0]
 	b := browser.New(t)
 	b.Open(t, u.srv.URL+"/")
 	if h := b.Text(t, "h1"); h != "Cloudlet" {
 		t.Errorf("heading %q, want Cloudlet", h)
 	}
 	b.WaitText(t, "#no-vms", "No VMs yet", 10*time.Second)
-	bases := b.WaitText(t, "#bases", "debian-min", 10*time.Second)
+	bases := b.WaitText(t, "#bases", "base", 10*time.Second)
 	if !strings.Contains(bases, "256 KiB") || !strings.Contains(bases, "yes") {
 		t.Errorf("the bases table reads %q: want the base's 256 KiB of memory and that it is runnable", bases)
+	}
+
+	// A VM that comes and fails shows on the open page, which loads
+	// itself again.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	v, err := u.client.Create(ctx, cloudlet.Request{Overlay: url})
+	if err != nil {
+		t.Fatalf("admitting a VM: %v", err)
+	}
+	follow(t, u.client, v.ID, 30*time.Second)
+	row := b.WaitText(t, "#vm-"+v.ID, "failed", 15*time.Second)
+	if !strings.Contains(row, "its worker process died") || !strings.Contains(row, "/vm-1.overlay") {
+		t.Errorf("the VM's row reads %q: want its overlay and why it failed", row)
+	}
+	if s := b.Text(t, "#summary"); !strings.HasPrefix(s, "1 VMs, 0 running or starting") {
+		t.Errorf("summary %q: want 1 VM, none running", s)
 	}
 }

@@ -138,7 +138,7 @@ func (b *Browser) WaitText(t testing.TB, selector, substring string, timeout tim
 		// Wait for the next document to have a body before polling it.
 		chromedp.Do(ctx, chromedp.WaitReady(chromedp.CSS("body")))
 	}
-	t.Fatalf("browser: %s did not show %q within %v (%v); its text last:\n%s", selector, substring, timeout, err, b.lastText(selector))
+	t.Fatalf("browser: %s did not show %q within %v (%v); the last text seen:\n%s", selector, substring, timeout, err, b.lastText(selector))
 	return ""
 }
 
