@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"reflect"
 	"strings"
 	"time"
 )
@@ -59,6 +60,25 @@ func (s *Service) Handler() http.Handler {
 	return mux
 }
 
+// jsonKind names what JSON value a Go type is decoded from.
+func jsonKind(t reflect.Type) string {
+	switch t.Kind() {
+	case reflect.Slice, reflect.Array:
+		return "a JSON array"
+	case reflect.Struct, reflect.Map:
+		return "a JSON object"
+	case reflect.Int, reflect.Int64, reflect.Int32, reflect.Uint, reflect.Uint64, reflect.Float64:
+		return "a JSON number"
+	case reflect.String:
+		return "a JSON string"
+	case reflect.Bool:
+		return "a JSON boolean"
+	case reflect.Pointer:
+		return jsonKind(t.Elem())
+	}
+	return "another JSON value"
+}
+
 func notFound(id string) error {
 	return &RequestError{Status: 404, Msg: fmt.Sprintf("no VM %s on this cloudlet (GET /v1/vms lists them)", id)}
 }
@@ -92,7 +112,7 @@ func (s *Service) postVM(w http.ResponseWriter, r *http.Request) {
 		case errors.As(err, &mbe):
 			writeError(w, &RequestError{Status: 413, Msg: fmt.Sprintf("the request body is larger than %d bytes", maxBody)})
 		case errors.As(err, &ute):
-			writeError(w, badRequest(ute.Field, "want a JSON %s", ute.Type))
+			writeError(w, badRequest(ute.Field, "want %s", jsonKind(ute.Type)))
 		case strings.HasPrefix(err.Error(), "json: unknown field "):
 			writeError(w, badRequest(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`), "unknown field: the request takes overlay, headers, ports and probe"))
 		default:

@@ -28,9 +28,7 @@ type metrics struct {
 	seenMu sync.Mutex
 	seen   map[string]observed
 
-	cacheMu   sync.Mutex
-	cacheAt   time.Time
-	cacheSize float64
+	cache cached[float64]
 
 	vms          *prometheus.Desc
 	bytesFetched *prometheus.Desc
@@ -148,27 +146,30 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// cacheTotal sums the caches' sizes, at most every 10 s: it takes the
-// store's registry, which VMs starting also take.
+// cacheTotal sums the caches' sizes, as seen at most 10 s ago.
 func (m *metrics) cacheTotal() (float64, bool) {
-	m.cacheMu.Lock()
-	defer m.cacheMu.Unlock()
-	if time.Since(m.cacheAt) < 10*time.Second {
-		return m.cacheSize, true
-	}
-	st, err := store.Open(m.s.opt.StateDir, m.s.log)
-	if err != nil {
-		return m.cacheSize, !m.cacheAt.IsZero()
-	}
-	defer st.Close()
-	ents, err := st.Caches()
-	if err != nil {
-		return m.cacheSize, !m.cacheAt.IsZero()
-	}
-	var total int64
-	for _, e := range ents {
-		total += e.Bytes
-	}
-	m.cacheSize, m.cacheAt = float64(total), time.Now()
-	return m.cacheSize, true
+	v, err := m.cache.get(10*time.Second, func() (float64, error) {
+		st, err := store.Open(m.s.opt.StateDir, m.s.log)
+		if err != nil {
+			return 0, err
+		}
+		defer st.Close()
+		ents, err := st.Caches()
+		if err != nil {
+			return 0, err
+		}
+		var total int64
+		for _, e := range ents {
+			total += e.Bytes
+		}
+		return float64(total), nil
+	})
+	return v, err == nil
+}
+
+// forget drops what the histograms observed of a VM the service forgot.
+func (m *metrics) forget(id string) {
+	m.seenMu.Lock()
+	defer m.seenMu.Unlock()
+	delete(m.seen, id)
 }

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/dustin/go-humanize"
 	"github.com/rs/zerolog"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/cloudletfs/cloudletfs/fetch"
 	"github.com/cloudletfs/cloudletfs/overlay"
@@ -85,6 +87,55 @@ type Service struct {
 	vms map[string]*entry
 
 	metrics *metrics
+	bases   cached[[]Base]
+}
+
+// cached is a value read at most every maxAge. While one caller reads it
+// anew, the others get the value read before, if there is one, rather
+// than wait.
+type cached[T any] struct {
+	mu   sync.Mutex
+	val  T
+	ok   bool
+	at   time.Time
+	busy chan struct{} // closed when the read under way ends; nil if none
+}
+
+func (c *cached[T]) get(maxAge time.Duration, read func() (T, error)) (T, error) {
+	c.mu.Lock()
+	for {
+		if c.ok && time.Since(c.at) < maxAge {
+			defer c.mu.Unlock()
+			return c.val, nil
+		}
+		if c.busy == nil {
+			break
+		}
+		if c.ok {
+			defer c.mu.Unlock()
+			return c.val, nil
+		}
+		busy := c.busy
+		c.mu.Unlock()
+		<-busy
+		c.mu.Lock()
+	}
+	busy := make(chan struct{})
+	c.busy = busy
+	c.mu.Unlock()
+	v, err := read()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.busy = nil
+	close(busy)
+	if err != nil {
+		if c.ok {
+			return c.val, nil
+		}
+		return v, err
+	}
+	c.val, c.ok, c.at = v, true, time.Now()
+	return v, nil
 }
 
 // entry is one VM. mu guards rec and changed; changed is closed and
@@ -192,8 +243,14 @@ func (s *Service) lookup(id string) *entry {
 	return s.vms[id]
 }
 
-// Bases lists the bases the cloudlet holds.
+// Bases lists the bases the cloudlet holds, as seen at most 5 s ago: the
+// list needs the store's registry, which a base import or a VM starting
+// may hold for a while, and a page or a scrape must not wait on it.
 func (s *Service) Bases() ([]Base, error) {
+	return s.bases.get(5*time.Second, s.readBases)
+}
+
+func (s *Service) readBases() ([]Base, error) {
 	st, err := store.Open(s.opt.StateDir, s.log)
 	if err != nil {
 		return nil, err
@@ -239,6 +296,9 @@ const (
 	maxPathBytes   = 1 << 10
 )
 
+// reserved are the headers the fetch sets or the transport owns.
+var reserved = map[string]bool{"Range": true, "Host": true, "Content-Length": true, "Connection": true, "Transfer-Encoding": true}
+
 // validate checks a request field by field.
 func (s *Service) validate(r *Request) error {
 	if r.Overlay == "" {
@@ -272,15 +332,21 @@ func (s *Service) validate(r *Request) error {
 	if len(r.Headers) > maxHeaders {
 		return badRequest("headers", "more than %d", maxHeaders)
 	}
+	if len(r.Headers) > 0 && u.Scheme == "s3" {
+		return badRequest("headers", "s3:// requests are signed with the cloudlet's AWS credentials; headers do not apply (a presigned https:// URL needs none either)")
+	}
 	n := 0
 	for k, v := range r.Headers {
 		n += len(k) + len(v)
-		if k == "" || strings.ContainsAny(k, ": \t\r\n") {
+		if !httpguts.ValidHeaderFieldName(k) {
 			return badRequest("headers", "%q is not a header name", k)
 		}
-		if strings.ContainsAny(v, "\r\n") {
+		if reserved[http.CanonicalHeaderKey(k)] {
+			return badRequest("headers", "%s is set by the cloudlet itself", http.CanonicalHeaderKey(k))
+		}
+		if !httpguts.ValidHeaderFieldValue(v) {
 			// The value may be a secret: do not echo it.
-			return badRequest("headers", "the value of %s holds a line break", k)
+			return badRequest("headers", "the value of %s holds a line break or a control character", k)
 		}
 	}
 	if n > maxHeaderBytes {
@@ -313,9 +379,9 @@ func (s *Service) validate(r *Request) error {
 // header reads the overlay's header: admission needs the guest's memory
 // size and base before the VM is admitted.
 func (s *Service) header(ctx context.Context, r *Request) (*overlay.Header, error) {
-	h := map[string][]string{}
+	h := http.Header{}
 	for k, v := range r.Headers {
-		h[k] = []string{v}
+		h.Set(k, v)
 	}
 	src, err := fetch.OpenSource(r.Overlay, fetch.DefaultClient(nil), h)
 	if err != nil {
@@ -329,7 +395,7 @@ func (s *Service) header(ctx context.Context, r *Request) (*overlay.Header, erro
 		if fetch.Permanent(err) {
 			return nil, badRequest("overlay", "%s: %v", src, err)
 		}
-		return nil, &RequestError{Status: 502, Field: "overlay", Msg: fmt.Sprintf("%s: could not read the overlay's header: %v", src, err)}
+		return nil, &RequestError{Status: 502, Field: "overlay", Msg: fmt.Sprintf("could not read the overlay's header: %v", err)}
 	}
 	hd, err := overlay.UnmarshalHeader(b)
 	if err != nil {
@@ -486,16 +552,16 @@ func (s *Service) startWorker(e *entry) (<-chan struct{}, error) {
 func (s *Service) pollExit(pid int, start uint64) <-chan struct{} {
 	exited := make(chan struct{})
 	go func() {
-		defer close(exited)
 		t := time.NewTicker(200 * time.Millisecond)
 		defer t.Stop()
 		for alive(pid, start) {
 			select {
 			case <-t.C:
 			case <-s.ctx.Done():
-				return
+				return // the worker runs on: exited stays open
 			}
 		}
+		close(exited)
 	}()
 	return exited
 }
@@ -537,6 +603,9 @@ func (s *Service) follow(e *entry, exited <-chan struct{}) {
 			s.log.Warn().Str("vm", e.rec.VM.ID).Msg("the VM's worker sent its final report but did not exit; killing it")
 			signal(e.rec.WorkerPid, e.rec.WorkerStart, syscall.SIGKILL)
 			<-exited
+		}
+		if s.ctx.Err() != nil {
+			return // the worker may run on: the next service follows it
 		}
 		s.settle(e, "its worker process died")
 	}()
@@ -699,5 +768,6 @@ func (s *Service) Remove(id string) error {
 		return err
 	}
 	delete(s.vms, id)
+	s.metrics.forget(id)
 	return os.RemoveAll(e.rec.Dir)
 }
