@@ -158,6 +158,32 @@ func testCloudlet(t *testing.T, e *env, srvDir, url, ovl, trace string) {
 		}
 	}
 
+	// An overlay cut short after its metadata: its VM fails, with the
+	// reason, and the running VM does not notice.
+	spare := filepath.Join(srvDir, "app4.overlay") // not run yet
+	o, f, err := openOverlay(spare)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	whole, err := os.ReadFile(spare)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.write("cut/cut.overlay", whole[:o.Header.MetadataLen()+1000])
+	cutSrv := e.start("serve", "--addr", "127.0.0.1:0", e.path("cut"))
+	cutURL := strings.Fields(cutSrv.line(t))[3] + "/cut.overlay"
+	bad, err := cl.Create(ctx, cloudlet.Request{Overlay: cutURL, Probe: &cloudlet.Probe{HTTP: "/cgi-bin/app"}})
+	if err != nil {
+		t.Fatalf("the cut overlay was refused at admission: %v", err)
+	}
+	waitState(t, cl, bad.ID, cloudlet.Failed, "")
+	if v, _ := cl.Get(ctx, bad.ID); !strings.Contains(v.Reason, "EIO") && !strings.Contains(v.Reason, "truncated") {
+		t.Fatalf("the VM of a cut overlay failed for another reason: %q", v.Reason)
+	}
+	askApp(t, first.app)
+	cutSrv.cmd.Process.Kill()
+
 	// Two more VMs at once, while a browser watches the status page.
 	type result struct {
 		s   synthesized
@@ -284,7 +310,7 @@ func testCloudlet(t *testing.T, e *env, srvDir, url, ovl, trace string) {
 		t.Fatalf("cloudletfs stop of a failed VM: %v\n%s", err, out)
 	}
 	out, err = run("vms", "--cloudlet", d.url, "--token-file", tok)
-	if err != nil || strings.Count(out, "\n") != 4 || !strings.Contains(out, vms[0].id+"  stopped") {
+	if err != nil || strings.Count(out, "\n") != 5 || !strings.Contains(out, vms[0].id+"  stopped") {
 		t.Fatalf("cloudletfs vms: %v\n%s", err, out)
 	}
 	d.p.cmd.Process.Signal(syscall.SIGTERM)
@@ -472,10 +498,15 @@ func scrapeMetrics(t *testing.T, url string, n int) {
 	if int(answered) != n {
 		t.Fatalf("cloudletfs_vms counts %v VMs answered, want %d", answered, n)
 	}
-	for _, h := range []string{"cloudletfs_vm_resume_seconds", "cloudletfs_vm_first_response_seconds"} {
-		if c := get(h); len(c) != 1 || int(c[0]) != n {
-			t.Fatalf("%s holds %v samples, want %d", h, c, n)
-		}
+	// The VM of the cut overlay may have resumed before it failed.
+	if c := get("cloudletfs_vm_resume_seconds"); len(c) != 1 || int(c[0]) < n || int(c[0]) > n+1 {
+		t.Fatalf("cloudletfs_vm_resume_seconds holds %v samples, want %d or %d", c, n, n+1)
+	}
+	if c := get("cloudletfs_vm_first_response_seconds"); len(c) != 1 || int(c[0]) != n {
+		t.Fatalf("cloudletfs_vm_first_response_seconds holds %v samples, want %d", c, n)
+	}
+	if c := get("cloudletfs_vm_ended_total"); len(c) != 1 || c[0] != 1 {
+		t.Fatalf("cloudletfs_vm_ended_total: %v, want the one failed VM", c)
 	}
 	fetched := get("cloudletfs_vm_fetched_bytes_total")
 	if len(fetched) != n {
@@ -494,17 +525,23 @@ func statusPage(t *testing.T, url, firstID string) {
 	t.Helper()
 	b := browser.New(t)
 	b.Open(t, url+"/")
-	b.WaitText(t, "#summary", "3 VMs", time.Minute)
+	b.WaitText(t, "#summary", "4 VMs", time.Minute)
 	b.WaitText(t, "#bases", "guest", 10*time.Second)
 	cl, err := cloudlet.NewClient(url, "s3cret-token")
 	if err != nil {
 		t.Fatal(err)
 	}
 	vms, err := cl.List(context.Background())
-	if err != nil || len(vms) != 3 {
+	if err != nil || len(vms) != 4 {
 		t.Fatalf("listing: %v, %d VMs", err, len(vms))
 	}
 	for _, v := range vms {
+		if v.State == cloudlet.Failed {
+			if row := b.WaitText(t, "#vm-"+v.ID, "failed", 10*time.Second); !strings.Contains(row, v.Reason[:20]) {
+				t.Fatalf("the status page's row of the failed VM %s lacks its reason:\n%s", v.ID, row)
+			}
+			continue
+		}
 		row := b.WaitText(t, "#vm-"+v.ID, "first response: HTTP 200 count=", 3*time.Minute)
 		for _, want := range []string{"QEMU running", "8080 → 127.0.0.1:", "segments", "base guest"} {
 			if !strings.Contains(row, want) {
