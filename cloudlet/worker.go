@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -96,11 +97,12 @@ func RunWorker(ctx context.Context, dir string, log zerolog.Logger) error {
 	defer srv.Close()
 	w.save(false)
 
-	console, err := os.OpenFile(filepath.Join(dir, consoleFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	consoleF, err := os.OpenFile(filepath.Join(dir, consoleFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
-	defer console.Close()
+	defer consoleF.Close()
+	console := &capped{w: consoleF, left: maxConsole}
 	mnt := filepath.Join(dir, mountDir)
 	if err := os.MkdirAll(mnt, 0o700); err != nil {
 		return fmt.Errorf("worker: %w", err)
@@ -138,6 +140,33 @@ func RunWorker(ctx context.Context, dir string, log zerolog.Logger) error {
 	<-sampled
 	w.finish(ctx, runErr)
 	return runErr
+}
+
+// maxConsole bounds a VM's console log: a guest that prints without end
+// must not fill the state dir.
+const maxConsole = 16 << 20
+
+// capped writes to w until left runs out, then drops what follows.
+type capped struct {
+	w    io.Writer
+	left int64
+}
+
+func (c *capped) Write(p []byte) (int, error) {
+	if c.left <= 0 {
+		return len(p), nil
+	}
+	n := min(int64(len(p)), c.left)
+	c.left -= n
+	if c.left == 0 {
+		c.w.Write(p[:n])
+		io.WriteString(c.w, "\n[cloudletfs: the console log reached 16 MiB; the rest is not kept]\n")
+		return len(p), nil
+	}
+	if _, err := c.w.Write(p[:n]); err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }
 
 // event turns a step of the launch into the VM's timeline and state.
