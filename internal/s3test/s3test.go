@@ -65,16 +65,13 @@ const startTimeout = 90 * time.Second
 var (
 	buildOnce sync.Once
 	weedPath  string
-	buildErr  error
+	buildErr  error // set before built is closed
 )
 
 // Start runs a SeaweedFS server for t, stopped (killed) in t.Cleanup.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	weed, err := build()
-	if err != nil {
-		t.Fatalf("s3test: %v", err)
-	}
+	weed := build(t)
 	s := &Server{Region: Region, Bucket: "overlays",
 		Admin:   newKey("admin"),
 		Readers: [2]Key{newKey("reader1"), newKey("reader2")}}
@@ -85,6 +82,7 @@ func Start(t testing.TB) *Server {
 		t.Fatalf("s3test: %v", err)
 	}
 	start := time.Now()
+	var err error
 	// Free ports are found by binding and letting go, so another process
 	// may take one before weed binds it; weed then exits, and is run
 	// again on other ports.
@@ -420,28 +418,76 @@ func freePorts(n int) ([]int, error) {
 	return ports, nil
 }
 
-// build runs tools/s3/build.sh into <repo>/build/s3 once per test binary.
-// The script itself returns at once when the binary is there, and waits
-// on a lock while another test binary builds it.
-func build() (string, error) {
-	buildOnce.Do(func() {
-		root, err := repoRoot()
-		if err != nil {
-			buildErr = err
-			return
+// build runs tools/s3/build.sh into <repo>/build/s3 once per test binary,
+// and waits for it while t's deadline allows. The script returns at once
+// when the binary is there, and waits on a lock while another test binary
+// builds it. A cold build takes minutes (about 5 on 2 idle cores, 9 on
+// busy ones), which can outlast go test's default -timeout of 10 minutes:
+// then t fails, saying so, and the build goes on by itself (its output goes
+// to a file, not a pipe that dies with the test), so the next run finds it
+// cached.
+func build(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() { go runBuild() })
+	var near <-chan time.Time
+	if dt, ok := t.(interface{ Deadline() (time.Time, bool) }); ok {
+		if d, ok := dt.Deadline(); ok {
+			// Enough for the test to fail and clean up before the binary
+			// is killed.
+			timer := time.NewTimer(time.Until(d) - 30*time.Second)
+			defer timer.Stop()
+			near = timer.C
 		}
-		out := filepath.Join(root, "build", "s3")
-		cmd := exec.Command(filepath.Join(root, "tools", "s3", "build.sh"), out)
-		var log bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &log, &log
-		if err := cmd.Run(); err != nil {
-			buildErr = fmt.Errorf("building SeaweedFS (tools/s3/build.sh %s) failed: %v; it needs Go and the module proxy (or a module cache holding github.com/seaweedfs/seaweedfs):\n%s",
-				out, err, tail(log.String(), 30))
-			return
-		}
-		weedPath = filepath.Join(out, "weed")
-	})
-	return weedPath, buildErr
+	}
+	select {
+	case <-built:
+	case <-near:
+		t.Fatalf("s3test: SeaweedFS is still building (%s, output in %s) and the test's deadline is near; "+
+			"the build goes on and is cached for the next run: run tools/s3/build.sh build/s3 before the tests, or give go test a longer -timeout",
+			buildCmd, buildLog)
+	}
+	if buildErr != nil {
+		t.Fatalf("s3test: %v", buildErr)
+	}
+	return weedPath
+}
+
+var (
+	built              = make(chan struct{}) // closed when runBuild has ended
+	buildCmd, buildLog string
+)
+
+func runBuild() {
+	defer close(built)
+	root, err := repoRoot()
+	if err != nil {
+		buildErr = err
+		return
+	}
+	out := filepath.Join(root, "build", "s3")
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		buildErr = err
+		return
+	}
+	buildCmd = "tools/s3/build.sh " + out
+	buildLog = filepath.Join(out, "build.log")
+	// Appended to, not truncated: test binaries that start together each
+	// run the script, and one of them writes the build's output.
+	logf, err := os.OpenFile(buildLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		buildErr = err
+		return
+	}
+	defer logf.Close()
+	cmd := exec.Command(filepath.Join(root, "tools", "s3", "build.sh"), out)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Run(); err != nil {
+		b, _ := os.ReadFile(buildLog)
+		buildErr = fmt.Errorf("building SeaweedFS (%s) failed: %v; it needs Go and the module proxy (or a module cache holding github.com/seaweedfs/seaweedfs):\n%s",
+			buildCmd, err, tail(string(b), 30))
+		return
+	}
+	weedPath = filepath.Join(out, "weed")
 }
 
 // repoRoot is the directory of this module's go.mod, found from the test's
