@@ -174,6 +174,24 @@ func TestS3(t *testing.T) {
 		}
 	})
 
+	t.Run("shared credentials file", func(t *testing.T) {
+		s3test.Isolate(t)
+		t.Setenv("AWS_ENDPOINT_URL_S3", srv.URL)
+		t.Setenv("AWS_REGION", srv.Region)
+		k := srv.Readers[1]
+		file := filepath.Join(t.TempDir(), "credentials")
+		ini := fmt.Sprintf("[default]\naws_access_key_id = AKNOTTHISONE\naws_secret_access_key = nope\n\n[cloudlet]\naws_access_key_id = %s\naws_secret_access_key = %s\n", k.AccessKey, k.SecretKey)
+		if err := os.WriteFile(file, []byte(ini), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		t.Setenv("AWS_SHARED_CREDENTIALS_FILE", file)
+		t.Setenv("AWS_PROFILE", "cloudlet")
+		b, err := openS3(t, ref).ReadRange(context.Background(), 100, 1000)
+		if err != nil || !bytes.Equal(b, want[100:1100]) {
+			t.Fatalf("with profile cloudlet of %s: %v", file, err)
+		}
+	})
+
 	t.Run("wrong secret", func(t *testing.T) {
 		bad := reader
 		bad.SecretKey = "wrong" + reader.SecretKey[5:]
