@@ -290,7 +290,7 @@ func (s *S3Source) failure(err error, off, n int64) error {
 		if u := s.chain.inUse(); u == nil {
 			e.msg = fmt.Sprintf("%s: access denied to an unsigned request (%s): no credentials were found; set %s, or make the object public", s.shown, status, credHelp)
 		} else {
-			e.msg = fmt.Sprintf("%s: access denied (%s) to access key %s from %s: check the credentials (%s) and that they may read the object", s.shown, status, u.accessKey, u.from, credHelp)
+			e.msg = fmt.Sprintf("%s: access denied (%s) to the access key ending %s from %s: check the credentials (%s) and that they may read the object", s.shown, status, keyTail(u.accessKey), u.from, credHelp)
 		}
 	case er.Code == "NoSuchBucket":
 		e.msg = fmt.Sprintf("%s: no such bucket %q at %s (%s): check the bucket name and the endpoint (AWS_ENDPOINT_URL_S3)", s.shown, s.bucket, s.endpoint, status)
@@ -464,4 +464,14 @@ func (c *s3Credentials) secrets() []string {
 		return u.secrets[:]
 	}
 	return nil
+}
+
+// keyTail is as much of an access key ID as a message shows: its last
+// four characters, enough to tell which key was used, as the AWS console
+// shows them.
+func keyTail(id string) string {
+	if len(id) <= 4 {
+		return "…"
+	}
+	return "…" + id[len(id)-4:]
 }

@@ -203,8 +203,8 @@ func TestS3(t *testing.T) {
 		if !fetch.Permanent(err) {
 			t.Errorf("refused credentials are not permanent: %v", err)
 		}
-		wants(t, err, ref, "access denied", "403", reader.AccessKey, "AWS_ACCESS_KEY_ID", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")
-		noSecrets(t, err.Error(), bad.SecretKey, token)
+		wants(t, err, ref, "access denied", "403", reader.AccessKey[len(reader.AccessKey)-4:], "AWS_ACCESS_KEY_ID", "AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")
+		noSecrets(t, err.Error(), bad.SecretKey, token, reader.AccessKey)
 		noSecrets(t, fmt.Sprintf("%s %+v %#v", src, err, err), bad.SecretKey, token)
 	})
 

@@ -40,12 +40,29 @@ type Source interface {
 // whole file.
 var ErrNoRange = errors.New("the server ignores Range requests; cloudletfs needs one that honours them (any static file server, CDN or S3-compatible store does)")
 
-// Redact returns ref fit to show: a URL's password replaced by xxxxx. A
-// URL that does not parse (a password with a slash, say) loses everything
-// between its scheme and its last @.
+// Redact returns ref fit to show: a URL's password, and the signature and
+// session token of a presigned URL, replaced by xxxxx. A URL that does not
+// parse (a password with a slash, say) loses everything between its scheme
+// and its last @.
 func Redact(ref string) string {
 	u, err := url.Parse(ref)
 	if err == nil {
+		if q, qerr := url.ParseQuery(u.RawQuery); qerr == nil {
+			changed := false
+			for k := range q {
+				if signedParams[strings.ToLower(k)] {
+					q[k] = []string{"xxxxx"}
+					changed = true
+				}
+			}
+			if changed {
+				u.RawQuery = q.Encode()
+				ref = u.String()
+			}
+		} else if u.RawQuery != "" {
+			u.RawQuery = "xxxxx"
+			ref = u.String()
+		}
 		if u.User != nil {
 			return u.Redacted()
 		}
@@ -57,6 +74,12 @@ func Redact(ref string) string {
 	}
 	return ref
 }
+
+// signedParams are the query parameters that make a presigned URL a
+// credential: S3's (SigV4 and V2), and the signature and token of other
+// stores' signed URLs.
+var signedParams = map[string]bool{"x-amz-signature": true, "x-amz-security-token": true, "signature": true,
+	"x-goog-signature": true, "sig": true}
 
 // OpenSource returns the source for an http(s):// URL, an s3://bucket/key
 // URL (S3Source), a file:// URL or a path. header is sent with every HTTP
@@ -73,7 +96,7 @@ func OpenSource(ref string, client *http.Client, header http.Header) (Source, er
 		if client == nil {
 			client = DefaultClient(nil)
 		}
-		h := &HTTPSource{url: ref, shown: u.Redacted(), client: client, header: header}
+		h := &HTTPSource{url: ref, shown: Redact(ref), client: client, header: header}
 		h.size.Store(-1)
 		return h, nil
 	}

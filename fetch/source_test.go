@@ -147,6 +147,15 @@ func TestCredentialsAndTLS(t *testing.T) {
 	if _, err := ParseHeaders([]string{"Bearer hunter2"}); err == nil || strings.Contains(err.Error(), "hunter2") {
 		t.Fatalf("bad header: %v", err)
 	}
+	// Nor the signature or session token of a presigned URL.
+	presigned := "https://s3.example/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20261203%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Security-Token=tok3n&X-Amz-Signature=5ig"
+	if shown := Redact(presigned); strings.Contains(shown, "tok3n") || strings.Contains(shown, "5ig") || !strings.Contains(shown, "X-Amz-Algorithm=AWS4-HMAC-SHA256") {
+		t.Errorf("Redact(%q) = %q", presigned, shown)
+	}
+	src, _ = OpenSource("http://127.0.0.1:1/b/k?X-Amz-Signature=5ig", nil, nil)
+	if _, err := src.ReadRange(ctx, 0, 1); err == nil || strings.Contains(err.Error(), "5ig") || strings.Contains(src.String(), "5ig") {
+		t.Fatalf("dead server, presigned URL: %v", err)
+	}
 	// Passwords that keep a URL from parsing are not shown either.
 	for _, ref := range []string{"https://u:hun/ter2@h/x", "https://u:hun ter2@h/x", "https://u:hun%zzter2@h/x", "https://u:hunter2@h/x"} {
 		_, err := OpenSource(ref, nil, nil)

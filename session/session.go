@@ -135,7 +135,7 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 		return nil, err
 	}
 	s.close = append(s.close, func() { src.Close() })
-	if h, ok := src.(*fetch.HTTPSource); ok && opt.NoProgress > 0 {
+	if h, ok := src.(interface{ SetNoProgress(time.Duration) }); ok && opt.NoProgress > 0 {
 		h.SetNoProgress(opt.NoProgress)
 	}
 	metaTimeout := opt.FetchTimeout
