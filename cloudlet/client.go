@@ -184,8 +184,16 @@ func (c *Client) Follow(ctx context.Context, id string, f func(VM) bool) (VM, er
 	}
 }
 
+// streamIdle is how long an event stream may stay silent before it is
+// taken for cut: the cloudlet writes at least every 15 s.
+const streamIdle = 45 * time.Second
+
 // stream reads one event stream; done says f or the VM's end stopped it.
 func (c *Client) stream(ctx context.Context, id string, f func(VM) bool) (done bool, err error) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	idle := time.AfterFunc(streamIdle, func() { cancel(fmt.Errorf("the event stream was silent for %s", streamIdle)) })
+	defer idle.Stop()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base.String()+"/v1/vms/"+url.PathEscape(id)+"/events", nil)
 	if err != nil {
 		return true, err
@@ -206,6 +214,7 @@ func (c *Client) stream(ctx context.Context, id string, f func(VM) bool) (done b
 	sc.Buffer(make([]byte, 64<<10), 16<<20)
 	var data []byte
 	for sc.Scan() {
+		idle.Reset(streamIdle)
 		line := sc.Bytes()
 		switch {
 		case len(line) == 0:
@@ -223,6 +232,9 @@ func (c *Client) stream(ctx context.Context, id string, f func(VM) bool) (done b
 		case bytes.HasPrefix(line, []byte("data:")):
 			data = append(data, bytes.TrimSpace(line[5:])...)
 		}
+	}
+	if err := context.Cause(ctx); err != nil {
+		return false, err
 	}
 	if err := sc.Err(); err != nil {
 		return false, err

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"mime"
+	"net"
 	"net/http"
 	"reflect"
 	"strings"
@@ -57,7 +59,28 @@ func (s *Service) Handler() http.Handler {
 	mux.Handle("/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &RequestError{Status: 404, Msg: "not found: the API is under /v1, metrics at /metrics, the status page at /"})
 	}))
-	return mux
+	if s.opt.Token != "" {
+		return mux
+	}
+	return hostCheck(mux)
+}
+
+// hostCheck serves, for a cloudlet without a token, only requests that
+// name it by an IP address or as localhost: a web page the cloudlet's own
+// browser loads from another name (DNS rebinding) cannot reach the API.
+func hostCheck(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		host := r.Host
+		if hh, _, err := net.SplitHostPort(host); err == nil {
+			host = hh
+		}
+		host = strings.Trim(host, "[]")
+		if net.ParseIP(host) == nil && host != "localhost" {
+			writeError(w, &RequestError{Status: 403, Msg: fmt.Sprintf("host %q refused: a cloudlet without --token-file answers only requests to an IP address or localhost", r.Host)})
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
 }
 
 // jsonKind names what JSON value a Go type is decoded from.
@@ -67,7 +90,9 @@ func jsonKind(t reflect.Type) string {
 		return "a JSON array"
 	case reflect.Struct, reflect.Map:
 		return "a JSON object"
-	case reflect.Int, reflect.Int64, reflect.Int32, reflect.Uint, reflect.Uint64, reflect.Float64:
+	case reflect.Int, reflect.Int64, reflect.Int32, reflect.Uint, reflect.Uint64:
+		return "a whole number"
+	case reflect.Float64:
 		return "a JSON number"
 	case reflect.String:
 		return "a JSON string"
@@ -102,6 +127,11 @@ func (s *Service) auth(h http.HandlerFunc) http.Handler {
 }
 
 func (s *Service) postVM(w http.ResponseWriter, r *http.Request) {
+	// A form a web page posts cannot send JSON, so it cannot ask for a VM.
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
+		writeError(w, &RequestError{Status: 415, Msg: "send the request as Content-Type: application/json"})
+		return
+	}
 	var req Request
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
 	dec.DisallowUnknownFields()
@@ -140,7 +170,7 @@ func (s *Service) deleteVM(w http.ResponseWriter, r *http.Request) {
 		writeError(w, notFound(id))
 		return
 	}
-	if v, _ := e.snapshot(); v.State.Final() && r.URL.Query().Get("forget") != "" {
+	if r.URL.Query().Get("forget") != "" {
 		if err := s.Remove(id); err != nil {
 			writeError(w, err)
 			return

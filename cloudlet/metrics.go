@@ -38,6 +38,8 @@ type metrics struct {
 	failures     *prometheus.Desc
 	progress     *prometheus.Desc
 	cacheBytes   *prometheus.Desc
+	resumedAt    *prometheus.Desc
+	answeredAt   *prometheus.Desc
 }
 
 // observed says which of a VM's figures the histograms hold.
@@ -67,6 +69,8 @@ func newMetrics(s *Service) *metrics {
 	m.cacheHits = prometheus.NewDesc("cloudletfs_vm_cache_hit_segments", "Segments of a VM's overlay that were in the local cache, not fetched.", vm, nil)
 	m.failures = prometheus.NewDesc("cloudletfs_vm_fetch_failures_total", "A VM's failed fetches by reason: error (an attempt failed), corrupt (sha256 mismatch), failed (given up on), timeout (a read's wait ran out).", []string{"vm", "reason"}, nil)
 	m.progress = prometheus.NewDesc("cloudletfs_vm_overlay_present_ratio", "Share of a VM's overlay segments present.", vm, nil)
+	m.resumedAt = prometheus.NewDesc("cloudletfs_vm_resumed_after_seconds", "Time from a VM's request to QEMU running it.", vm, nil)
+	m.answeredAt = prometheus.NewDesc("cloudletfs_vm_first_response_after_seconds", "Time from a VM's request to its application's first response.", vm, nil)
 	m.cacheBytes = prometheus.NewDesc("cloudletfs_cache_bytes", "Bytes the chunk caches of all overlays take in the state dir.", nil, nil)
 	m.reg.MustRegister(m.requests, m.resume, m.firstResponse, m.demand, m.stall, m.ended, m)
 	return m
@@ -113,7 +117,7 @@ func (m *metrics) transition(v VM, old State) {
 // Describe and Collect make the per-VM gauges a collector of their own:
 // they are read from the latest reports at each scrape.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.vms, m.bytesFetched, m.demandNow, m.stallNow, m.cacheHits, m.failures, m.progress, m.cacheBytes} {
+	for _, d := range []*prometheus.Desc{m.vms, m.bytesFetched, m.demandNow, m.stallNow, m.cacheHits, m.failures, m.progress, m.cacheBytes, m.resumedAt, m.answeredAt} {
 		ch <- d
 	}
 }
@@ -122,8 +126,17 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	count := map[State]int{}
 	for _, v := range m.s.List() {
 		count[v.State]++
+		if v.State.Final() {
+			continue
+		}
+		if at, ok := v.At("running"); ok {
+			ch <- prometheus.MustNewConstMetric(m.resumedAt, prometheus.GaugeValue, at, v.ID)
+		}
+		if at, ok := v.At("first-response"); ok {
+			ch <- prometheus.MustNewConstMetric(m.answeredAt, prometheus.GaugeValue, at, v.ID)
+		}
 		st := v.Stats
-		if st == nil || v.State.Final() {
+		if st == nil {
 			continue
 		}
 		ch <- prometheus.MustNewConstMetric(m.bytesFetched, prometheus.CounterValue, float64(st.BytesFetched), v.ID)

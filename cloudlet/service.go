@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -45,8 +46,7 @@ type Options struct {
 	// cap. MaxVMs caps their number; 0 is no cap.
 	MaxMemory int64
 	MaxVMs    int
-	// AllowFile lets requests name file:// overlays (and plain paths) on
-	// the cloudlet.
+	// AllowFile lets requests name file:// overlays on the cloudlet.
 	AllowFile bool
 	// Worker is the command that runs one VM; the VM's directory is
 	// appended: `cloudletfs --state-dir D cloudlet-worker`.
@@ -65,15 +65,23 @@ type Options struct {
 // and reports on it; the entry's monitor goroutine follows the reports
 // and records each state change in the registry. Entries move:
 //
-//	admitted ──worker started──▶ live ──worker's final report──▶ final
-//	   │                          │
-//	   └── worker failed to start ┴── worker died without one ──▶ failed (mount and QEMU cleaned up)
+//	admitted ──worker recorded, told "go"──▶ live ──worker's final report──▶ final
+//	   │                                      │
+//	   └── worker failed to start ────────────┴── worker died without one ──▶ failed (QEMU and dead mount cleaned up)
 //
-// Stop signals the worker and waits on the entry's done channel, which the
-// monitor closes once the entry is final; past a bound it kills the
-// worker, and the monitor then finds it dead. Close stops the monitors
-// only: workers run on, and the next service finds them by the PID and
-// start time the registry holds.
+// A worker starts its VM only once the registry holds its PID and start
+// time, so a daemon killed at any point leaves no VM the next one cannot
+// find. Stop signals the worker once, on the move to Stopping, and waits
+// on the entry's done channel, which the monitor closes once the entry is
+// final; after 45 s it kills the worker, and the monitor then finds it
+// dead within 15 s more. The monitor waits at most 100 ms between tries to
+// reach a worker's socket and 30 s for a worker that sent its final report
+// to exit. Close marks the service closing (Create then refuses), ends
+// the monitors and the waits of Stop: workers run on, and the next service
+// finds them by the PID and start time the registry holds.
+//
+// Locks: s.mu before e.mu, never the other way; neither is held across a
+// wait on a worker.
 type Service struct {
 	opt Options
 	reg *registry
@@ -83,8 +91,9 @@ type Service struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu  sync.Mutex
-	vms map[string]*entry
+	mu      sync.Mutex
+	vms     map[string]*entry
+	closing bool
 
 	metrics *metrics
 	bases   cached[[]Base]
@@ -145,6 +154,10 @@ type entry struct {
 	rec     record
 	changed chan struct{}
 	done    chan struct{} // closed once final
+	// stopAsked says the VM was asked to stop, stopAt when: a worker
+	// that dies then has stopped it.
+	stopAsked bool
+	stopAt    time.Time
 }
 
 func (e *entry) snapshot() (VM, <-chan struct{}) {
@@ -210,6 +223,9 @@ func New(opt Options) (*Service, error) {
 // Close stops following the VMs and closes the registry. The VMs keep
 // running.
 func (s *Service) Close() error {
+	s.mu.Lock()
+	s.closing = true
+	s.mu.Unlock()
 	s.cancel()
 	s.wg.Wait()
 	return s.reg.close()
@@ -369,8 +385,9 @@ func (s *Service) validate(r *Request) error {
 		if r.Probe.HTTP == "" {
 			return badRequest("probe", `want {"http": "/path"}`)
 		}
-		if !strings.HasPrefix(r.Probe.HTTP, "/") || len(r.Probe.HTTP) > maxPathBytes || strings.ContainsAny(r.Probe.HTTP, " \r\n") {
-			return badRequest("probe.http", "want a path starting with / (at most %d bytes, no spaces)", maxPathBytes)
+		p := r.Probe.HTTP
+		if _, err := url.ParseRequestURI(p); err != nil || !strings.HasPrefix(p, "/") || len(p) > maxPathBytes || strings.ContainsFunc(p, func(c rune) bool { return c <= ' ' || c == 0x7f }) {
+			return badRequest("probe.http", "want a path starting with / (at most %d bytes, no spaces or control characters)", maxPathBytes)
 		}
 	}
 	return nil
@@ -443,6 +460,9 @@ func (s *Service) Create(ctx context.Context, r Request) (VM, error) {
 	// cannot both take the last room.
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closing {
+		return VM{}, &RequestError{Status: 503, Msg: "the cloudlet is shutting down: ask again once it is back"}
+	}
 	var used int64
 	live := 0
 	for _, e := range s.vms {
@@ -497,7 +517,7 @@ func (s *Service) Create(ctx context.Context, r Request) (VM, error) {
 
 func failedVM(v VM, reason string) VM {
 	v.State, v.Reason = Failed, reason
-	v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: StepFailed, Text: reason})
+	v.Timeline = append(append([]Step(nil), v.Timeline...), Step{At: time.Since(v.Requested).Seconds(), Step: StepFailed, Text: reason})
 	return v
 }
 
@@ -516,7 +536,8 @@ func newID() (string, error) {
 
 // startWorker starts the VM's worker in a session of its own, so that
 // neither a signal to the daemon's process group nor the daemon's end
-// reaches it. Its exit closes the returned channel.
+// reaches it, records its process, and only then tells it to go on. Its
+// exit closes the returned channel.
 func (s *Service) startWorker(e *entry) (<-chan struct{}, error) {
 	logf, err := os.OpenFile(filepath.Join(e.rec.Dir, logFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -527,6 +548,11 @@ func (s *Service) startWorker(e *entry) (<-chan struct{}, error) {
 	cmd := exec.Command(s.opt.Worker[0], args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	goAhead, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	defer goAhead.Close()
 	qemu.CloseOnExec()
 	if err := cmd.Start(); err != nil {
 		return nil, err
@@ -536,14 +562,20 @@ func (s *Service) startWorker(e *entry) (<-chan struct{}, error) {
 	e.rec.WorkerPid, e.rec.WorkerStart = cmd.Process.Pid, start
 	rec := e.rec
 	e.mu.Unlock()
-	if err := s.reg.put(&rec); err != nil {
-		s.log.Warn().Err(err).Str("vm", rec.VM.ID).Msg("recording the VM's worker; a restarted daemon will not find it")
-	}
 	exited := make(chan struct{})
-	go func() {
-		cmd.Wait()
-		close(exited)
+	defer func() {
+		go func() {
+			cmd.Wait()
+			close(exited)
+		}()
 	}()
+	if err := s.reg.put(&rec); err != nil {
+		// Closing the pipe unsaid ends the worker before it starts.
+		return nil, fmt.Errorf("recording the VM's worker: %w", err)
+	}
+	// A worker that already ended cannot read it; the monitor then finds
+	// it gone.
+	io.WriteString(goAhead, "go\n")
 	return exited, nil
 }
 
@@ -602,7 +634,11 @@ func (s *Service) follow(e *entry, exited <-chan struct{}) {
 		case <-time.After(30 * time.Second):
 			s.log.Warn().Str("vm", e.rec.VM.ID).Msg("the VM's worker sent its final report but did not exit; killing it")
 			signal(e.rec.WorkerPid, e.rec.WorkerStart, syscall.SIGKILL)
-			<-exited
+			select {
+			case <-exited:
+			case <-s.ctx.Done():
+				return
+			}
 		}
 		if s.ctx.Err() != nil {
 			return // the worker may run on: the next service follows it
@@ -643,8 +679,9 @@ func (s *Service) apply(e *entry, rep report) {
 // wrote one, else as failed, with its QEMU and mount cleaned up.
 func (s *Service) settle(e *entry, why string) {
 	e.mu.Lock()
-	final := e.rec.VM.State.Final()
+	final, stopAsked, stopAt := e.rec.VM.State.Final(), e.stopAsked, e.stopAt
 	dir, v := e.rec.Dir, e.rec.VM
+	v.Timeline = append([]Step(nil), v.Timeline...)
 	e.mu.Unlock()
 	if final {
 		return
@@ -657,6 +694,16 @@ func (s *Service) settle(e *entry, why string) {
 	cleanup(dir, rep, s.log)
 	if err == nil {
 		v = rep.VM
+	}
+	if stopAsked {
+		// Ended by the stop, if not as a worker ends a VM.
+		if n := len(v.Timeline); n == 0 || v.Timeline[n-1].Step != string(Stopping) {
+			v.Timeline = append(v.Timeline, Step{At: stopAt.Sub(v.Requested).Seconds(), Step: string(Stopping), Text: "stopping, as asked"})
+		}
+		v.State, v.Reason = Stopped, "stopped: its worker ended without its last report"
+		v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: "stopped", Text: v.Reason})
+		s.apply(e, report{VM: v})
+		return
 	}
 	if last := lastLine(filepath.Join(dir, logFile)); last != "" {
 		why += " (its log ends: " + last + ")"
@@ -707,7 +754,9 @@ func cleanup(dir string, rep report, log zerolog.Logger) {
 			syscall.Kill(rep.QEMUPid, syscall.SIGKILL)
 		}
 	}
-	if t, _ := session.MountType(mnt); t == session.FSType {
+	// Only a dead mount: one whose FUSE server still answers belongs to
+	// a process that runs.
+	if t, _ := session.MountType(mnt); t == session.FSType && session.IsDead(mnt) {
 		if err := session.CleanDead(mnt); err != nil {
 			log.Warn().Err(err).Str("mountpoint", mnt).Msg("the mount of a VM whose worker died")
 		}
@@ -723,26 +772,37 @@ func (s *Service) Stop(ctx context.Context, id string) (VM, error) {
 	e.mu.Lock()
 	final := e.rec.VM.State.Final()
 	pid, start := e.rec.WorkerPid, e.rec.WorkerStart
-	if !final && e.rec.VM.State != Stopping {
+	first := !final && !e.stopAsked
+	if first {
+		// The worker's report of the stop replaces this one.
 		old := e.rec.VM.State
+		e.stopAsked, e.stopAt = true, time.Now()
 		e.rec.VM.State = Stopping
-		e.rec.VM.Timeline = append(e.rec.VM.Timeline, Step{At: time.Since(e.rec.VM.Requested).Seconds(), Step: "stopping", Text: "stop asked through the API"})
 		close(e.changed)
 		e.changed = make(chan struct{})
 		s.metrics.transition(e.rec.VM, old)
 	}
 	e.mu.Unlock()
-	if !final {
+	if first {
+		// Once: a second SIGTERM would end the worker in the middle of
+		// its stop.
 		signal(pid, start, syscall.SIGTERM)
+	}
+	if !final {
+		shutdown := &RequestError{Status: 503, Msg: fmt.Sprintf("the cloudlet is shutting down; VM %s goes on stopping", id)}
 		select {
 		case <-e.done:
 		case <-ctx.Done():
 			return VM{}, ctx.Err()
+		case <-s.ctx.Done():
+			return VM{}, shutdown
 		case <-time.After(45 * time.Second):
 			s.log.Warn().Str("vm", id).Msg("the VM did not stop within 45 s; killing its worker")
 			signal(pid, start, syscall.SIGKILL)
 			select {
 			case <-e.done:
+			case <-s.ctx.Done():
+				return VM{}, shutdown
 			case <-time.After(15 * time.Second):
 				return VM{}, fmt.Errorf("VM %s: its worker did not end after SIGKILL", id)
 			}

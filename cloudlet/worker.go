@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/cloudletfs/cloudletfs/launch"
 	"github.com/cloudletfs/cloudletfs/qemu"
@@ -50,18 +52,23 @@ type spec struct {
 // report is what a worker says of its VM: what the API shows, and what
 // the daemon needs to clean up after a worker that died.
 type report struct {
-	VM      VM     `json:"vm"`
-	QEMUPid int    `json:"qemu_pid,omitempty"`
-	Mount   string `json:"mount,omitempty"`
+	VM      VM  `json:"vm"`
+	QEMUPid int `json:"qemu_pid,omitempty"`
 }
 
 // worker runs one VM and reports on it. Its reports go to subscribers of
 // the socket and to the status file; the last one, written and synced
 // before the worker exits, is final.
+//
+// mu guards the report and the flags; saveMu orders the writes of the
+// status file, so that the file on disk is never older than a report
+// subscribers saw. A subscriber that does not read blocks only its own
+// connection, for at most watchWriteTimeout.
 type worker struct {
 	dir string
 	log zerolog.Logger
 
+	saveMu   sync.Mutex
 	mu       sync.Mutex
 	rep      report
 	changed  chan struct{} // closed and replaced on every change
@@ -73,11 +80,17 @@ type worker struct {
 }
 
 // RunWorker runs the VM described in dir until it ends or ctx does, and
-// reports on it; `cloudletfs cloudlet-worker DIR` is this. It is the
-// daemon's child but not tied to it: a daemon that dies leaves it running,
-// and the next daemon finds it again by its socket. It returns once the
-// final report is written.
-func RunWorker(ctx context.Context, dir string, log zerolog.Logger) error {
+// reports on it; `cloudletfs cloudlet-worker DIR` is this. It starts only
+// once the daemon, over registered, says it has recorded the worker's
+// process: a worker the registry does not name would run a VM no daemon
+// can find. It is the daemon's child but not tied to it: a daemon that
+// dies leaves it running, and the next daemon finds it again by the PID
+// and start time the registry holds, and follows it on its socket. It
+// returns once the final report is written.
+func RunWorker(ctx context.Context, dir string, registered io.Reader, log zerolog.Logger) error {
+	if line, _ := bufio.NewReader(registered).ReadString('\n'); line != "go\n" {
+		return errors.New("worker: the cloudlet daemon did not record this worker, so it does not start the VM")
+	}
 	raw, err := os.ReadFile(filepath.Join(dir, specFile))
 	if err != nil {
 		return fmt.Errorf("worker: %w", err)
@@ -86,12 +99,22 @@ func RunWorker(ctx context.Context, dir string, log zerolog.Logger) error {
 	if err := json.Unmarshal(raw, &sp); err != nil {
 		return fmt.Errorf("worker: %s: %w", specFile, err)
 	}
+	if len(sp.Request.Headers) > 0 {
+		// The headers may be credentials: they live on in this process
+		// only.
+		kept := sp
+		kept.Request.Headers = nil
+		if b, err := json.Marshal(kept); err == nil {
+			writeAtomic(filepath.Join(dir, specFile), b, true)
+		}
+	}
 	w := &worker{dir: dir, log: log, rep: report{VM: sp.VM}, changed: make(chan struct{})}
 	w.probed = sp.Request.Probe != nil && sp.Request.Probe.HTTP != ""
 	ln, err := net.Listen("unix", socketAddr(dir))
 	if err != nil {
 		return fmt.Errorf("worker: %w", err)
 	}
+	ln = sameUser{ln}
 	srv := &http.Server{Handler: w.handler(), ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln)
 	defer srv.Close()
@@ -195,6 +218,7 @@ func (w *worker) event(e launch.Event) {
 			}
 		case launch.StepStopping:
 			v.State = Stopping
+			v.Timeline[len(v.Timeline)-1].Text = "stopping, as asked"
 		}
 	})
 }
@@ -202,7 +226,7 @@ func (w *worker) event(e launch.Event) {
 // running records where the VM can be reached and what to clean up.
 func (w *worker) running(r launch.Running) {
 	w.update(func(rep *report) {
-		rep.QEMUPid, rep.Mount = r.QEMUPid, r.Mount
+		rep.QEMUPid = r.QEMUPid
 		rep.VM.Ports = nil
 		for _, f := range r.Forwards {
 			rep.VM.Ports = append(rep.VM.Ports, Port{Guest: f.GuestPort, Host: net.JoinHostPort(f.HostAddr, fmt.Sprint(f.HostPort))})
@@ -260,7 +284,7 @@ func (w *worker) finish(ctx context.Context, runErr error) {
 		default:
 			v.State, v.Reason = Stopped, "the VM exited"
 		}
-		if v.State == Stopped {
+		if n := len(v.Timeline); v.State == Stopped && (n == 0 || v.Timeline[n-1].Step != string(launch.StepStopped)) {
 			v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: string(launch.StepStopped), Text: v.Reason})
 		}
 		r.QEMUPid = 0
@@ -288,6 +312,8 @@ func (w *worker) update(f func(r *report)) {
 // save writes the report to the status file, atomically, and syncs it
 // when final.
 func (w *worker) save(final bool) {
+	w.saveMu.Lock()
+	defer w.saveMu.Unlock()
 	w.mu.Lock()
 	b, err := json.Marshal(w.rep)
 	w.mu.Unlock()
@@ -305,20 +331,20 @@ func (w *worker) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /watch", func(rw http.ResponseWriter, r *http.Request) {
 		rw.Header().Set("Content-Type", "application/x-ndjson")
-		fl, _ := rw.(http.Flusher)
-		enc := json.NewEncoder(rw)
+		rc := http.NewResponseController(rw)
 		for {
 			w.mu.Lock()
-			rep, changed, ended := w.rep, w.changed, w.ended
-			err := enc.Encode(rep)
+			b, err := json.Marshal(w.rep)
+			changed, ended := w.changed, w.ended
 			w.mu.Unlock()
 			if err != nil {
 				return
 			}
-			if fl != nil {
-				fl.Flush()
+			rc.SetWriteDeadline(time.Now().Add(watchWriteTimeout))
+			if _, err := rw.Write(append(b, '\n')); err != nil {
+				return
 			}
-			if ended {
+			if rc.Flush() != nil || ended {
 				return
 			}
 			select {
@@ -329,6 +355,45 @@ func (w *worker) handler() http.Handler {
 		}
 	})
 	return mux
+}
+
+// watchWriteTimeout bounds a write of one report to a subscriber.
+const watchWriteTimeout = 10 * time.Second
+
+// sameUser accepts only connections of processes of this process's user:
+// the abstract namespace has no file permissions.
+type sameUser struct{ net.Listener }
+
+func (l sameUser) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if peerIsUs(c) {
+			return c, nil
+		}
+		c.Close()
+	}
+}
+
+// peerIsUs reports whether the process at the other end of a unix socket
+// runs as this process's user.
+func peerIsUs(c net.Conn) bool {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return false
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) { cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) }); err != nil || cerr != nil {
+		return false
+	}
+	return int(cred.Uid) == os.Geteuid()
 }
 
 // socketAddr is where the worker of the VM in dir reports: a socket in
@@ -350,7 +415,13 @@ func watch(ctx context.Context, dir string, f func(report)) error {
 	c := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
-			return d.DialContext(ctx, "unix", socketAddr(dir))
+			conn, err := d.DialContext(ctx, "unix", socketAddr(dir))
+			if err == nil && !peerIsUs(conn) {
+				// Another user's process took the name first.
+				conn.Close()
+				return nil, fmt.Errorf("the socket of worker %s belongs to another user", dir)
+			}
+			return conn, err
 		},
 	}}
 	defer c.CloseIdleConnections()
@@ -394,11 +465,11 @@ func readReport(dir string) (report, error) {
 // writeAtomic replaces path with b: a reader sees the old file or the
 // new one, never a part.
 func writeAtomic(path string, b []byte, sync bool) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
 	if err != nil {
 		return err
 	}
+	tmp := f.Name()
 	_, err = f.Write(b)
 	if err == nil && sync {
 		err = f.Sync()

@@ -93,16 +93,15 @@ const (
 
 // Event is one step of the timeline.
 type Event struct {
-	At   time.Duration `json:"-"` // since Run started
-	Step Step          `json:"step"`
-	Text string        `json:"text"`
+	At   time.Duration // since Run started
+	Step Step
+	Text string
 }
 
 // Running is what a caller can see of a launch once its VM runs.
 type Running struct {
 	Session  *session.Session // nil for an extracted VM
 	QEMUPid  int
-	Mount    string // the mountpoint, "" for an extracted VM
 	Forwards []qemu.Forward
 }
 
@@ -182,9 +181,11 @@ func Run(ctx context.Context, opt Options) (err error) {
 	if err != nil {
 		return err
 	}
-	port := 0
+	port, probeHost := 0, ""
 	if len(fwd) > 0 {
-		port = fwd[0].HostPort
+		port, probeHost = fwd[0].HostPort, reach(fwd[0].HostAddr)
+	} else if opt.ProbeHTTP != "" {
+		return errors.New("the HTTP probe needs a port forwarded to the guest, and the VM's vm.json names none: ask for one")
 	}
 	// A directory of its own: launches in one process never share a socket.
 	qmpDir, err := os.MkdirTemp("", "cloudletfs-qmp-")
@@ -232,11 +233,7 @@ func Run(ctx context.Context, opt Options) (err error) {
 	}
 	mark(StepRunning, fmt.Sprintf("QEMU running (%s%s)", opt.Accel, describeForwards(fwd)))
 	if opt.Running != nil {
-		r := Running{QEMUPid: vm.Pid(), Forwards: fwd, Session: s}
-		if s != nil {
-			r.Mount = s.Dir
-		}
-		opt.Running(r)
+		opt.Running(Running{QEMUPid: vm.Pid(), Forwards: fwd, Session: s})
 	}
 
 	probed := make(chan error, 1)
@@ -248,7 +245,7 @@ func Run(ctx context.Context, opt Options) (err error) {
 		defer func() { cancel(); <-ended }()
 		go func() {
 			defer close(ended)
-			probed <- probe(pctx, opt, s, port, vm, mark)
+			probed <- probe(pctx, opt, s, probeHost, port, vm, mark)
 		}()
 	} else {
 		close(probed)
@@ -368,11 +365,11 @@ var errVMExited = errors.New("the VM exited")
 
 // probe runs the probe command until it succeeds, and marks the first
 // response on the timeline.
-func probe(ctx context.Context, opt Options, s *session.Session, port int, vm *qemu.VM, mark func(Step, string)) error {
+func probe(ctx context.Context, opt Options, s *session.Session, host string, port int, vm *qemu.VM, mark func(Step, string)) error {
 	deadline := time.Now().Add(opt.ProbeTimeout)
 	try := func() (string, error) { return probeShell(ctx, opt.Probe, port) }
 	if opt.Probe == "" {
-		try = func() (string, error) { return probeHTTP(ctx, opt.ProbeHTTP, port) }
+		try = func() (string, error) { return probeHTTP(ctx, opt.ProbeHTTP, host, port) }
 	}
 	for {
 		out, err := try()
@@ -416,16 +413,13 @@ func probeShell(ctx context.Context, command string, port int) (string, error) {
 
 // probeHTTP GETs path on the forwarded port once; a 2xx reply is a
 // response, and its first line is what the timeline shows.
-func probeHTTP(ctx context.Context, path string, port int) (string, error) {
-	if port == 0 {
-		return "", errors.New("no port is forwarded to the guest")
-	}
+func probeHTTP(ctx context.Context, path, host string, port int) (string, error) {
 	if !strings.HasPrefix(path, "/") {
 		path = "/" + path
 	}
 	rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(rctx, http.MethodGet, "http://127.0.0.1:"+strconv.Itoa(port)+path, nil)
+	req, err := http.NewRequestWithContext(rctx, http.MethodGet, "http://"+net.JoinHostPort(host, strconv.Itoa(port))+path, nil)
 	if err != nil {
 		return "", err
 	}
@@ -440,6 +434,20 @@ func probeHTTP(ctx context.Context, path string, port int) (string, error) {
 	}
 	first, _, _ := strings.Cut(string(body), "\n")
 	return fmt.Sprintf("HTTP %d %s", resp.StatusCode, strings.TrimSpace(first)), nil
+}
+
+// reach is the address that reaches a port bound to addr from this host:
+// addr itself, or the loopback address of its family when addr is all of
+// them.
+func reach(addr string) string {
+	ip := net.ParseIP(addr)
+	switch {
+	case ip == nil || !ip.IsUnspecified():
+		return addr
+	case ip.To4() != nil:
+		return "127.0.0.1"
+	}
+	return "::1"
 }
 
 // probeClient keeps no connection: each try must reach the guest anew.

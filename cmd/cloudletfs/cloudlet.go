@@ -18,6 +18,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/cloudletfs/cloudletfs/cloudlet"
+	"github.com/cloudletfs/cloudletfs/fetch"
 	"github.com/cloudletfs/cloudletfs/qemu"
 )
 
@@ -72,7 +73,7 @@ With --token-file every call needs 'Authorization: Bearer TOKEN'; --open-status 
 				if err := need(c, 1, "the VM's DIR"); err != nil {
 					return err
 				}
-				return cloudlet.RunWorker(c.Context, c.Args().First(), logger(c))
+				return cloudlet.RunWorker(c.Context, c.Args().First(), os.Stdin, logger(c))
 			},
 		},
 		{
@@ -174,23 +175,28 @@ func cloudletCmd(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if ip := ln.Addr().(*net.TCPAddr).IP; !ip.IsLoopback() && token == "" {
+		log := logger(c)
+		log.Warn().Str("listen", ln.Addr().String()).Msg("the API is open to the network without a token: anyone who reaches it can start and stop VMs; give --token-file")
+	}
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: 16 << 10,
 		IdleTimeout: 2 * time.Minute}
+	shut := make(chan struct{})
 	go func() {
+		defer close(shut)
 		<-c.Context.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		// Requests under way get 5 s to finish: an admission records its
+		// worker before the registry closes.
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		srv.Shutdown(sctx)
 		srv.Close() // event streams do not end on their own
 	}()
-	live := 0
-	for _, v := range s.List() {
-		if !v.State.Final() {
-			live++
-		}
-	}
-	fmt.Fprintf(c.App.Writer, "cloudlet listening on http://%s (%s, %d VMs running)\n", ln.Addr(), accel, live)
+	fmt.Fprintf(c.App.Writer, "cloudlet listening on http://%s (%s, %d VMs running)\n", ln.Addr(), accel, running(s.List()))
 	serr := srv.Serve(ln)
+	if errors.Is(serr, http.ErrServerClosed) {
+		<-shut
+	}
 	cerr := s.Close()
 	if !errors.Is(serr, http.ErrServerClosed) {
 		return serr
@@ -255,7 +261,7 @@ func synthesizeCmd(c *cli.Context) error {
 		return err
 	}
 	w := c.App.Writer
-	fmt.Fprintf(w, "VM %s on %s\n", v.ID, c.String("cloudlet"))
+	fmt.Fprintf(w, "VM %s on %s\n", v.ID, fetch.Redact(c.String("cloudlet")))
 	printed := 0
 	var lastProgress time.Time
 	wantAnswer := req.Probe != nil && !c.Bool("detach")
