@@ -32,7 +32,7 @@ func NewClient(base, token string) (*Client, error) {
 	return &Client{base: u, token: token, http: &http.Client{Transport: &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-		ResponseHeaderTimeout: 2 * time.Minute, // a stop waits for the VM
+		ResponseHeaderTimeout: 90 * time.Second, // a stop waits for the VM
 	}}}, nil
 }
 
@@ -48,10 +48,25 @@ func (e *APIError) Error() string {
 	if e.Field != "" {
 		msg = e.Field + ": " + msg
 	}
-	return fmt.Sprintf("cloudlet: %s (HTTP %d)", msg, e.Status)
+	return fmt.Sprintf("%s (HTTP %d)", msg, e.Status)
+}
+
+// callTimeout bounds a call, so that a server that takes the connection
+// and never answers does not hold the caller: an admission reads the
+// overlay's header (30 s at most), a stop waits for the VM (60 s).
+func callTimeout(method string) time.Duration {
+	switch method {
+	case http.MethodGet:
+		return 30 * time.Second
+	case http.MethodPost:
+		return time.Minute
+	}
+	return 90 * time.Second
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, callTimeout(method))
+	defer cancel()
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -76,13 +91,13 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode/100 != 2 {
-		return readError(resp)
+		return c.readError(resp)
 	}
 	if out == nil || resp.StatusCode == http.StatusNoContent {
 		return nil
 	}
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(out); err != nil {
-		return fmt.Errorf("cloudlet %s: %s %s: %w", c.base.Redacted(), method, path, err)
+		return fmt.Errorf("%s does not answer as a cloudletfs cloudlet does (%s %s: %v)", c.base.Redacted(), method, path, err)
 	}
 	return nil
 }
@@ -97,11 +112,12 @@ func (c *Client) unreachable(err error) error {
 	return fmt.Errorf("cannot reach the cloudlet at %s: %w (is 'cloudletfs cloudlet' running there?)", c.base.Redacted(), err)
 }
 
-func readError(resp *http.Response) error {
+func (c *Client) readError(resp *http.Response) error {
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	var body Error
 	if json.Unmarshal(b, &body) != nil || body.Error == "" {
-		body.Error = strings.TrimSpace(resp.Status + " " + strings.TrimSpace(string(b)))
+		// Not the cloudlet's JSON: what answered is something else.
+		body.Error = fmt.Sprintf("%s is not a cloudletfs cloudlet, or not its API: it answered %s", c.base.Redacted(), resp.Status)
 	}
 	return &APIError{Status: resp.StatusCode, Field: body.Field, Msg: body.Error}
 }
@@ -134,6 +150,11 @@ func (c *Client) Stop(ctx context.Context, id string) (VM, error) {
 	var v VM
 	err := c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(id), nil, &v)
 	return v, err
+}
+
+// Forget has the cloudlet forget a VM that has ended.
+func (c *Client) Forget(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(id)+"?forget=1", nil, nil)
 }
 
 // Bases lists the bases the cloudlet holds.
@@ -204,11 +225,11 @@ func (c *Client) stream(ctx context.Context, id string, f func(VM) bool) (done b
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return false, err
+		return false, c.unreachable(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return false, readError(resp)
+		return false, c.readError(resp)
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 16<<20)

@@ -46,6 +46,11 @@ func (s *Service) Handler() http.Handler {
 		writeJSON(w, http.StatusOK, map[string]any{"bases": bs})
 	})
 	api("/v1/", func(w http.ResponseWriter, r *http.Request) {
+		if allow := allowed(r.URL.Path); allow != "" {
+			w.Header().Set("Allow", allow)
+			writeError(w, &RequestError{Status: 405, Msg: fmt.Sprintf("%s %s: this path takes %s", r.Method, r.URL.Path, allow)})
+			return
+		}
 		writeError(w, &RequestError{Status: 404, Msg: fmt.Sprintf("no such API call: %s %s (see `cloudletfs cloudlet --help`)", r.Method, r.URL.Path)})
 	})
 	status := func(h http.Handler) http.Handler {
@@ -83,6 +88,23 @@ func hostCheck(h http.Handler) http.Handler {
 	})
 }
 
+// allowed returns the methods an API path takes, "" for a path that is
+// not one.
+func allowed(path string) string {
+	parts := strings.Split(strings.Trim(path, "/"), "/")
+	switch {
+	case path == "/v1/vms":
+		return "GET, POST"
+	case path == "/v1/bases":
+		return "GET"
+	case len(parts) == 3 && parts[1] == "vms":
+		return "GET, DELETE"
+	case len(parts) == 4 && parts[1] == "vms" && parts[3] == "events":
+		return "GET"
+	}
+	return ""
+}
+
 // jsonKind names what JSON value a Go type is decoded from.
 func jsonKind(t reflect.Type) string {
 	switch t.Kind() {
@@ -114,10 +136,12 @@ func (s *Service) auth(h http.HandlerFunc) http.Handler {
 	if s.opt.Token == "" {
 		return h
 	}
-	want := []byte("Bearer " + s.opt.Token)
+	want := []byte(s.opt.Token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		got := []byte(r.Header.Get("Authorization"))
-		if subtle.ConstantTimeCompare(got, want) != 1 {
+		scheme, got, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+		// The scheme's name is case-insensitive (RFC 9110).
+		if subtle.ConstantTimeCompare([]byte(strings.TrimSpace(got)), want) != 1 || !strings.EqualFold(scheme, "Bearer") {
+			s.log.Warn().Str("remote", r.RemoteAddr).Str("path", r.URL.Path).Msg("refused a request without the right token")
 			w.Header().Set("WWW-Authenticate", `Bearer realm="cloudletfs"`)
 			writeError(w, &RequestError{Status: 401, Msg: "missing or wrong token: send Authorization: Bearer TOKEN, with the token of the cloudlet's --token-file"})
 			return

@@ -142,12 +142,21 @@ func TestUnknownVMsAndPathsAre404(t *testing.T) {
 		{http.MethodDelete, "/v1/vms/0123456789ab?forget=1"},
 		{http.MethodGet, "/v1/vms/0123456789ab/events"},
 		{http.MethodGet, "/v1/nothing"},
-		{http.MethodPut, "/v1/vms"},
 		{http.MethodGet, "/nothing"},
 		{http.MethodGet, "/metrics/x"},
 	} {
 		if status, e, _ := u.call(t, c.method, c.path, "", ""); status != http.StatusNotFound {
 			t.Errorf("%s %s: %d (%s), want 404", c.method, c.path, status, e.Error)
+		}
+	}
+	// A path of the API with a method it does not take.
+	for _, c := range []struct{ method, path, allow string }{
+		{http.MethodPut, "/v1/vms", "GET, POST"},
+		{http.MethodPatch, "/v1/vms/0123456789ab", "GET, DELETE"},
+		{http.MethodPost, "/v1/bases", "GET"},
+	} {
+		if status, e, _ := u.call(t, c.method, c.path, "", ""); status != http.StatusMethodNotAllowed || !strings.Contains(e.Error, c.allow) {
+			t.Errorf("%s %s: %d (%s), want 405 naming %s", c.method, c.path, status, e.Error, c.allow)
 		}
 	}
 }

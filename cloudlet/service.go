@@ -409,10 +409,14 @@ func (s *Service) header(ctx context.Context, r *Request) (*overlay.Header, erro
 	defer cancel()
 	b, err := src.ReadRange(ctx, 0, overlay.HeaderSize)
 	if err != nil {
-		if fetch.Permanent(err) {
-			return nil, badRequest("overlay", "%s: %v", src, err)
+		msg := err.Error()
+		if !strings.Contains(msg, src.String()) {
+			msg = src.String() + ": " + msg
 		}
-		return nil, &RequestError{Status: 502, Field: "overlay", Msg: fmt.Sprintf("could not read the overlay's header: %v", err)}
+		if fetch.Permanent(err) {
+			return nil, badRequest("overlay", "%s", msg)
+		}
+		return nil, &RequestError{Status: 502, Field: "overlay", Msg: "could not read the overlay's header: " + msg}
 	}
 	hd, err := overlay.UnmarshalHeader(b)
 	if err != nil {
@@ -741,7 +745,25 @@ func (s *Service) finalize(e *entry, rep report) {
 	if err := s.reg.put(&rec); err != nil {
 		s.log.Warn().Err(err).Str("vm", rec.VM.ID).Msg("recording the VM's end")
 	}
+	scrubSpec(rec.Dir)
 	s.log.Info().Str("vm", rec.VM.ID).Str("state", string(rec.VM.State)).Str("reason", rec.VM.Reason).Msg("a VM ended")
+}
+
+// scrubSpec drops the request's headers, which may be credentials, from
+// the spec of a VM that ended; its worker, if it started, did so already.
+func scrubSpec(dir string) {
+	raw, err := os.ReadFile(filepath.Join(dir, specFile))
+	if err != nil {
+		return
+	}
+	var sp spec
+	if json.Unmarshal(raw, &sp) != nil || len(sp.Request.Headers) == 0 {
+		return
+	}
+	sp.Request.Headers = nil
+	if b, err := json.Marshal(sp); err == nil {
+		writeAtomic(filepath.Join(dir, specFile), b, true)
+	}
 }
 
 // cleanup kills the QEMU of a worker that died and detaches its mount.

@@ -293,12 +293,25 @@ func (w *worker) finish(ctx context.Context, runErr error) {
 	w.save(true)
 }
 
-// oneLine keeps an error's first line: the console lines some errors end
-// with are in the VM's console log.
+// oneLine puts an error on one line, its lines (QEMU's messages, the last
+// console lines) joined by " | ", and at most maxReason bytes of it.
 func oneLine(s string) string {
-	first, _, _ := strings.Cut(s, "\n")
-	return strings.TrimSuffix(strings.TrimSpace(first), ";")
+	var parts []string
+	for _, l := range strings.Split(s, "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			parts = append(parts, l)
+		}
+	}
+	out := strings.Join(parts, " | ")
+	if len(out) > maxReason {
+		out = out[:maxReason] + " …"
+	}
+	return out
 }
+
+// maxReason bounds the reason a VM failed with; its console log and the
+// worker's log hold the rest.
+const maxReason = 2000
 
 func (w *worker) update(f func(r *report)) {
 	w.mu.Lock()

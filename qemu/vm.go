@@ -289,14 +289,34 @@ func Start(ctx context.Context, bin string, args []string, qmp string, console i
 		return nil, fmt.Errorf("qemu: %w", err)
 	}
 	go v.read(out, console, guestConsole)
+	msgsRead := make(chan struct{})
 	go func() {
 		v.read(msgs, console, qemuMessages)
 		msgs.Close()
+		close(msgsRead)
 	}()
 	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
+	// A QEMU that exits at once (a bad option) never answers: stop
+	// dialling then, and say what it printed.
+	go func() {
+		select {
+		case <-v.exited:
+			cancel()
+		case <-dctx.Done():
+		}
+	}()
 	qc, err := Dial(dctx, qmp)
 	if err != nil {
+		select {
+		case <-v.exited:
+			select {
+			case <-msgsRead:
+			case <-time.After(time.Second):
+			}
+			return nil, fmt.Errorf("qemu exited at once (%v); QEMU said:\n%s", v.ExitErr(), v.Tail(20))
+		default:
+		}
 		v.Kill()
 		return nil, fmt.Errorf("%w; QEMU said:\n%s", err, v.Tail(20))
 	}

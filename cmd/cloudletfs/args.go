@@ -373,6 +373,8 @@ func checkValue(c *cli.Context, f cli.Flag) error {
 		switch {
 		case name == "guest-port" && (n < 0 || n > 65535):
 			return fmt.Errorf("--%s %d: want a TCP port from 1 to 65535, or 0 for none", name, n)
+		case n < 0 && zeroInt[name]:
+			return fmt.Errorf("--%s %d: want 0 or a whole number above it", name, n)
 		case n < 0 || n == 0 && !zeroInt[name]:
 			return fmt.Errorf("--%s %d: want a whole number above zero", name, n)
 		case name == "chunk-size" && n&(n-1) != 0:

@@ -34,7 +34,7 @@ func cloudletCommands() []*cli.Command {
 		{
 			Name:      "cloudlet",
 			Usage:     "run the cloudlet service: users' devices ask it over HTTP for VMs from overlays",
-			UsageText: "cloudletfs cloudlet [--listen 127.0.0.1:8021] [--token-file F] [--max-memory SIZE] [--max-vms N] [--allow-file]",
+			UsageText: "cloudletfs cloudlet [--listen 127.0.0.1:8021] [--token-file F [--open-status]] [--max-memory SIZE] [--max-vms N] [--allow-file]",
 			Description: `A long-running daemon with a JSON API under /v1:
   POST   /v1/vms              {"overlay": URL, "headers": {...}, "ports": [8080], "probe": {"http": "/"}}
                               answers 202 with the VM's id; the VM is then synthesized with early start
@@ -80,7 +80,10 @@ With --token-file every call needs 'Authorization: Bearer TOKEN'; --open-status 
 			Name:      "synthesize",
 			Usage:     "ask a cloudlet for a VM from an overlay and follow it until its application answers",
 			UsageText: "cloudletfs synthesize --cloudlet http://HOST:8021 [--port 8080]... [--probe /] [--detach] OVERLAY-URL",
-			Description: `Sends the request, follows the VM's events and prints its timeline as it happens:
+			Description: `OVERLAY-URL is http:// or https:// (a presigned S3 URL too), s3://BUCKET/KEY (read
+with the cloudlet's own AWS credentials), or file:// on a cloudlet run with --allow-file;
+the cloudlet, not this machine, fetches it.
+Sends the request, follows the VM's events and prints its timeline as it happens:
 admitted, metadata arrived, QEMU running, first response (a GET of --probe on the
 first port answered 2xx), overlay complete. Ends by printing where the application
 answers; the VM runs on until 'cloudletfs stop'. Exits 0 once the VM gave its first
@@ -89,7 +92,7 @@ response (with --probe '' or --detach: once it runs), 1 if it failed first.`,
 				cloudletFlag, tokenFileFlag,
 				&cli.IntSliceFlag{Name: "port", Usage: "guest TCP port to forward (repeatable; default: the one the overlay's vm.json names)"},
 				&cli.StringFlag{Name: "probe", Value: "/", Usage: "path to GET on the first port until it answers 2xx: the first response ('' for none)"},
-				headerFlag,
+				&cli.StringSliceFlag{Name: "header", Usage: "HTTP header the cloudlet sends with every request for the overlay, e.g. 'Authorization: Bearer TOKEN' of the overlay's server (repeatable); the cloudlet's own token goes in --token-file"},
 				&cli.BoolFlag{Name: "detach", Usage: "return once the VM runs"},
 				&cli.DurationFlag{Name: "timeout", Value: 15 * time.Minute, Usage: "give up following the VM after this long (it runs on)"},
 			},
@@ -99,15 +102,21 @@ response (with --probe '' or --detach: once it runs), 1 if it failed first.`,
 			Name:      "vms",
 			Usage:     "list a cloudlet's VMs",
 			UsageText: "cloudletfs vms --cloudlet URL [--json]",
-			Flags:     []cli.Flag{cloudletFlag, tokenFileFlag, &cli.BoolFlag{Name: "json", Usage: "print the API's JSON"}},
-			Action:    vmsCmd,
+			Description: `One line a VM: its state, when it first answered, its overlay, the host addresses
+of its ports and how much of its overlay has arrived; why failed VMs failed follows
+the table.`,
+			Flags:  []cli.Flag{cloudletFlag, tokenFileFlag, &cli.BoolFlag{Name: "json", Usage: "print the VMs as the API gives them, as a JSON array"}},
+			Action: vmsCmd,
 		},
 		{
 			Name:      "stop",
 			Usage:     "stop VMs on a cloudlet and unmount them",
-			UsageText: "cloudletfs stop --cloudlet URL ID...",
-			Flags:     []cli.Flag{cloudletFlag, tokenFileFlag},
-			Action:    stopCmd,
+			UsageText: "cloudletfs stop --cloudlet URL [--forget] ID...",
+			Description: `Stops each VM: QEMU quits, then its mount goes; it returns once they have. A VM
+that had already ended is left as it is and said so. With --forget the cloudlet then
+forgets the VM: its record, its logs and its console.`,
+			Flags:  []cli.Flag{cloudletFlag, tokenFileFlag, &cli.BoolFlag{Name: "forget", Usage: "forget the VMs once stopped"}},
+			Action: stopCmd,
 		},
 	}
 }
@@ -129,6 +138,11 @@ func readToken(path string) (string, error) {
 }
 
 func cloudletCmd(c *cli.Context) error {
+	for _, f := range []string{"listen", "token-file"} {
+		if c.IsSet(f) && c.String(f) == "" {
+			return badFlag("--%s is empty: leave it out for the default, or give a value", f)
+		}
+	}
 	token, err := readToken(c.Path("token-file"))
 	if err != nil {
 		return err
@@ -341,6 +355,7 @@ func vmsCmd(c *cli.Context) error {
 		return enc.Encode(vms)
 	}
 	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+	var failed []cloudlet.VM
 	fmt.Fprintln(tw, "ID\tSTATE\tFIRST RESPONSE\tOVERLAY\tPORTS\tPROGRESS")
 	for _, v := range vms {
 		first := "-"
@@ -355,13 +370,18 @@ func vmsCmd(c *cli.Context) error {
 		if p := v.Progress; p != nil && p.Segments > 0 {
 			progress = fmt.Sprintf("%d%%", p.SegmentsPresent*100/p.Segments)
 		}
-		state := string(v.State)
-		if v.Reason != "" && v.State == cloudlet.Failed {
-			state += ": " + v.Reason
+		if v.State == cloudlet.Failed {
+			failed = append(failed, v)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.ID, state, first, v.Overlay, strings.Join(ports, " "), progress)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.ID, v.State, first, v.Overlay, strings.Join(ports, " "), progress)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	for _, v := range failed {
+		fmt.Fprintf(c.App.Writer, "%s failed: %s\n", v.ID, v.Reason)
+	}
+	return nil
 }
 
 func stopCmd(c *cli.Context) error {
@@ -371,13 +391,22 @@ func stopCmd(c *cli.Context) error {
 	}
 	var failed []string
 	for _, id := range c.Args().Slice() {
-		v, err := cl.Stop(c.Context, id)
+		before, err := cl.Get(c.Context, id)
+		if err == nil && before.State.Final() {
+			fmt.Fprintf(c.App.Writer, "%s had already ended: %s (%s)\n", id, before.State, before.Reason)
+		} else if err == nil {
+			var v cloudlet.VM
+			if v, err = cl.Stop(c.Context, id); err == nil {
+				fmt.Fprintf(c.App.Writer, "%s %s\n", v.ID, v.State)
+			}
+		}
+		if err == nil && c.Bool("forget") {
+			err = cl.Forget(c.Context, id)
+		}
 		if err != nil {
 			fmt.Fprintf(c.App.ErrWriter, "cloudletfs: stop %s: %v\n", id, err)
 			failed = append(failed, id)
-			continue
 		}
-		fmt.Fprintf(c.App.Writer, "%s %s\n", v.ID, v.State)
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("stop: %d of %d VMs not stopped", len(failed), c.NArg())

@@ -306,11 +306,12 @@ func testCloudlet(t *testing.T, e *env, srvDir, url, ovl, trace string) {
 	}
 	// The command stops a VM too, and says so of one already ended.
 	out, err := run("stop", "--cloudlet", d.url, "--token-file", tok, crashed.id)
-	if err != nil || !strings.Contains(out, crashed.id+" failed") {
+	if err != nil || !strings.Contains(out, crashed.id+" had already ended: failed") {
 		t.Fatalf("cloudletfs stop of a failed VM: %v\n%s", err, out)
 	}
 	out, err = run("vms", "--cloudlet", d.url, "--token-file", tok)
-	if err != nil || strings.Count(out, "\n") != 5 || !strings.Contains(out, vms[0].id+"  stopped") {
+	if err != nil || !strings.Contains(out, vms[0].id+"  stopped") || !strings.Contains(out, crashed.id+" failed: its worker process died") ||
+		!strings.Contains(out, gone.id+" failed: its worker process died while the cloudlet daemon was not running") {
 		t.Fatalf("cloudletfs vms: %v\n%s", err, out)
 	}
 	d.p.cmd.Process.Signal(syscall.SIGTERM)

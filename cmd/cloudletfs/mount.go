@@ -54,7 +54,8 @@ logged with its path, range, bytes and duration.`,
 			Name:      "mount",
 			Usage:     "mount an overlay so a VM can resume from it before it has arrived",
 			UsageText: "cloudletfs mount [--base ID|NAME] [--trace-out FILE] [--fetch-timeout DURATION] [--fresh] OVERLAY MOUNTPOINT",
-			Description: `OVERLAY is an http(s):// URL, a file:// URL or a path. The mount appears as soon as the
+			Description: `OVERLAY is an http(s):// URL, an s3://BUCKET/KEY URL (see the README for the
+endpoint and credentials), a file:// URL or a path. The mount appears as soon as the
 overlay's metadata has arrived and shows disk/image, memory/image, state, vm.json,
 stats and streams/. Segments stream in the background; a read of a chunk that has not
 arrived fetches its segment ahead of the stream. The command serves until SIGINT,
