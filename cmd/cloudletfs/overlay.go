@@ -84,40 +84,6 @@ base is found in the registry by the ID the overlay records.`,
 	}
 }
 
-// openImage opens a custom image and returns it with its size.
-func openImage(what, path string) (*os.File, int64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, 0, fmt.Errorf("%s: %w", what, err)
-	}
-	st, err := f.Stat()
-	if err == nil && !st.Mode().IsRegular() {
-		err = fmt.Errorf("not a regular file")
-	}
-	if err != nil {
-		f.Close()
-		return nil, 0, fmt.Errorf("%s %s: %w", what, path, err)
-	}
-	return f, st.Size(), nil
-}
-
-// readSmall reads a small file whole, refusing one larger than limit.
-func readSmall(what, path string, limit int64) ([]byte, error) {
-	f, size, err := openImage(what, path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	if size > limit {
-		return nil, fmt.Errorf("%s %s: %d bytes, more than the limit of %d", what, path, size, limit)
-	}
-	b, err := io.ReadAll(f)
-	if err != nil {
-		return nil, fmt.Errorf("%s %s: %w", what, path, err)
-	}
-	return b, nil
-}
-
 func overlayCreate(c *cli.Context) error {
 	segSize, err := humanize.ParseBytes(c.String("segment-size"))
 	if err != nil || segSize == 0 || segSize > overlay.MaxSegmentRaw {
@@ -129,23 +95,11 @@ func overlayCreate(c *cli.Context) error {
 	}
 	out := c.Path("output")
 
-	in := &overlay.Input{}
-	for _, img := range overlay.Images {
-		f, size, err := openImage(img.String(), c.Path(img.String()))
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		in.Images[img], in.Sizes[img] = f, size
-	}
-	if in.State, err = readSmall("state", c.Path("state"), overlay.MaxStateSize); err != nil {
+	in, closeInput, err := overlay.OpenInput(c.Path("disk"), c.Path("memory"), c.Path("state"), c.Path("vm-config"))
+	if err != nil {
 		return err
 	}
-	if p := c.Path("vm-config"); p != "" {
-		if in.VMConfig, err = readSmall("vm-config", p, overlay.MaxVMConfigSize); err != nil {
-			return err
-		}
-	}
+	defer closeInput()
 
 	st, err := openStore(c)
 	if err != nil {

@@ -3,29 +3,23 @@ package main
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"regexp"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/dustin/go-humanize"
-	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 	"golang.org/x/term"
 
+	"github.com/cloudletfs/cloudletfs/capture"
 	"github.com/cloudletfs/cloudletfs/launch"
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
 	"github.com/cloudletfs/cloudletfs/session"
-	"github.com/cloudletfs/cloudletfs/store"
 )
 
 var (
@@ -150,50 +144,49 @@ overlay's vm.json, so a launch of the overlay has discard and the balloon again.
 	}
 }
 
-// copyFile copies src to dst (a reflink where the file system can).
-func copyFile(src, dst string) error {
-	out, err := exec.Command("cp", "--reflink=auto", "--sparse=always", src, dst).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("copy %s: %v: %s", src, err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
-
-func readyWait(c *cli.Context, vm *qemu.VM) error {
-	ctx := c.Context
+// readyWait says, from the flags, when the VM is ready to be saved: a
+// console line matching --ready, --ready-after, or Enter on a terminal.
+func readyWait(c *cli.Context) (capture.ReadyFunc, error) {
+	exited := func(vm *qemu.VM) error { return fmt.Errorf("QEMU exited; last console lines:\n%s", vm.Tail(15)) }
 	switch {
 	case c.String("ready") != "":
 		re, err := regexp.Compile(c.String("ready"))
 		if err != nil {
-			return badFlag("--ready: %v", err)
+			return nil, badFlag("--ready: %v", err)
 		}
-		return vm.WaitConsole(ctx, re, c.Duration("ready-timeout"))
+		timeout := c.Duration("ready-timeout")
+		return func(ctx context.Context, vm *qemu.VM) error { return vm.WaitConsole(ctx, re, timeout) }, nil
 	case c.Duration("ready-after") > 0:
-		select {
-		case <-time.After(c.Duration("ready-after")):
-			return nil
-		case <-vm.Exited():
-			return fmt.Errorf("QEMU exited; last console lines:\n%s", vm.Tail(15))
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+		after := c.Duration("ready-after")
+		return func(ctx context.Context, vm *qemu.VM) error {
+			select {
+			case <-time.After(after):
+				return nil
+			case <-vm.Exited():
+				return exited(vm)
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}, nil
 	case term.IsTerminal(int(os.Stdin.Fd())):
-		fmt.Fprintln(c.App.ErrWriter, "press Enter to capture the VM")
-		entered := make(chan struct{})
-		go func() {
-			bufio.NewReader(os.Stdin).ReadString('\n')
-			close(entered)
-		}()
-		select {
-		case <-entered:
-			return nil
-		case <-vm.Exited():
-			return fmt.Errorf("QEMU exited; last console lines:\n%s", vm.Tail(15))
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+		return func(ctx context.Context, vm *qemu.VM) error {
+			fmt.Fprintln(c.App.ErrWriter, "press Enter to capture the VM")
+			entered := make(chan struct{})
+			go func() {
+				bufio.NewReader(os.Stdin).ReadString('\n')
+				close(entered)
+			}()
+			select {
+			case <-entered:
+				return nil
+			case <-vm.Exited():
+				return exited(vm)
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}, nil
 	}
-	return errors.New("say when the VM is ready: --ready REGEX or --ready-after DURATION")
+	return nil, errors.New("say when the VM is ready: --ready REGEX or --ready-after DURATION")
 }
 
 func baseCreateCmd(c *cli.Context) error {
@@ -216,79 +209,20 @@ func baseCreateCmd(c *cli.Context) error {
 			}
 		}
 	}
-	// The registry is not held while the guest boots, so mounts can start
-	// meanwhile; Import checks the name again.
-	st, err := openStore(c)
+	ready, err := readyWait(c)
 	if err != nil {
 		return err
 	}
-	name := c.String("name")
-	_, err = st.Resolve(name)
-	st.Close()
-	if err == nil {
-		return fmt.Errorf("a base named %q is already registered", name)
-	}
-	dir, err := os.MkdirTemp(filepath.Join(st.Dir()), "base-"+name+"-*")
-	if err != nil {
-		return err
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			os.RemoveAll(dir)
-		}
-	}()
-	cfg := &qemu.Config{Machine: c.String("machine"), CPU: c.String("cpu"), SMP: c.Int("smp"), MemoryMiB: int(memSize >> 20),
+	cfg := qemu.Config{Machine: c.String("machine"), CPU: c.String("cpu"), SMP: c.Int("smp"), MemoryMiB: int(memSize >> 20),
 		DiskIf: c.String("disk-interface"), NIC: c.String("nic"), GuestPort: c.Int("guest-port"), Append: c.String("append"),
 		Extra: extra(c), Discard: !c.Bool("no-discard"), Balloon: !c.Bool("no-discard")}
-	if p := c.Path("kernel"); p != "" {
-		cfg.Kernel = "vmlinuz"
-		if err := copyFile(p, filepath.Join(dir, cfg.Kernel)); err != nil {
-			return err
-		}
-	}
-	if p := c.Path("initrd"); p != "" {
-		cfg.Initrd = "initrd.img"
-		if err := copyFile(p, filepath.Join(dir, cfg.Initrd)); err != nil {
-			return err
-		}
-	}
-	files := store.ImportFiles{Disk: filepath.Join(dir, "disk.img"), Memory: filepath.Join(dir, "memory.img"),
-		State: filepath.Join(dir, "state"), VMConfig: filepath.Join(dir, "vm.json")}
-	if err := copyFile(c.Path("disk"), files.Disk); err != nil {
-		return err
-	}
-	cj, _ := json.MarshalIndent(cfg, "", "  ")
-	if err := os.WriteFile(files.VMConfig, append(cj, '\n'), 0o644); err != nil {
-		return err
-	}
-	args := cfg.Args(qemu.Run{Accel: accel, Memory: files.Memory, Share: true, Disk: files.Disk,
-		QMP: filepath.Join(dir, "qmp.sock"), Dir: dir, Boot: true})
-	log := logger(c)
-	log.Info().Str("accel", accel).Msg("booting the base VM")
-	vm, err := qemu.Start(c.Context, bin, args, filepath.Join(dir, "qmp.sock"), consoleOut(c))
+	b, dir, err := capture.CreateBase(c.Context, capture.BaseOptions{StateDir: c.String("state-dir"), Name: c.String("name"),
+		Disk: c.Path("disk"), Kernel: c.Path("kernel"), Initrd: c.Path("initrd"), Config: cfg,
+		QEMU: bin, Accel: accel, Console: consoleOut(c), Ready: ready, Log: logger(c)})
 	if err != nil {
 		return err
 	}
-	defer vm.Quit(context.Background())
-	if err := readyWait(c, vm); err != nil {
-		return err
-	}
-	if err := vm.Save(c.Context, files.State); err != nil {
-		return err
-	}
-	vm.Quit(c.Context)
-	os.Remove(filepath.Join(dir, "qmp.sock"))
-	if st, err = openStore(c); err != nil {
-		return err
-	}
-	defer st.Close()
-	b, err := st.Import(name, files, overlay.DefaultChunkSize, 0, nil)
-	if err != nil {
-		return err
-	}
-	ok = true
-	fmt.Fprintf(c.App.Writer, "created base %q in %s: memory %s, disk %s, state %s\n", name, dir,
+	fmt.Fprintf(c.App.Writer, "created base %q in %s: memory %s, disk %s, state %s\n", b.Name, dir,
 		humanize.IBytes(uint64(b.Memory.Size)), humanize.IBytes(uint64(b.Disk.Size)), humanize.IBytes(uint64(b.State.Size)))
 	fmt.Fprintln(c.App.Writer, b.ID)
 	return nil
@@ -303,7 +237,7 @@ func consoleOut(c *cli.Context) io.Writer {
 	return nil
 }
 
-func overlayCaptureCmd(c *cli.Context) (err error) {
+func overlayCaptureCmd(c *cli.Context) error {
 	bin, err := qemu.CheckBinary(c.String("qemu"))
 	if err != nil {
 		return err
@@ -316,373 +250,41 @@ func overlayCaptureCmd(c *cli.Context) (err error) {
 	if err != nil || codec == overlay.CodecNone {
 		return badFlag("--codec %q: want xz or zstd", c.String("codec"))
 	}
-	noDiscard := c.Bool("no-discard")
 	if c.Duration("discard-settle") <= 0 || c.Duration("discard-timeout") <= 0 {
 		return badFlag("--discard-settle and --discard-timeout want positive durations, e.g. 5s and 5m")
 	}
-	var script []byte
+	opt := capture.Options{StateDir: c.String("state-dir"), Base: c.String("base"), QEMU: bin, Accel: accel,
+		Interactive: os.Stdin, NoDiscard: c.Bool("no-discard"),
+		DiscardSettle: c.Duration("discard-settle"), DiscardTimeout: c.Duration("discard-timeout"),
+		Codec: codec, Jobs: c.Int("jobs"), Output: c.Path("output"),
+		Out: c.App.Writer, Notes: c.App.ErrWriter, Console: consoleOut(c), Log: logger(c)}
 	if p := c.Path("script"); p != "" {
-		if script, err = os.ReadFile(p); err != nil {
+		if opt.Script, err = os.ReadFile(p); err != nil {
 			return fmt.Errorf("--script: %w", err)
 		}
 		if c.String("ready") == "" {
 			return errors.New("--script needs --ready: the console line that says the customization is done")
 		}
-	}
-	st, err := openStore(c)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
-	rec, err := st.Resolve(c.String("base"))
-	if err != nil {
-		return err
-	}
-	if err := rec.CheckFiles(); err != nil {
-		return err
-	}
-	if _, _, err := launch.BaseConfig(rec); err != nil {
-		return err
-	}
-	work, unlock, err := captureDir(st.Dir(), logger(c))
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	defer os.RemoveAll(work)
-
-	// Run the base from a mount of an overlay that changes nothing: reads
-	// come from the base and are recorded, writes land copy-on-write in the
-	// store, and the base's files are never touched.
-	base, closeBase, err := st.Open(rec)
-	if err != nil {
-		return err
-	}
-	defer closeBase()
-	ident := filepath.Join(work, "base.overlay")
-	_, err = buildFromFiles(ident, base, rec.Disk.Path, rec.Memory.Path, rec.State.Path, rec.VMConfig.Path,
-		overlay.BuildOptions{Codec: overlay.CodecZstd, Workers: c.Int("jobs")})
-	if err != nil {
-		return err
-	}
-	mnt := filepath.Join(work, "mnt")
-	if err := os.Mkdir(mnt, 0o700); err != nil {
-		return err
-	}
-	// The mount takes the registry itself.
-	if err := st.Close(); err != nil {
-		return err
-	}
-	// Start from the base as it is, whatever an earlier capture wrote.
-	s, err := session.Open(c.Context, session.Options{Overlay: ident, Mountpoint: mnt, StateDir: c.String("state-dir"),
-		Log: logger(c), FetchTimeout: time.Minute, Fresh: true, DropWritten: true, NoDiscard: noDiscard})
-	if err != nil {
-		return err
-	}
-	// Unmounted after QEMU has quit (deferred later, run earlier).
-	defer s.Close()
-	cfg, err := qemu.LoadConfig(s.Overlay.VMConfig)
-	if err != nil {
-		return err
-	}
-	consoleLog, err := os.CreateTemp("", "cloudletfs-capture-*.console.log")
-	if err != nil {
-		return err
-	}
-	// Kept to read when the capture fails; nothing to read once it worked.
-	defer func() {
-		consoleLog.Close()
-		if err == nil {
-			os.Remove(consoleLog.Name())
-		} else {
-			fmt.Fprintf(c.App.ErrWriter, "the guest's console is kept in %s\n", consoleLog.Name())
-		}
-	}()
-	console := io.Writer(consoleLog)
-	if out := consoleOut(c); out != nil {
-		console = io.MultiWriter(out, consoleLog)
-	}
-
-	memPath, diskPath := filepath.Join(mnt, "memory", "image"), filepath.Join(mnt, "disk", "image")
-	qmp := filepath.Join(work, "qmp.sock")
-	args := cfg.Args(qemu.Run{Accel: accel, Memory: memPath, Share: true, Disk: diskPath, QMP: qmp, Incoming: true, NoDiscard: noDiscard})
-	vm, err := qemu.Start(c.Context, bin, args, qmp, console)
-	if err != nil {
-		return err
-	}
-	defer vm.Quit(context.Background())
-	if err := vm.Resume(c.Context, rec.State.Path); err != nil {
-		return err
-	}
-	fmt.Fprintf(c.App.Writer, "the VM is running (%s); its console goes to %s\n", accel, consoleLog.Name())
-	if script != nil {
-		vm.ClearConsole()
-		for _, line := range strings.SplitAfter(string(script), "\n") {
-			if err := vm.Type(line); err != nil {
-				return err
-			}
-		}
-		stop := showProgress(c.App.Writer, s, 5*time.Second)
-		err := readyWait(c, vm)
-		stop()
-		if err != nil {
+		if opt.Ready, err = readyWait(c); err != nil {
 			return err
 		}
-	} else {
-		fmt.Fprintln(c.App.ErrWriter, "the VM's console is attached; customize it, then press Ctrl-D to capture")
-		typed := make(chan error, 1)
-		go func() {
-			_, err := io.Copy(vmWriter{vm}, os.Stdin)
-			typed <- err
-		}()
-		select {
-		case err := <-typed:
-			if err != nil {
-				return err
-			}
-		case <-c.Context.Done():
-			return c.Context.Err()
-		}
 	}
-	if err := closeGap(c, vm, s, cfg, noDiscard); err != nil {
-		return err
-	}
-	state := filepath.Join(work, "state")
-	if err := vm.Save(c.Context, state); err != nil {
-		return err
-	}
-	vm.Quit(c.Context)
-	// The guest's RAM was a shared mapping of memory/image: push its dirty
-	// pages through the mount before reading the image back.
-	for _, p := range []string{memPath, diskPath} {
-		if err := syncFile(p); err != nil {
-			return fmt.Errorf("capture: %w", err)
-		}
-	}
-
-	trace := s.Mount.Trace()
 	if p := c.Path("trace-out"); p != "" {
-		if err := writeTrace(p, func(w io.Writer) error { return order.Write(w, trace) }); err != nil {
-			return fmt.Errorf("--trace-out: %w", err)
-		}
-	}
-	in := &overlay.Input{
-		Images: [2]io.ReaderAt{mountReader{c.Context, s, overlay.Disk}, mountReader{c.Context, s, overlay.Memory}},
-		Sizes:  [2]int64{s.Overlay.Header.ImageSize(overlay.Disk), s.Overlay.Header.ImageSize(overlay.Memory)},
-	}
-	if in.State, err = os.ReadFile(state); err != nil {
-		return err
-	}
-	in.VMConfig = s.Overlay.VMConfig
-	out := c.Path("output")
-	start := time.Now()
-	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{Codec: codec, Workers: c.Int("jobs"), Order: order.FirstAccess(trace.Accesses)})
-	if err != nil {
-		return fmt.Errorf("overlay %s: %w", out, err)
-	}
-	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
-	fmt.Fprintf(c.App.Writer, "stream order: the %d chunks the VM touched while it ran come first\n", len(trace.Accesses))
-	return nil
-}
-
-// closeGap has the guest trim its file systems and waits until the
-// discards that follow, of disk blocks and of freed pages, have settled,
-// so that what the guest deleted or freed is not saved. It says what it
-// waited for and how many chunks were discarded.
-func closeGap(c *cli.Context, vm *qemu.VM, s *session.Session, cfg *qemu.Config, noDiscard bool) error {
-	w := c.App.Writer
-	discarded := func() int { return s.Mount.Stats().ChunksDiscarded }
-	cs := uint64(s.Overlay.Header.ChunkSize)
-	switch {
-	case noDiscard:
-		fmt.Fprintln(w, "--no-discard: no trim, and the mount refused discards; what the guest deleted or freed is captured")
-		return nil
-	case !cfg.Discard && !cfg.Balloon:
-		fmt.Fprintln(w, "the base's vm.json records neither discard nor the balloon (an older base, or --no-discard): no trim; what the guest deleted or freed is captured")
-		return nil
-	}
-	start := time.Now()
-	limit := c.Duration("discard-timeout")
-	before := discarded()
-	if cfg.Discard {
-		fmt.Fprintln(w, "trimming the guest's file systems")
-		if err := vm.Trim(c.Context, limit); err != nil {
-			return fmt.Errorf("capture: %w; or capture with --no-discard", err)
-		}
-		fmt.Fprintf(w, "trimmed in %.1f s (%d chunks discarded so far)\n", time.Since(start).Seconds(), discarded())
-	}
-	quiet := c.Duration("discard-settle")
-	slack := int((256 << 10) / cs)
-	settled, err := qemu.Settle(c.Context, discarded, quiet, slack, max(limit-time.Since(start), 0), 200*time.Millisecond)
-	if err != nil {
-		return err
-	}
-	if cfg.Discard {
-		if err := vm.RestoreReporting(c.Context, time.Minute); err != nil {
-			return fmt.Errorf("capture: %w", err)
-		}
-	}
-	n := discarded()
-	what := fmt.Sprintf("less than 256 KiB discarded in %s", quiet)
-	if !settled.Quiet {
-		what = fmt.Sprintf("still discarding when --discard-timeout %s ran out; saving anyway", limit)
-	}
-	fmt.Fprintf(w, "waited %.1f s for the guest's discards to settle (%s): %d chunks (%s) discarded while the VM ran, %d of them since the trim began\n",
-		settled.Waited.Seconds(), what, n, humanize.IBytes(uint64(n)*cs), n-before)
-	return nil
-}
-
-// showProgress prints, every interval until stopped, how long the VM has
-// been customized and how many chunks it has written.
-func showProgress(w io.Writer, s *session.Session, interval time.Duration) (stop func()) {
-	start := time.Now()
-	done := make(chan struct{})
-	ended := make(chan struct{})
-	go func() {
-		defer close(ended)
-		t := time.NewTicker(interval)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				st := s.Fetcher.Stats()
-				fmt.Fprintf(w, "%8s  waiting for --ready: %d chunks written (disk %d, memory %d)\n",
-					time.Since(start).Round(time.Second), st.Disk.Modified+st.Memory.Modified, st.Disk.Modified, st.Memory.Modified)
+		opt.TraceOut = func(t *order.Trace) error {
+			if err := writeTrace(p, func(w io.Writer) error { return order.Write(w, t) }); err != nil {
+				return fmt.Errorf("--trace-out: %w", err)
 			}
-		}
-	}()
-	return func() { close(done); <-ended }
-}
-
-// captureDir makes a capture's work directory in the state dir, locked
-// for as long as the capture runs, and first removes those that captures
-// killed before they could clean up left behind. One lock on the state dir
-// orders the two, so a directory is never taken for stale between its
-// creation and its lock.
-func captureDir(dir string, log zerolog.Logger) (work string, unlock func(), err error) {
-	all, err := flock(filepath.Join(dir, "capture.lock"), true)
-	if err != nil {
-		return "", nil, err
-	}
-	defer all.Close()
-	stale, _ := filepath.Glob(filepath.Join(dir, "capture-*"))
-	for _, w := range stale {
-		cleanStaleCapture(w, log)
-	}
-	if work, err = os.MkdirTemp(dir, "capture-*"); err != nil {
-		return "", nil, err
-	}
-	lock, err := flock(filepath.Join(work, "lock"), true)
-	if err != nil {
-		os.RemoveAll(work)
-		return "", nil, err
-	}
-	return work, func() { lock.Close() }, nil
-}
-
-// flock opens path, creating it, and locks it exclusively, waiting or not.
-func flock(path string, wait bool) (*os.File, error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	how := syscall.LOCK_EX
-	if !wait {
-		how |= syscall.LOCK_NB
-	}
-	if err := syscall.Flock(int(f.Fd()), how); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("locking %s: %w", path, err)
-	}
-	return f, nil
-}
-
-// cleanStaleCapture removes the work directory of a capture that no longer
-// runs: one whose lock is free. The mount inside, whose daemon is gone, is
-// detached first, so the removal never reaches into a mount.
-func cleanStaleCapture(work string, log zerolog.Logger) {
-	lock, err := flock(filepath.Join(work, "lock"), false)
-	if err != nil {
-		return // a capture running now
-	}
-	defer lock.Close()
-	mnt := filepath.Join(work, "mnt")
-	if fstype, err := session.MountType(mnt); err != nil {
-		return
-	} else if fstype != "" {
-		if fstype != session.FSType || !session.IsDead(mnt) || session.CleanDead(mnt) != nil {
-			log.Warn().Str("dir", work).Msg("a killed capture left a mount behind that cannot be cleaned: unmount it, then remove the directory")
-			return
+			return nil
 		}
 	}
-	if err := os.RemoveAll(work); err != nil {
-		log.Warn().Err(err).Str("dir", work).Msg("could not remove what a killed capture left behind")
-		return
-	}
-	log.Info().Str("dir", work).Msg("removed what a killed capture left behind")
-}
-
-// mountReader reads one image of a mounted overlay in-process, until ctx
-// ends.
-type mountReader struct {
-	ctx context.Context
-	s   *session.Session
-	img overlay.Image
-}
-
-func (r mountReader) ReadAt(p []byte, off int64) (int, error) {
-	size := r.s.Overlay.Header.ImageSize(r.img)
-	if off >= size {
-		return 0, io.EOF
-	}
-	n := min(int64(len(p)), size-off)
-	if err := r.s.Fetcher.ReadAt(r.ctx, r.img, p[:n], off); err != nil {
-		return 0, err
-	}
-	if n < int64(len(p)) {
-		return int(n), io.EOF
-	}
-	return int(n), nil
-}
-
-// syncFile fsyncs a file.
-func syncFile(path string) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	r, err := capture.Capture(c.Context, opt)
 	if err != nil {
 		return err
 	}
-	defer f.Close()
-	return f.Sync()
+	printSummary(c.App.Writer, opt.Output, r.Summary, codec, r.Took)
+	fmt.Fprintf(c.App.Writer, "stream order: the %d chunks the VM touched while it ran come first\n", r.Touched)
+	return nil
 }
-
-// buildFromFiles builds an overlay of the VM in the given files.
-func buildFromFiles(out string, base *overlay.Base, disk, memory, state, vmConfig string, opt overlay.BuildOptions) (*overlay.Summary, error) {
-	in := &overlay.Input{}
-	for img, p := range [2]string{disk, memory} {
-		f, size, err := openImage(overlay.Image(img).String(), p)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close()
-		in.Images[img], in.Sizes[img] = f, size
-	}
-	var err error
-	if in.State, err = readSmall("state", state, overlay.MaxStateSize); err != nil {
-		return nil, err
-	}
-	if vmConfig != "" {
-		if in.VMConfig, err = readSmall("vm-config", vmConfig, overlay.MaxVMConfigSize); err != nil {
-			return nil, err
-		}
-	}
-	return overlay.Build(out, base, in, opt)
-}
-
-type vmWriter struct{ vm *qemu.VM }
-
-func (w vmWriter) Write(p []byte) (int, error) { return len(p), w.vm.Type(string(p)) }
 
 func launchCmd(c *cli.Context) error {
 	if c.NArg() < 1 {
