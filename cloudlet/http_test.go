@@ -345,3 +345,56 @@ func TestStatusPageInABrowser(t *testing.T) {
 		t.Errorf("summary %q: want 1 VM, none running", s)
 	}
 }
+
+// A web page can post a form but not JSON, and without a token only
+// requests to an IP address or localhost are served: a page the
+// cloudlet's own browser loads cannot ask for VMs.
+func TestRequestsFromWebPagesAreRefused(t *testing.T) {
+	u := start(t, cloudlet.Options{})
+	post := func(ct, host string) int {
+		t.Helper()
+		req, err := http.NewRequest(http.MethodPost, u.srv.URL+"/v1/vms", strings.NewReader(`{"overlay": "ftp://x/y"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ct != "" {
+			req.Header.Set("Content-Type", ct)
+		}
+		if host != "" {
+			req.Host = host
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for _, ct := range []string{"", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"} {
+		if got := post(ct, ""); got != http.StatusUnsupportedMediaType {
+			t.Errorf("Content-Type %q: %d, want 415", ct, got)
+		}
+	}
+	// The JSON reaches validation: the ftp:// overlay is refused there.
+	if got := post("application/json; charset=utf-8", ""); got != http.StatusBadRequest {
+		t.Errorf("JSON: %d, want 400", got)
+	}
+	for host, want := range map[string]int{"evil.example": 403, "evil.example:8021": 403, "localhost:8021": 400, "[::1]:8021": 400} {
+		if got := post("application/json", host); got != want {
+			t.Errorf("Host %s: %d, want %d", host, got, want)
+		}
+	}
+	// With a token, the token is the guard, whatever the name.
+	v := start(t, cloudlet.Options{Token: "tok"})
+	req, _ := http.NewRequest(http.MethodGet, v.srv.URL+"/v1/vms", nil)
+	req.Host = "cloudlet.example"
+	req.Header.Set("Authorization", "bearer tok") // the scheme in any case
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("a named host with the token, scheme in lower case: %d, want 200", resp.StatusCode)
+	}
+}
