@@ -69,6 +69,7 @@ bench: deps build
 	tools/bench-gap.sh $(BIN) $(BUILD)/bench-gap
 	tools/bench-reliability.sh $(BUILD)/bench-reliability
 	tools/bench-io.sh $(BIN) $(BUILD)/bench-io
+	tools/bench-cloudlet.sh $(BIN) $(BUILD)/bench-cloudlet
 
 # The FACE VM's figures (two captures and nine launches under TCG: about an
 # hour on 2 cores).
