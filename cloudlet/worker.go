@@ -80,10 +80,10 @@ type worker struct {
 }
 
 // RunWorker runs the VM described in dir until it ends or ctx does, and
-// reports on it; `cloudletfs cloudlet-worker DIR` is this. It starts only
-// once the daemon, over registered, says it has recorded the worker's
-// process: a worker the registry does not name would run a VM no daemon
-// can find. It is the daemon's child but not tied to it: a daemon that
+// reports on it; `cloudletfs cloudlet-worker DIR` is this. It starts the
+// VM only once the daemon has written "go" to registered, after recording
+// the worker's process: a worker the registry does not name would run a
+// VM no daemon can find. It is the daemon's child but not tied to it: a daemon that
 // dies leaves it running, and the next daemon finds it again by the PID
 // and start time the registry holds, and follows it on its socket. It
 // returns once the final report is written.
