@@ -19,7 +19,6 @@ import (
 
 	"github.com/cloudletfs/cloudletfs/cloudlet"
 	"github.com/cloudletfs/cloudletfs/fetch"
-	"github.com/cloudletfs/cloudletfs/qemu"
 )
 
 var (
@@ -161,11 +160,7 @@ func cloudletCmd(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	bin, err := qemu.CheckBinary(c.String("qemu"))
-	if err != nil {
-		return err
-	}
-	accel, err := qemu.ResolveAccel(c.String("accel"))
+	bin, accel, err := qemuFlags(c)
 	if err != nil {
 		return err
 	}

@@ -144,6 +144,17 @@ overlay's vm.json, so a launch of the overlay has discard and the balloon again.
 	}
 }
 
+// qemuFlags checks the --qemu binary and resolves --accel.
+func qemuFlags(c *cli.Context) (bin, accel string, err error) {
+	if bin, err = qemu.CheckBinary(c.String("qemu")); err != nil {
+		return "", "", err
+	}
+	if accel, err = qemu.ResolveAccel(c.String("accel")); err != nil {
+		return "", "", err
+	}
+	return bin, accel, nil
+}
+
 // readyWait says, from the flags, when the VM is ready to be saved: a
 // console line matching --ready, --ready-after, or Enter on a terminal.
 func readyWait(c *cli.Context) (capture.ReadyFunc, error) {
@@ -190,11 +201,7 @@ func readyWait(c *cli.Context) (capture.ReadyFunc, error) {
 }
 
 func baseCreateCmd(c *cli.Context) error {
-	bin, err := qemu.CheckBinary(c.String("qemu"))
-	if err != nil {
-		return err
-	}
-	accel, err := qemu.ResolveAccel(c.String("accel"))
+	bin, accel, err := qemuFlags(c)
 	if err != nil {
 		return err
 	}
@@ -238,11 +245,7 @@ func consoleOut(c *cli.Context) io.Writer {
 }
 
 func overlayCaptureCmd(c *cli.Context) error {
-	bin, err := qemu.CheckBinary(c.String("qemu"))
-	if err != nil {
-		return err
-	}
-	accel, err := qemu.ResolveAccel(c.String("accel"))
+	bin, accel, err := qemuFlags(c)
 	if err != nil {
 		return err
 	}
@@ -290,11 +293,7 @@ func launchCmd(c *cli.Context) error {
 	if c.NArg() < 1 {
 		return errors.New("launch: want OVERLAY (see --help)")
 	}
-	bin, err := qemu.CheckBinary(c.String("qemu"))
-	if err != nil {
-		return err
-	}
-	accel, err := qemu.ResolveAccel(c.String("accel"))
+	bin, accel, err := qemuFlags(c)
 	if err != nil {
 		return err
 	}
