@@ -169,7 +169,7 @@ func baseFiles(t *testing.T, dir string, seed uint64, runnable bool) store.Impor
 	}
 	if runnable {
 		files.VMConfig = filepath.Join(dir, "vm.json")
-		if err := os.WriteFile(files.VMConfig, []byte(`{"machine":"q35","memory_mib":1,"guest_port":8080}`), 0o644); err != nil {
+		if err := os.WriteFile(files.VMConfig, []byte(`{"machine":"q35","memory_mib":1,"disk_interface":"virtio","nic":"e1000","guest_port":8080}`), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -227,7 +227,7 @@ func buildOverlay(t *testing.T, stateDir string, b *store.Base, seed uint64) []b
 		Images:   [2]io.ReaderAt{bytes.NewReader(imgs[0]), bytes.NewReader(imgs[1])},
 		Sizes:    [2]int64{diskSize, memSize},
 		State:    []byte(fmt.Sprintf("device state %d", seed)),
-		VMConfig: []byte(`{"machine":"q35","memory_mib":1,"guest_port":8080}`),
+		VMConfig: []byte(`{"machine":"q35","memory_mib":1,"disk_interface":"virtio","nic":"e1000","guest_port":8080}`),
 	}
 	if _, err := overlay.Build(out, ob, in, overlay.BuildOptions{Codec: overlay.CodecZstd, Workers: 2}); err != nil {
 		t.Fatalf("building an overlay: %v", err)

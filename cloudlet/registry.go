@@ -24,6 +24,8 @@ type record struct {
 	// got the same PID.
 	WorkerPid   int    `json:"worker_pid"`
 	WorkerStart uint64 `json:"worker_start"`
+	// HostPorts are the host ports the VM was given.
+	HostPorts []int `json:"host_ports,omitempty"`
 }
 
 // registry is the daemon's Badger database of VMs, under

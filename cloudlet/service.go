@@ -25,6 +25,7 @@ import (
 	"golang.org/x/net/http/httpguts"
 
 	"github.com/cloudletfs/cloudletfs/fetch"
+	"github.com/cloudletfs/cloudletfs/launch"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/qemu"
 	"github.com/cloudletfs/cloudletfs/session"
@@ -97,6 +98,12 @@ type Service struct {
 
 	metrics *metrics
 	bases   cached[[]Base]
+
+	// portsMu guards ports, the host ports given to VMs that have not
+	// ended: two VMs that start together never get the same one. It is
+	// taken last, under no other lock's wait.
+	portsMu sync.Mutex
+	ports   map[int]string // host port → VM ID
 }
 
 // cached is a value read at most every maxAge. While one caller reads it
@@ -192,7 +199,7 @@ func New(opt Options) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{opt: opt, reg: reg, log: opt.Log, vms: map[string]*entry{}}
+	s := &Service{opt: opt, reg: reg, log: opt.Log, vms: map[string]*entry{}, ports: map[int]string{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.metrics = newMetrics(s)
 	recs, err := reg.all()
@@ -203,6 +210,11 @@ func New(opt Options) (*Service, error) {
 	for _, r := range recs {
 		e := &entry{rec: *r, changed: make(chan struct{}), done: make(chan struct{})}
 		s.vms[r.VM.ID] = e
+		if !r.VM.State.Final() {
+			for _, p := range r.HostPorts {
+				s.ports[p] = r.VM.ID
+			}
+		}
 		switch {
 		case r.VM.State.Final():
 			close(e.done)
@@ -489,11 +501,25 @@ func (s *Service) Create(ctx context.Context, r Request) (VM, error) {
 		return VM{}, &RequestError{Status: 507, Msg: fmt.Sprintf("the VM needs %s of RAM and the cloudlet has %s of its %s left (--max-memory): stop a VM, or ask another cloudlet",
 			humanize.IBytes(uint64(mem)), humanize.IBytes(uint64(max(0, s.opt.MaxMemory-used))), humanize.IBytes(uint64(s.opt.MaxMemory)))}
 	}
+	fwd, err := s.givePorts(id, base, r.Ports)
+	if err != nil {
+		var re *RequestError
+		if errors.As(err, &re) {
+			return VM{}, err
+		}
+		return VM{}, &RequestError{Status: 503, Msg: err.Error()}
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			s.takePorts(id)
+		}
+	}()
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return VM{}, err
 	}
 	sp := spec{VM: v, Request: r, StateDir: s.opt.StateDir, QEMU: s.opt.QEMU, Accel: s.opt.Accel, HostAddr: s.opt.HostAddr,
-		FetchTimeout: s.opt.FetchTimeout, ProbeTimeout: s.opt.ProbeTimeout, CacheSize: s.opt.CacheSize}
+		Forwards: fwd, FetchTimeout: s.opt.FetchTimeout, ProbeTimeout: s.opt.ProbeTimeout, CacheSize: s.opt.CacheSize}
 	b, err := json.Marshal(sp)
 	if err != nil {
 		return VM{}, err
@@ -502,6 +528,9 @@ func (s *Service) Create(ctx context.Context, r Request) (VM, error) {
 		return VM{}, err
 	}
 	e := &entry{rec: record{VM: v, OverlayID: oid, Dir: dir}, changed: make(chan struct{}), done: make(chan struct{})}
+	for _, f := range fwd {
+		e.rec.HostPorts = append(e.rec.HostPorts, f.HostPort)
+	}
 	if err := s.reg.put(&e.rec); err != nil {
 		os.RemoveAll(dir)
 		return VM{}, err
@@ -513,10 +542,62 @@ func (s *Service) Create(ctx context.Context, r Request) (VM, error) {
 		s.finalize(e, report{VM: failedVM(v, "could not start its worker: "+err.Error())})
 		return VM{}, fmt.Errorf("starting the VM's worker: %w", err)
 	}
+	ok = true
 	s.follow(e, exited)
 	snap, _ := e.snapshot()
 	s.log.Info().Str("vm", id).Str("overlay", shown).Str("base", base.Name).Msg("admitted a VM")
 	return snap, nil
+}
+
+// givePorts picks the host ports of a new VM: one for each guest port
+// asked for, or for the one the base's vm.json names, each free now and
+// given to no other VM that runs.
+func (s *Service) givePorts(id string, base *store.Base, guest []int) ([]qemu.Forward, error) {
+	if len(guest) == 0 {
+		cfg, _, err := launch.BaseConfig(base)
+		if err != nil {
+			return nil, &RequestError{Status: 422, Field: "overlay", Msg: fmt.Sprintf("base %s: %v: this cloudlet cannot run VMs of it", base.Name, err)}
+		}
+		if cfg.GuestPort == 0 || cfg.NIC == "" {
+			return nil, nil
+		}
+		guest = []int{cfg.GuestPort}
+	}
+	s.portsMu.Lock()
+	defer s.portsMu.Unlock()
+	var fwd []qemu.Forward
+	for _, g := range guest {
+		p, err := 0, error(nil)
+		for try := 0; try < 32; try++ {
+			if p, err = launch.FreePortOn(s.opt.HostAddr); err != nil {
+				break
+			}
+			if _, taken := s.ports[p]; !taken {
+				break
+			}
+			p = 0
+		}
+		if err != nil || p == 0 {
+			for _, f := range fwd {
+				delete(s.ports, f.HostPort)
+			}
+			return nil, fmt.Errorf("no free port on %s for guest port %d: %v", s.opt.HostAddr, g, err)
+		}
+		s.ports[p] = id
+		fwd = append(fwd, qemu.Forward{HostAddr: s.opt.HostAddr, HostPort: p, GuestPort: g})
+	}
+	return fwd, nil
+}
+
+// takePorts takes back the host ports of a VM that ended.
+func (s *Service) takePorts(id string) {
+	s.portsMu.Lock()
+	defer s.portsMu.Unlock()
+	for p, v := range s.ports {
+		if v == id {
+			delete(s.ports, p)
+		}
+	}
 }
 
 func failedVM(v VM, reason string) VM {
@@ -746,6 +827,7 @@ func (s *Service) finalize(e *entry, rep report) {
 		s.log.Warn().Err(err).Str("vm", rec.VM.ID).Msg("recording the VM's end")
 	}
 	scrubSpec(rec.Dir)
+	s.takePorts(rec.VM.ID)
 	s.log.Info().Str("vm", rec.VM.ID).Str("state", string(rec.VM.State)).Str("reason", rec.VM.Reason).Msg("a VM ended")
 }
 

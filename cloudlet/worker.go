@@ -43,6 +43,9 @@ type spec struct {
 	QEMU     string  `json:"qemu"`
 	Accel    string  `json:"accel"`
 	HostAddr string  `json:"host_addr"`
+	// Forwards are the host ports the daemon gave the VM; without them
+	// the worker asks the kernel for free ones itself.
+	Forwards []qemu.Forward `json:"forwards,omitempty"`
 	// Durations in nanoseconds.
 	FetchTimeout time.Duration `json:"fetch_timeout"`
 	ProbeTimeout time.Duration `json:"probe_timeout"`
@@ -135,11 +138,14 @@ func RunWorker(ctx context.Context, dir string, registered io.Reader, log zerolo
 		headers = append(headers, k+": "+v)
 	}
 	sort.Strings(headers)
-	var fwd []qemu.Forward
+	fwd := sp.Forwards
 	for _, p := range sp.Request.Ports {
+		if len(sp.Forwards) > 0 {
+			break
+		}
 		fwd = append(fwd, qemu.Forward{HostAddr: sp.HostAddr, GuestPort: p})
 	}
-	if len(fwd) == 0 {
+	if len(fwd) == 0 && len(sp.Forwards) == 0 {
 		// vm.json's own guest port, on the cloudlet's address.
 		fwd = append(fwd, qemu.Forward{HostAddr: sp.HostAddr})
 	}
