@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
 	"os"
@@ -177,35 +176,22 @@ func (s *S3Source) ReadRange(ctx context.Context, off, n int64) ([]byte, error) 
 	if err := s.credentials(ctx); err != nil {
 		return nil, err
 	}
-	limit := time.Duration(s.noProgress.Load())
-	if limit <= 0 {
-		limit = DefaultNoProgress
-	}
-	actx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	watch := time.AfterFunc(limit, func() { cancel(ErrStalled) })
-	defer watch.Stop()
-	stalled := func(err error) error {
-		if context.Cause(actx) != ErrStalled || ctx.Err() != nil {
-			return err
-		}
-		// The next try dials afresh, as HTTPSource's does.
-		s.closeIdle()
-		return fmt.Errorf("%s: bytes %d-%d: %w for %s; the connection stalled", s.shown, off, off+n-1, ErrStalled, limit)
-	}
+	// The next try dials afresh, as HTTPSource's does.
+	g := newStallGuard(ctx, time.Duration(s.noProgress.Load()), s.shown, off, n, s.closeIdle)
+	defer g.stop()
 	var opts minio.GetObjectOptions
 	if err := opts.SetRange(off, off+n-1); err != nil {
 		return nil, fmt.Errorf("%s: bytes %d-%d: %w", s.shown, off, off+n-1, err)
 	}
-	body, _, hdr, err := s.core.GetObject(actx, s.bucket, s.key, opts)
+	body, _, hdr, err := s.core.GetObject(g.ctx, s.bucket, s.key, opts)
 	if err != nil {
-		if err := stalled(err); errors.Is(err, ErrStalled) {
+		if err := g.stalled(err); errors.Is(err, ErrStalled) {
 			return nil, err
 		}
 		return nil, s.failure(err, off, n)
 	}
 	defer body.Close()
-	watch.Reset(limit)
+	g.progress()
 	cr := hdr.Get("Content-Range")
 	if cr == "" {
 		// A 200 with the whole object: the server ignored Range.
@@ -225,21 +211,9 @@ func (s *S3Source) ReadRange(ctx context.Context, off, n int64) ([]byte, error) 
 	if total >= 0 {
 		s.size.Store(total)
 	}
-	buf := make([]byte, n)
-	for got := 0; got < len(buf); {
-		m, err := body.Read(buf[got:])
-		if m > 0 {
-			got += m
-			watch.Reset(limit)
-		}
-		if err != nil && got < len(buf) {
-			if err == io.EOF {
-				err = io.ErrUnexpectedEOF
-			}
-			return nil, stalled(fmt.Errorf("%s: reading bytes %d-%d: %w", s.shown, off, off+n-1, s.scrubErr(err)))
-		}
-	}
-	return buf, nil
+	return g.readBody(body, func(err error) error {
+		return fmt.Errorf("%s: reading bytes %d-%d: %w", s.shown, off, off+n-1, s.scrubErr(err))
+	})
 }
 
 // credentials makes sure minio-go holds credentials that have not expired,

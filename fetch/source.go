@@ -235,24 +235,11 @@ const errBodyLimit = 64 << 10
 // matches. No wait is unbounded: a response that stops arriving for the
 // no-progress limit is cut.
 func (h *HTTPSource) ReadRange(ctx context.Context, off, n int64) ([]byte, error) {
-	limit := time.Duration(h.noProgress.Load())
-	if limit <= 0 {
-		limit = DefaultNoProgress
-	}
-	actx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	watch := time.AfterFunc(limit, func() { cancel(ErrStalled) })
-	defer watch.Stop()
-	stalled := func(err error) error {
-		if context.Cause(actx) != ErrStalled || ctx.Err() != nil {
-			return err
-		}
-		// The stalled connection is closed with its request; idle ones to
-		// the same server are suspect too, so the next try dials afresh.
-		h.client.CloseIdleConnections()
-		return fmt.Errorf("%s: bytes %d-%d: %w for %s; the connection stalled", h.shown, off, off+n-1, ErrStalled, limit)
-	}
-	req, err := http.NewRequestWithContext(actx, http.MethodGet, h.url, nil)
+	// The stalled connection is closed with its request; idle ones to the
+	// same server are suspect too, so the next try dials afresh.
+	g := newStallGuard(ctx, time.Duration(h.noProgress.Load()), h.shown, off, n, h.client.CloseIdleConnections)
+	defer g.stop()
+	req, err := http.NewRequestWithContext(g.ctx, http.MethodGet, h.url, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -262,7 +249,7 @@ func (h *HTTPSource) ReadRange(ctx context.Context, off, n int64) ([]byte, error
 	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 	resp, err := h.client.Do(req)
 	if err != nil {
-		if err := stalled(err); errors.Is(err, ErrStalled) {
+		if err := g.stalled(err); errors.Is(err, ErrStalled) {
 			return nil, err
 		}
 		// The error names the URL as given; name it without credentials.
@@ -273,7 +260,7 @@ func (h *HTTPSource) ReadRange(ctx context.Context, off, n int64) ([]byte, error
 		return nil, err
 	}
 	defer resp.Body.Close()
-	watch.Reset(limit)
+	g.progress()
 	if resp.StatusCode != http.StatusPartialContent {
 		if resp.StatusCode != http.StatusOK {
 			// Read the short error reply so the connection is reused.
@@ -291,18 +278,63 @@ func (h *HTTPSource) ReadRange(ctx context.Context, off, n int64) ([]byte, error
 	if total >= 0 {
 		h.size.Store(total)
 	}
-	buf := make([]byte, n)
+	return g.readBody(resp.Body, func(err error) error { return fmt.Errorf("reading bytes %d-%d: %w", off, off+n-1, err) })
+}
+
+// stallGuard cuts a range read whose response stops arriving for its
+// limit: each byte that arrives puts the cut off again.
+type stallGuard struct {
+	caller, ctx context.Context // ctx is the caller's, cut on a stall
+	cancel      context.CancelCauseFunc
+	watch       *time.Timer
+	limit       time.Duration
+	shown       string
+	off, n      int64
+	onStall     func() // drops the connections a stall makes suspect
+}
+
+func newStallGuard(ctx context.Context, limit time.Duration, shown string, off, n int64, onStall func()) *stallGuard {
+	if limit <= 0 {
+		limit = DefaultNoProgress
+	}
+	g := &stallGuard{caller: ctx, limit: limit, shown: shown, off: off, n: n, onStall: onStall}
+	g.ctx, g.cancel = context.WithCancelCause(ctx)
+	g.watch = time.AfterFunc(limit, func() { g.cancel(ErrStalled) })
+	return g
+}
+
+func (g *stallGuard) progress() { g.watch.Reset(g.limit) }
+
+func (g *stallGuard) stop() {
+	g.watch.Stop()
+	g.cancel(nil)
+}
+
+// stalled returns err as ErrStalled when the guard, not the caller, cut
+// the read, and err itself otherwise.
+func (g *stallGuard) stalled(err error) error {
+	if context.Cause(g.ctx) != ErrStalled || g.caller.Err() != nil {
+		return err
+	}
+	g.onStall()
+	return fmt.Errorf("%s: bytes %d-%d: %w for %s; the connection stalled", g.shown, g.off, g.off+g.n-1, ErrStalled, g.limit)
+}
+
+// readBody reads the n bytes of a range from body; wrap says what a
+// failed read was.
+func (g *stallGuard) readBody(body io.Reader, wrap func(error) error) ([]byte, error) {
+	buf := make([]byte, g.n)
 	for got := 0; got < len(buf); {
-		m, err := resp.Body.Read(buf[got:])
+		m, err := body.Read(buf[got:])
 		if m > 0 {
 			got += m
-			watch.Reset(limit)
+			g.progress()
 		}
 		if err != nil && got < len(buf) {
 			if err == io.EOF {
 				err = io.ErrUnexpectedEOF
 			}
-			return nil, stalled(fmt.Errorf("reading bytes %d-%d: %w", off, off+n-1, err))
+			return nil, g.stalled(wrap(err))
 		}
 	}
 	return buf, nil
