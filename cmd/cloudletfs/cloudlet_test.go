@@ -557,3 +557,26 @@ func statusPage(t *testing.T, url, firstID string) {
 		t.Fatal("the first VM's row lost its first response")
 	}
 }
+
+// A cloudlet that listens beyond loopback without a token says so, and an
+// empty --listen or --token-file is refused rather than taken for the
+// default.
+func TestCloudletWarnsWhenOpen(t *testing.T) {
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("needs qemu-system-x86_64 (make deps)")
+	}
+	e := newEnv(t)
+	d := e.start("cloudlet", "--listen", "0.0.0.0:0", "--accel", "tcg")
+	if l := d.line(t); !strings.HasPrefix(l, "cloudlet listening on ") {
+		t.Fatalf("cloudlet printed %q; stderr:\n%s", l, d.errText())
+	}
+	d.waitFor(t, "the API is open to the network without a token")
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	d.wait(t)
+	for _, args := range [][]string{{"--listen", ""}, {"--token-file", ""}} {
+		out, err := exec.Command(cloudletfsBinary(t), append([]string{"--state-dir", e.state, "cloudlet", "--accel", "tcg"}, args...)...).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), args[0]+" is empty") {
+			t.Errorf("cloudlet %v: %v\n%s", args, err, out)
+		}
+	}
+}
