@@ -145,6 +145,15 @@ type Options struct {
 	// MaxBackoff. Defaults 50 ms and 2 minutes.
 	Backoff, MaxBackoff time.Duration
 	Log                 zerolog.Logger
+	// Parent supplies the chunks a layered overlay takes from its parent:
+	// the parent's own fetcher, made with Original set. A layered overlay
+	// needs one.
+	Parent *Fetcher
+	// Original serves the overlay's own bytes only: what earlier mounts
+	// wrote into its cache is not read. A parent's fetcher is made so.
+	Original bool
+	// Location names the overlay's source in Stats, fit to show.
+	Location string
 }
 
 // Observer is told of every segment fetched, verified and cached, with the
@@ -236,6 +245,9 @@ type Fetcher struct {
 
 	st       counters
 	observer atomic.Pointer[Observer]
+
+	cachedAtOpen int           // segments present when the fetcher was made
+	allDone      chan struct{} // complete, and the parent's Complete
 }
 
 // segState is what the scheduler knows of one segment (see the states at
@@ -326,6 +338,14 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 	if err := o.CheckBase(base); err != nil {
 		return nil, err
 	}
+	if o.Header.Layered() {
+		if opt.Parent == nil {
+			return nil, fmt.Errorf("overlay %s is layered on overlay %s (%s), which is not open", o.ID.Short(), o.Manifest.Parent.ID.Short(), o.Manifest.Parent.Location)
+		}
+		if err := o.CheckParent(opt.Parent.o); err != nil {
+			return nil, err
+		}
+	}
 	f := &Fetcher{
 		src: src, o: o, base: base, cache: cache, opt: opt,
 		demand:   make(chan struct{}, opt.MaxDemand),
@@ -366,19 +386,21 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 			f.nPresent++
 		}
 	}
-	cow, err := cache.CowChunks()
-	if err != nil {
-		return nil, fmt.Errorf("cache: %w", err)
+	f.cachedAtOpen = f.nPresent
+	var cow, zero []overlay.ChunkID
+	if !opt.Original {
+		if cow, err = cache.CowChunks(); err != nil {
+			return nil, fmt.Errorf("cache: %w", err)
+		}
+		if zero, err = cache.DiscardedChunks(); err != nil {
+			return nil, fmt.Errorf("cache: %w", err)
+		}
 	}
 	for _, c := range cow {
 		if int(c.Index) < len(f.cow[c.Image]) {
 			f.cow[c.Image][c.Index] = cowData
 			f.anyCow.Store(true)
 		}
-	}
-	zero, err := cache.DiscardedChunks()
-	if err != nil {
-		return nil, fmt.Errorf("cache: %w", err)
 	}
 	for _, c := range zero {
 		if int(c.Index) < len(f.cow[c.Image]) {
@@ -397,6 +419,20 @@ func New(src Source, o *overlay.Overlay, base *overlay.Base, cache Cache, opt Op
 	}
 	f.st.init(o)
 	f.closeCompleteLocked()
+	f.allDone = f.complete
+	if p := opt.Parent; p != nil {
+		f.allDone = make(chan struct{})
+		go func() {
+			for _, c := range []<-chan struct{}{f.complete, p.Complete()} {
+				select {
+				case <-c:
+				case <-f.ctx.Done():
+					return
+				}
+			}
+			close(f.allDone)
+		}()
+	}
 	return f, nil
 }
 
@@ -421,10 +457,10 @@ func (f *Fetcher) Close() {
 	f.wg.Wait()
 }
 
-// Complete is closed when every segment is present. A cached segment
+// Complete is closed when every segment is present, the parent's too. A cached segment
 // found bad on re-verification is fetched again when read, but Complete
 // stays closed.
-func (f *Fetcher) Complete() <-chan struct{} { return f.complete }
+func (f *Fetcher) Complete() <-chan struct{} { return f.allDone }
 
 // stream walks the segments in order, skipping those present, in flight,
 // failed for good or backing off, and fetches one at a time. It stands
@@ -1185,6 +1221,7 @@ type counters struct {
 	static [2]int
 	perSeg [][2]int
 	base   [2]int
+	parent [2]int
 }
 
 const maxWaits = 1 << 16
@@ -1226,6 +1263,9 @@ func (c *counters) init(o *overlay.Overlay) {
 			case overlay.BaseDisk, overlay.BaseMemory:
 				c.static[img]++
 				c.base[img]++
+			case overlay.ParentDisk, overlay.ParentMemory:
+				c.static[img]++
+				c.parent[img]++
 			case overlay.Self:
 				t := m.Refs[r.Image][r.Index]
 				c.perSeg[m.SegmentOf(int(t.Index))][img]++
@@ -1238,9 +1278,10 @@ func (c *counters) init(o *overlay.Overlay) {
 
 // ImageStats counts one image's chunks.
 type ImageStats struct {
-	Total    int `json:"total"`
-	Present  int `json:"present"`
-	FromBase int `json:"from_base"`
+	Total      int `json:"total"`
+	Present    int `json:"present"`
+	FromBase   int `json:"from_base"`
+	FromParent int `json:"from_parent"` // counted in Present: the parent's stats say how far it got
 	Fetched  int `json:"fetched"`
 	Modified int `json:"modified"`
 }
@@ -1298,6 +1339,21 @@ type Stats struct {
 	// "demand-only": such a mount completes only if reads ask for every
 	// segment.
 	Policy string `json:"policy"`
+	// Parent, in a layered overlay, is where its parent's chunks come
+	// from, with the parent's own stats (its Parent the next layer down).
+	Parent *ParentStats `json:"parent,omitempty"`
+}
+
+// ParentStats says where a layered overlay's parent is read from.
+type ParentStats struct {
+	ID string `json:"id"`
+	// From is "cache" when every segment of the parent was in this
+	// cloudlet's cache when the mount began (it ran the parent before),
+	// else "url": the rest is fetched from URL.
+	From          string `json:"from"`
+	URL           string `json:"url"`
+	CachedAtMount int    `json:"segments_cached_at_mount"`
+	Stats         Stats  `json:"stats"`
 }
 
 // Stats returns a snapshot.
@@ -1332,6 +1388,7 @@ func (f *Fetcher) Stats() Stats {
 		is := imgs[img]
 		is.Total = f.o.Header.Chunks(img)
 		is.FromBase = c.base[img]
+		is.FromParent = c.parent[img]
 		is.Present = c.static[img]
 	}
 	now := time.Now()
@@ -1380,6 +1437,14 @@ func (f *Fetcher) Stats() Stats {
 		s.WaitP99Ms = ms(waits[len(waits)*99/100])
 	}
 	s.Complete = s.SegmentsPresent == s.Segments
+	if p := f.opt.Parent; p != nil {
+		ps := &ParentStats{ID: p.o.ID.String(), From: "url", URL: p.opt.Location, CachedAtMount: p.cachedAtOpen, Stats: p.Stats()}
+		if p.cachedAtOpen == len(p.segs) {
+			ps.From = "cache"
+		}
+		s.Parent = ps
+		s.Complete = s.Complete && ps.Stats.Complete
+	}
 	return s
 }
 

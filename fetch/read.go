@@ -19,6 +19,7 @@ const (
 	srcCache        // the cache file, at the chunk's own offset
 	srcCow          // written chunks, in the store's written-data file
 	srcMem          // a fetched chunk the cache could not keep, one at a time
+	srcParent       // the parent overlay, at the ref's chunk
 )
 
 // callerKey is the context key of the thread a read is made for.
@@ -44,6 +45,16 @@ func callerOf(ctx context.Context) uint32 {
 // with the same kind of source are read with one call, so reading
 // unchanged or cached parts of an image costs about what a pread does.
 func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, off int64) error {
+	return f.read(ctx, img, dest, off, true)
+}
+
+// ReadOriginal is ReadAt of the overlay's own bytes, as if nothing had
+// been written through the mount.
+func (f *Fetcher) ReadOriginal(ctx context.Context, img overlay.Image, dest []byte, off int64) error {
+	return f.read(ctx, img, dest, off, false)
+}
+
+func (f *Fetcher) read(ctx context.Context, img overlay.Image, dest []byte, off int64, cow bool) error {
 	h := f.o.Header
 	cs := int64(h.ChunkSize)
 	size := h.ImageSize(img)
@@ -54,19 +65,19 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 	if len(dest) == 0 {
 		return nil
 	}
-	mem, err := f.await(ctx, readKey{callerOf(ctx), img, off, end}, off/cs, (end-1)/cs)
+	mem, err := f.await(ctx, readKey{callerOf(ctx), img, off, end}, off/cs, (end-1)/cs, cow)
 	if err != nil {
 		return err
 	}
 	refs := f.o.Manifest.Refs[img]
 	for pos := off; pos < end; {
 		idx := pos / cs
-		src, r := f.sourceOf(img, idx, mem)
+		src, r := f.sourceOf(img, idx, mem, cow)
 		// Extend the run over chunks that continue it.
 		n := int64(1)
 		for idx+n <= (end-1)/cs {
-			s2, r2 := f.sourceOf(img, idx+n, mem)
-			if s2 != src || src == srcMem || src == srcBase && (r2.Kind != r.Kind || r2.Index != r.Index+uint32(n)) {
+			s2, r2 := f.sourceOf(img, idx+n, mem, cow)
+			if s2 != src || src == srcMem || (src == srcBase || src == srcParent) && (r2.Kind != r.Kind || r2.Index != r.Index+uint32(n)) {
 				break
 			}
 			n++
@@ -80,6 +91,8 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 			clear(part)
 		case srcBase:
 			err = f.readBase(refs[idx], skip, part)
+		case srcParent:
+			err = f.readParent(ctx, refs[idx], skip, part)
 		case srcCache:
 			err = f.cache.ReadAt(img, part, pos)
 		case srcCow:
@@ -100,12 +113,14 @@ func (f *Fetcher) ReadAt(ctx context.Context, img overlay.Image, dest []byte, of
 // zeros, known from the state kept in memory: no database lookup. Data
 // and self chunks are read from the cache, which await has made sure of,
 // or from mem when the cache could not keep their segment.
-func (f *Fetcher) sourceOf(img overlay.Image, idx int64, mem map[int]map[overlay.ChunkID][]byte) (source, overlay.Ref) {
-	switch f.cowOf(overlay.ChunkID{Image: img, Index: uint32(idx)}) {
-	case cowData:
-		return srcCow, overlay.Ref{}
-	case cowZero:
-		return srcZero, overlay.Ref{}
+func (f *Fetcher) sourceOf(img overlay.Image, idx int64, mem map[int]map[overlay.ChunkID][]byte, cow bool) (source, overlay.Ref) {
+	if cow {
+		switch f.cowOf(overlay.ChunkID{Image: img, Index: uint32(idx)}) {
+		case cowData:
+			return srcCow, overlay.Ref{}
+		case cowZero:
+			return srcZero, overlay.Ref{}
+		}
 	}
 	r := f.o.Manifest.Refs[img][idx]
 	switch r.Kind {
@@ -113,6 +128,8 @@ func (f *Fetcher) sourceOf(img overlay.Image, idx int64, mem map[int]map[overlay
 		return srcZero, r
 	case overlay.BaseDisk, overlay.BaseMemory:
 		return srcBase, r
+	case overlay.ParentDisk, overlay.ParentMemory:
+		return srcParent, r
 	}
 	if mem[int(f.segOf[img][idx])] != nil {
 		return srcMem, r
@@ -123,13 +140,13 @@ func (f *Fetcher) sourceOf(img overlay.Image, idx int64, mem map[int]map[overlay
 // await makes sure every segment that chunks first..last of img need has
 // arrived, fetching those that have not, all at once. It returns the
 // chunks of segments the cache could not keep.
-func (f *Fetcher) await(ctx context.Context, rk readKey, first, last int64) (map[int]map[overlay.ChunkID][]byte, error) {
+func (f *Fetcher) await(ctx context.Context, rk readKey, first, last int64, cow bool) (map[int]map[overlay.ChunkID][]byte, error) {
 	img := rk.img
 	var segs []int
 	prev := int32(-1)
 	for i := first; i <= last; i++ {
 		seg := f.segOf[img][i]
-		if seg < 0 || seg == prev || f.Modified(overlay.ChunkID{Image: img, Index: uint32(i)}) {
+		if seg < 0 || seg == prev || cow && f.Modified(overlay.ChunkID{Image: img, Index: uint32(i)}) {
 			continue
 		}
 		prev = seg
@@ -150,6 +167,23 @@ func (f *Fetcher) readBase(r overlay.Ref, skip int64, dst []byte) error {
 			return fmt.Errorf("base: %w", err)
 		}
 		clear(dst[n:])
+	}
+	return nil
+}
+
+// readParent reads dst from the parent at the position of ref plus skip
+// bytes; past the end of the parent's image it reads zeros.
+func (f *Fetcher) readParent(ctx context.Context, r overlay.Ref, skip int64, dst []byte) error {
+	p := f.opt.Parent
+	img := overlay.Image(r.Kind - overlay.ParentDisk)
+	off := int64(r.Index)*int64(f.o.Header.ChunkSize) + skip
+	n := max(min(int64(len(dst)), p.o.Header.ImageSize(img)-off), 0)
+	clear(dst[n:])
+	if n == 0 {
+		return nil
+	}
+	if err := p.ReadAt(ctx, img, dst[:n], off); err != nil {
+		return fmt.Errorf("parent overlay %s: %w", p.o.ID.Short(), err)
 	}
 	return nil
 }

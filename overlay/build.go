@@ -34,6 +34,10 @@ type BuildOptions struct {
 	// Context, if set, interrupts the build when done: it fails with the
 	// context's error and leaves nothing behind.
 	Context context.Context
+	// Parent, if set, makes a layered overlay on that parent: chunks the
+	// parent's VM has (at the same offset first, then anywhere) become
+	// parent references, and only the rest travel.
+	Parent *ParentHashes
 }
 
 // Summary describes a built overlay.
@@ -88,8 +92,15 @@ func buildOverlay(out string, base *Base, in *Input, opt BuildOptions) (*Summary
 	if len(in.VMConfig) > MaxVMConfigSize {
 		return nil, fmt.Errorf("vm.json is %d bytes, more than the limit of %d", len(in.VMConfig), MaxVMConfigSize)
 	}
+	version := uint16(Version)
+	if opt.Parent != nil {
+		version = LayeredVersion
+		if l := len(opt.Parent.Parent.Location); l == 0 || l > MaxParentLocation {
+			return nil, fmt.Errorf("parent location of %d bytes: want 1 to %d", l, MaxParentLocation)
+		}
+	}
 	h := &Header{
-		Version:     Version,
+		Version:     version,
 		ChunkSize:   uint32(cs),
 		DiskSize:    uint64(in.Sizes[Disk]),
 		MemorySize:  uint64(in.Sizes[Memory]),
@@ -124,10 +135,22 @@ func buildOverlay(out string, base *Base, in *Input, opt BuildOptions) (*Summary
 	sum := &Summary{}
 	zero := zeroDigest(cs)
 	m := &Manifest{}
+	var parentHashes [2][]Digest
+	parentAt := map[Digest]Ref{}
+	if p := opt.Parent; p != nil {
+		m.Parent = &Parent{ID: p.Parent.ID, Location: p.Parent.Location}
+		parentHashes = p.Hashes
+		for _, img := range []Image{Disk, Memory} {
+			for i := len(p.Hashes[img]) - 1; i >= 0; i-- {
+				parentAt[p.Hashes[img][i]] = Ref{Kind: ParentDisk + Kind(img), Index: uint32(i)}
+			}
+		}
+	}
 	var pending, changed [2][]bool
 	for _, img := range Images {
 		hs := hashes[img]
 		bh := base.Index.Hashes[img]
+		ph := parentHashes[img]
 		refs := make([]Ref, len(hs))
 		pending[img] = make([]bool, len(hs))
 		changed[img] = make([]bool, len(hs))
@@ -142,8 +165,12 @@ func buildOverlay(out string, base *Base, in *Input, opt BuildOptions) (*Summary
 				refs[i] = Ref{Kind: Zero}
 			case i < len(bh) && bh[i] == d:
 				refs[i] = baseRef(img, i)
+			case i < len(ph) && ph[i] == d:
+				refs[i] = Ref{Kind: ParentDisk + Kind(img), Index: uint32(i)}
 			default:
 				if r, ok := base.Lookup(d); ok {
+					refs[i] = r
+				} else if r, ok := parentAt[d]; ok {
 					refs[i] = r
 				} else {
 					pending[img][i] = true

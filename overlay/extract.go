@@ -59,6 +59,9 @@ func extract(ctx context.Context, o *Overlay, base *Base, dir string, workers in
 	if err := o.CheckBase(base); err != nil {
 		return err
 	}
+	if o.Header.Layered() && (o.parent[Disk] == nil || o.parent[Memory] == nil) {
+		return fmt.Errorf("overlay %s is layered on overlay %s (%s): its parent must be resolved first", o.ID.Short(), o.Manifest.Parent.ID.Short(), o.Manifest.Parent.Location)
+	}
 	if workers <= 0 {
 		workers = runtime.GOMAXPROCS(0)
 	}
@@ -181,6 +184,8 @@ func (o *Overlay) writeRefs(out [2]*os.File, base *Base) error {
 			switch r.Kind {
 			case BaseDisk, BaseMemory:
 				src = base.Images[r.Kind-BaseDisk]
+			case ParentDisk, ParentMemory:
+				src = o.parent[r.Kind-ParentDisk]
 			case Self:
 				src = out[r.Image]
 			default:

@@ -8,8 +8,17 @@ import (
 	"fmt"
 )
 
-// Version is the overlay format version this package writes and reads.
-const Version = 1
+// Version is the format version of an overlay built against a base alone.
+// LayeredVersion is that of a layered overlay, one that names a parent
+// overlay and takes chunks from it: a reader of version 1 alone rejects it
+// by its version, rather than misreading its parent references.
+const (
+	Version        = 1
+	LayeredVersion = 2
+)
+
+// MaxParentLocation bounds the length of a parent's location.
+const MaxParentLocation = 4096
 
 // HeaderSize is the length of the fixed header at the start of every overlay.
 const HeaderSize = 256
@@ -108,6 +117,9 @@ type Header struct {
 	SegmentsLen uint64 // total stored bytes of all segments
 }
 
+// Layered reports whether the overlay names a parent overlay.
+func (h *Header) Layered() bool { return h.Version == LayeredVersion }
+
 // Offsets of the sections, derived from the header.
 func (h *Header) manifestOff() int64 { return HeaderSize }
 func (h *Header) stateOff() int64    { return h.manifestOff() + int64(h.Manifest.Stored) }
@@ -188,8 +200,8 @@ func UnmarshalHeader(b []byte) (*Header, error) {
 	}
 	le := binary.LittleEndian
 	h := &Header{Version: le.Uint16(b[8:])}
-	if h.Version != Version {
-		return nil, fmt.Errorf("header: format version %d is not supported (this build reads version %d)", h.Version, Version)
+	if h.Version != Version && h.Version != LayeredVersion {
+		return nil, fmt.Errorf("header: format version %d is not supported (this build reads versions %d and %d)", h.Version, Version, LayeredVersion)
 	}
 	if hl := le.Uint16(b[10:]); hl != HeaderSize {
 		return nil, fmt.Errorf("header: header length %d, want %d", hl, HeaderSize)
@@ -256,5 +268,5 @@ func (h *Header) check() error {
 // manifestBound is the largest raw manifest n chunks can need: per chunk a
 // reference (tag, image, varint), an order entry and a segment-table entry.
 func manifestBound(n int) uint64 {
-	return 64 + uint64(n)*(12+11+segEntryMax)
+	return 64 + 32 + binary.MaxVarintLen32 + MaxParentLocation + uint64(n)*(12+11+segEntryMax)
 }

@@ -19,11 +19,15 @@ const (
 	BaseMemory Kind = 2 // a chunk of the base memory image, at any offset
 	Self       Kind = 3 // the same bytes as a data chunk of this overlay
 	Data       Kind = 4 // bytes carried in a segment
-	numKinds        = 5
+	// A layered overlay's chunks that its parent supplies: a chunk of the
+	// parent's disk or memory image, as the parent's own chain resolves it.
+	ParentDisk   Kind = 5
+	ParentMemory Kind = 6
+	numKinds          = 7
 )
 
 // Kinds lists every kind, for summaries.
-var Kinds = [numKinds]Kind{Zero, BaseDisk, BaseMemory, Self, Data}
+var Kinds = [numKinds]Kind{Zero, BaseDisk, BaseMemory, Self, Data, ParentDisk, ParentMemory}
 
 func (k Kind) String() string {
 	switch k {
@@ -37,12 +41,17 @@ func (k Kind) String() string {
 		return "self"
 	case Data:
 		return "data"
+	case ParentDisk:
+		return "parent-disk"
+	case ParentMemory:
+		return "parent-memory"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
 
 // Ref is the manifest entry of one chunk. Index is the base chunk for
-// BaseDisk and BaseMemory, the target chunk (in image Image) for Self, and the
+// BaseDisk and BaseMemory, the parent's chunk for ParentDisk and
+// ParentMemory, the target chunk (in image Image) for Self, and the
 // chunk's position in stream order for Data.
 type Ref struct {
 	Kind  Kind
@@ -73,9 +82,18 @@ type Segment struct {
 // Manifest is the decoded map of an overlay: a reference per chunk, the data
 // chunks in stream order, and the segments that carry them.
 type Manifest struct {
+	Parent   *Parent // set in a layered overlay only
 	Refs     [2][]Ref
 	Order    []ChunkID
 	Segments []Segment
+}
+
+// Parent names the overlay a layered overlay is built on.
+type Parent struct {
+	ID Digest // the parent's overlay ID
+	// Location is where to fetch the parent: a URL, or a path or URL
+	// reference resolved against the layered overlay's own location.
+	Location string
 }
 
 const segEntryMax = 1 + 3*binary.MaxVarintLen32 + 32
@@ -84,6 +102,11 @@ const segEntryMax = 1 + 3*binary.MaxVarintLen32 + 32
 // layout.
 func (m *Manifest) Encode() []byte {
 	var b []byte
+	if m.Parent != nil {
+		b = append(b, m.Parent.ID[:]...)
+		b = binary.AppendUvarint(b, uint64(len(m.Parent.Location)))
+		b = append(b, m.Parent.Location...)
+	}
 	b = binary.AppendUvarint(b, uint64(len(m.Segments)))
 	for _, s := range m.Segments {
 		b = append(b, byte(s.Codec))
@@ -92,13 +115,13 @@ func (m *Manifest) Encode() []byte {
 		b = binary.AppendUvarint(b, uint64(s.Stored))
 		b = append(b, s.SHA[:]...)
 	}
-	prev := [2]int64{-1, -1} // last base chunk referred to, per base image
+	prev := [4]int64{-1, -1, -1, -1} // last chunk referred to, per base and parent image
 	for _, img := range Images {
 		for _, r := range m.Refs[img] {
 			b = append(b, byte(r.Kind))
 			switch r.Kind {
-			case BaseDisk, BaseMemory:
-				bi := r.Kind - BaseDisk
+			case BaseDisk, BaseMemory, ParentDisk, ParentMemory:
+				bi := refSlot(r.Kind)
 				b = binary.AppendVarint(b, int64(r.Index)-(prev[bi]+1))
 				prev[bi] = int64(r.Index)
 			case Self:
@@ -108,7 +131,7 @@ func (m *Manifest) Encode() []byte {
 		}
 	}
 	b = binary.AppendUvarint(b, uint64(len(m.Order)))
-	prev = [2]int64{-1, -1}
+	prev = [4]int64{-1, -1}
 	for _, c := range m.Order {
 		d := int64(c.Index) - (prev[c.Image] + 1)
 		zz := uint64(d<<1) ^ uint64(d>>63)
@@ -116,6 +139,15 @@ func (m *Manifest) Encode() []byte {
 		prev[c.Image] = int64(c.Index)
 	}
 	return b
+}
+
+// refSlot numbers the images a delta-coded reference can name: base disk,
+// base memory, parent disk, parent memory.
+func refSlot(k Kind) int {
+	if k >= ParentDisk {
+		return 2 + int(k-ParentDisk)
+	}
+	return int(k - BaseDisk)
 }
 
 // errManifest marks every decoding failure so callers can name the part.
@@ -134,6 +166,26 @@ func DecodeManifest(r io.Reader, h *Header, segOff int64) (*Manifest, error) {
 	br := bufio.NewReader(r)
 	m := &Manifest{}
 	total := h.Chunks(Disk) + h.Chunks(Memory)
+
+	if h.Layered() {
+		p := &Parent{}
+		if _, err := io.ReadFull(br, p.ID[:]); err != nil {
+			return nil, badManifest("parent: %v", err)
+		}
+		n, err := binary.ReadUvarint(br)
+		if err != nil {
+			return nil, badManifest("parent location: %v", err)
+		}
+		if n == 0 || n > MaxParentLocation {
+			return nil, badManifest("parent location of %d bytes: want 1 to %d", n, MaxParentLocation)
+		}
+		loc := make([]byte, n)
+		if _, err := io.ReadFull(br, loc); err != nil {
+			return nil, badManifest("parent location: %v", err)
+		}
+		p.Location = string(loc)
+		m.Parent = p
+	}
 
 	nseg, err := binary.ReadUvarint(br)
 	if err != nil {
@@ -181,7 +233,7 @@ func DecodeManifest(r io.Reader, h *Header, segOff int64) (*Manifest, error) {
 		return nil, badManifest("segments add up to %d bytes, header says %d", off-segOff, h.SegmentsLen)
 	}
 
-	prev := [2]int64{-1, -1}
+	prev := [4]int64{-1, -1, -1, -1}
 	ndata := 0
 	for _, img := range Images {
 		n := h.Chunks(img)
@@ -196,15 +248,18 @@ func DecodeManifest(r io.Reader, h *Header, segOff int64) (*Manifest, error) {
 			r := Ref{Kind: Kind(k)}
 			switch r.Kind {
 			case Zero:
-			case BaseDisk, BaseMemory:
+			case BaseDisk, BaseMemory, ParentDisk, ParentMemory:
+				if r.Kind >= ParentDisk && m.Parent == nil {
+					return nil, badManifest("%s chunk %d: a parent reference in an overlay that names no parent", img, i)
+				}
 				d, err := binary.ReadVarint(br)
 				if err != nil {
 					return nil, badManifest("%s chunk %d: %v", img, i, err)
 				}
-				bi := r.Kind - BaseDisk
+				bi := refSlot(r.Kind)
 				idx := prev[bi] + 1 + d
 				if idx < 0 || idx >= MaxChunks {
-					return nil, badManifest("%s chunk %d: base chunk %d out of range", img, i, idx)
+					return nil, badManifest("%s chunk %d: %s chunk %d out of range", img, i, r.Kind, idx)
 				}
 				r.Index = uint32(idx)
 				prev[bi] = idx
@@ -240,7 +295,7 @@ func DecodeManifest(r io.Reader, h *Header, segOff int64) (*Manifest, error) {
 		return nil, badManifest("order lists %d chunks; %d are data and segments hold %d", nord, ndata, first)
 	}
 	m.Order = make([]ChunkID, nord)
-	prev = [2]int64{-1, -1}
+	prev = [4]int64{-1, -1}
 	for pos := range m.Order {
 		v, err := binary.ReadUvarint(br)
 		if err != nil {

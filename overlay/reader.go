@@ -22,7 +22,8 @@ type Overlay struct {
 	// so ID names the whole overlay.
 	ID Digest
 
-	r io.ReaderAt
+	r      io.ReaderAt
+	parent [2]io.ReaderAt // a layered overlay's parent images (SetParentImages)
 }
 
 // Open reads and verifies an overlay's metadata from r. size is the file's

@@ -16,9 +16,12 @@ package session
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math"
+	"net/http"
+	"net/url"
 	"syscall"
 	"time"
 
@@ -86,6 +89,74 @@ type Session struct {
 	log     zerolog.Logger
 	mounted bool
 	close   []func()
+	parents []*fetch.Fetcher // a layered overlay's, nearest first
+}
+
+// openParents opens the chain of parents of a layered overlay, each with
+// its own cache and a fetcher that reads only what the parent itself
+// carries, and returns the nearest's fetcher (nil for an overlay with no
+// parent). A parent this cloudlet has run is read from its cache; the rest
+// comes from the parent's location, resolved against the layer's. Requests
+// to a parent on another host go without the layer's headers.
+func (s *Session) openParents(ctx context.Context, opt Options, src fetch.Source, o *overlay.Overlay, base *overlay.Base, metaTimeout time.Duration, header http.Header, tlsConfig *tls.Config) (*fetch.Fetcher, error) {
+	if !o.Header.Layered() {
+		return nil, nil
+	}
+	client := fetch.DefaultClient(tlsConfig)
+	open := func(ref string) (fetch.Source, error) {
+		h := header
+		if !sameHost(ref, opt.Overlay) {
+			h = nil
+		}
+		return fetch.OpenSource(ref, client, h)
+	}
+	mctx, cancel := context.WithTimeout(ctx, metaTimeout)
+	chain, err := fetch.OpenParents(mctx, o, opt.Overlay, open)
+	cancel()
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range chain {
+		s.close = append(s.close, func() { l.Source.Close() })
+	}
+	st, err := store.Open(opt.StateDir, s.log)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	var below *fetch.Fetcher
+	for i := len(chain) - 1; i >= 0; i-- {
+		l := chain[i]
+		po := l.Overlay
+		shown := fetch.Redact(l.Ref)
+		cache, err := st.OpenCache(po.ID, int(po.Header.ChunkSize), [2]int64{po.Header.ImageSize(overlay.Disk), po.Header.ImageSize(overlay.Memory)})
+		if errors.Is(err, store.ErrInUse) {
+			return nil, fmt.Errorf("parent overlay %s (%s) of %s is mounted by another cloudletfs process, a VM run from it: stop that first", po.ID.Short(), shown, s.Shown)
+		}
+		if err != nil {
+			return nil, err
+		}
+		s.close = append(s.close, func() {
+			if err := cache.Close(); err != nil {
+				s.log.Error().Err(err).Str("overlay", shown).Msg("closing the parent overlay's cache")
+			}
+		})
+		f, err := fetch.New(l.Source, po, base, cache, fetch.Options{Timeout: opt.FetchTimeout, Log: s.log, Parent: below, Original: true, Location: shown})
+		if err != nil {
+			return nil, fmt.Errorf("parent overlay %s: %w", shown, err)
+		}
+		s.close = append(s.close, f.Close)
+		s.parents = append([]*fetch.Fetcher{f}, s.parents...)
+		below = f
+	}
+	return below, nil
+}
+
+// sameHost reports whether two references name the same scheme and host.
+func sameHost(a, b string) bool {
+	ua, err1 := url.Parse(a)
+	ub, err2 := url.Parse(b)
+	return err1 == nil && err2 == nil && ua.Scheme == ub.Scheme && ua.Host == ub.Host
 }
 
 // Open fetches an overlay's metadata, checks its base in the registry, and
@@ -215,7 +286,11 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 	if err := st.Close(); err != nil {
 		return nil, err
 	}
-	if s.Fetcher, err = fetch.New(src, o, base, cache, fetch.Options{Timeout: opt.FetchTimeout, Log: log}); err != nil {
+	parent, err := s.openParents(ctx, opt, src, o, base, metaTimeout, header, tlsConfig)
+	if err != nil {
+		return nil, err
+	}
+	if s.Fetcher, err = fetch.New(src, o, base, cache, fetch.Options{Timeout: opt.FetchTimeout, Log: log, Parent: parent, Location: s.Shown}); err != nil {
 		return nil, fmt.Errorf("overlay %s: %w", s.Shown, err)
 	}
 	s.close = append(s.close, s.Fetcher.Close)
@@ -227,6 +302,9 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 	}
 	s.mounted = true
 	if !demandOnly {
+		for _, p := range s.parents {
+			p.Start()
+		}
 		s.Fetcher.Start()
 	}
 	ok = true

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -15,6 +16,7 @@ import (
 	"github.com/dustin/go-humanize"
 	"github.com/urfave/cli/v2"
 
+	"github.com/cloudletfs/cloudletfs/fetch"
 	"github.com/cloudletfs/cloudletfs/order"
 	"github.com/cloudletfs/cloudletfs/overlay"
 	"github.com/cloudletfs/cloudletfs/store"
@@ -48,6 +50,8 @@ the remaining disk chunks by offset. docs/FORMAT.md describes the trace format.`
 					&cli.StringFlag{Name: "codec", Value: "xz", Usage: "segment codec: xz (smallest) or zstd (fastest to decode)"},
 					traceFlag("access trace whose chunks stream first (repeatable)", "order"),
 					&cli.PathFlag{Name: "output", Aliases: []string{"o"}, Required: true, Usage: "overlay file to write"},
+					&cli.StringFlag{Name: "parent", Usage: "build a layered overlay on this `OVERLAY` (a path or URL): only what differs from the parent's VM is carried, and mount, launch and extract fetch the rest from the parent"},
+					&cli.StringFlag{Name: "parent-location", Usage: "where readers of the layer fetch the parent: a URL, or a path or URL relative to the layer's own (default: --parent as given if a URL, else its path relative to --output)"},
 					jobsFlag,
 				},
 				Action: overlayCreate,
@@ -132,9 +136,19 @@ func overlayCreate(c *cli.Context) error {
 		seq = append(seq, order.FirstAccess(tr.Accesses)...)
 	}
 
+	var parent *overlay.ParentHashes
+	if ref := c.String("parent"); ref != "" {
+		if parent, err = parentHashes(c, ref, out, base); err != nil {
+			return err
+		}
+	} else if c.IsSet("parent-location") {
+		return badFlag("--parent-location needs --parent")
+	}
+
 	p := newProgress(c.App.ErrWriter)
 	start := time.Now()
 	sum, err := overlay.Build(out, base, in, overlay.BuildOptions{
+		Parent:      parent,
 		SegmentSize: int(segSize),
 		Codec:       codec,
 		Workers:     c.Int("jobs"),
@@ -148,6 +162,80 @@ func overlayCreate(c *cli.Context) error {
 	}
 	printSummary(c.App.Writer, out, sum, codec, time.Since(start))
 	return nil
+}
+
+// parentHashes resolves the parent named by --parent, with its own chain,
+// and hashes its VM's images, for a layer built on it at out.
+func parentHashes(c *cli.Context, ref, out string, base *overlay.Base) (*overlay.ParentHashes, error) {
+	src, err := openParentSource(ref)
+	if err != nil {
+		return nil, fmt.Errorf("--parent: %w", err)
+	}
+	defer src.Close()
+	po, err := fetch.OpenOverlay(c.Context, src)
+	if err != nil {
+		return nil, fmt.Errorf("--parent: %w", err)
+	}
+	if po.Header.BaseID != base.ID {
+		return nil, fmt.Errorf("--parent %s is built on base %s, not on --base %s: a layer and its parent share one base", ref, po.Header.BaseID.Short(), base.ID.Short())
+	}
+	chain, err := fetch.OpenParents(c.Context, po, ref, openParentSource)
+	if err != nil {
+		return nil, err
+	}
+	defer closeLayers(chain)
+	chain = append([]fetch.Layer{{Overlay: po, Source: src, Ref: ref}}, chain...)
+	imgs, cleanup, err := fetch.ExtractChain(c.Context, chain, base, existingAbove(out), c.Int("jobs"))
+	if err != nil {
+		return nil, err
+	}
+	defer cleanup()
+	ph := &overlay.ParentHashes{Parent: overlay.Parent{ID: po.ID, Location: c.String("parent-location")}}
+	if ph.Parent.Location == "" {
+		ph.Parent.Location = ref
+		if !strings.Contains(ref, "://") {
+			abs, err1 := filepath.Abs(ref)
+			dir, err2 := filepath.Abs(filepath.Dir(out))
+			if rel, err3 := filepath.Rel(dir, abs); err1 == nil && err2 == nil && err3 == nil {
+				ph.Parent.Location = rel
+			}
+		}
+	}
+	for _, img := range overlay.Images {
+		_, hs, err := overlay.HashImage(imgs[img], po.Header.ImageSize(img), int(po.Header.ChunkSize), c.Int("jobs"), nil)
+		if err != nil {
+			return nil, fmt.Errorf("--parent %s: hashing its %s: %w", ref, img, err)
+		}
+		ph.Hashes[img] = hs
+	}
+	return ph, nil
+}
+
+// existingAbove returns the nearest directory above path that exists: the
+// parents of a layer are extracted there, beside what is being written.
+func existingAbove(path string) string {
+	dir := filepath.Dir(path)
+	for {
+		if st, err := os.Stat(dir); err == nil && st.IsDir() {
+			return dir
+		}
+		up := filepath.Dir(dir)
+		if up == dir {
+			return os.TempDir()
+		}
+		dir = up
+	}
+}
+
+// openParentSource opens a parent overlay's file or URL.
+func openParentSource(ref string) (fetch.Source, error) {
+	return fetch.OpenSource(ref, fetch.DefaultClient(nil), nil)
+}
+
+func closeLayers(chain []fetch.Layer) {
+	for _, l := range chain {
+		l.Source.Close()
+	}
 }
 
 // traceFlag is the flag that names the access traces a command reads:
@@ -268,6 +356,13 @@ type infoJSON struct {
 	HasVMConfig bool                      `json:"has_vm_config"`
 	Segments    []segmentJSON             `json:"segments"`
 	Chunks      map[string]map[string]int `json:"chunks"`
+	Parent      *parentJSON               `json:"parent,omitempty"`
+}
+
+// parentJSON is the parent a layered overlay names.
+type parentJSON struct {
+	ID       string `json:"id"`
+	Location string `json:"location"`
 }
 
 type segmentJSON struct {
@@ -287,6 +382,9 @@ func describe(o *overlay.Overlay) infoJSON {
 		MetaCodec: h.MetaCodec.String(), Size: h.TotalLen(), MetadataLen: h.MetadataLen(),
 		StateSize: len(o.State), HasVMConfig: o.VMConfig != nil, Segments: []segmentJSON{},
 		Chunks: map[string]map[string]int{},
+	}
+	if p := o.Manifest.Parent; p != nil {
+		info.Parent = &parentJSON{ID: p.ID.String(), Location: p.Location}
 	}
 	for _, s := range o.Manifest.Segments {
 		info.Codecs[s.Codec.String()]++
@@ -328,6 +426,9 @@ func overlayInfo(c *cli.Context) error {
 	}
 	fmt.Fprintf(w, "overlay     %s (format version %d)\n", info.ID, info.Version)
 	fmt.Fprintf(w, "base        %s\n", info.BaseID)
+	if info.Parent != nil {
+		fmt.Fprintf(w, "parent      %s at %s\n", info.Parent.ID, info.Parent.Location)
+	}
 	fmt.Fprintf(w, "disk        %s (%d bytes)\n", humanize.IBytes(uint64(info.DiskSize)), info.DiskSize)
 	fmt.Fprintf(w, "memory      %s (%d bytes)\n", humanize.IBytes(uint64(info.MemorySize)), info.MemorySize)
 	fmt.Fprintf(w, "chunk size  %d\n", info.ChunkSize)
@@ -395,6 +496,19 @@ func overlayExtract(c *cli.Context) error {
 	}
 	defer closeBase()
 	dir := c.Path("output")
+	if o.Header.Layered() {
+		chain, err := fetch.OpenParents(c.Context, o, path, openParentSource)
+		if err != nil {
+			return err
+		}
+		defer closeLayers(chain)
+		imgs, cleanup, err := fetch.ExtractChain(c.Context, chain, base, existingAbove(dir), c.Int("jobs"))
+		if err != nil {
+			return err
+		}
+		defer cleanup()
+		o.SetParentImages(imgs)
+	}
 	p := newProgress(c.App.ErrWriter)
 	start := time.Now()
 	err = overlay.ExtractContext(c.Context, o, base, dir, c.Int("jobs"), func(n, total int64) { p.add("extracting", n, total) })
