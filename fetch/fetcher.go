@@ -1282,8 +1282,8 @@ type ImageStats struct {
 	Present    int `json:"present"`
 	FromBase   int `json:"from_base"`
 	FromParent int `json:"from_parent"` // counted in Present: the parent's stats say how far it got
-	Fetched  int `json:"fetched"`
-	Modified int `json:"modified"`
+	Fetched    int `json:"fetched"`
+	Modified   int `json:"modified"`
 }
 
 // SegmentFailure is a segment not present whose fetches have failed.

@@ -14,12 +14,12 @@ import (
 type source int
 
 const (
-	srcZero  source = iota
-	srcBase         // the base image, at the ref's chunk
-	srcCache        // the cache file, at the chunk's own offset
-	srcCow          // written chunks, in the store's written-data file
-	srcMem          // a fetched chunk the cache could not keep, one at a time
-	srcParent       // the parent overlay, at the ref's chunk
+	srcZero   source = iota
+	srcBase          // the base image, at the ref's chunk
+	srcCache         // the cache file, at the chunk's own offset
+	srcCow           // written chunks, in the store's written-data file
+	srcMem           // a fetched chunk the cache could not keep, one at a time
+	srcParent        // the parent overlay, at the ref's chunk
 )
 
 // callerKey is the context key of the thread a read is made for.
