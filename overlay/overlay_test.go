@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -189,10 +190,83 @@ func TestBuildExtractRoundTrip(t *testing.T) {
 		}
 	}
 	for k, n := range seen {
-		if n == 0 {
+		if n == 0 && Kind(k) < ParentDisk { // TestLayeredRoundTrip has the parent kinds
 			t.Errorf("no chunk of kind %v was exercised", Kind(k))
 		}
 	}
+}
+
+// A layer built on a parent carries only what differs from the parent's
+// VM and extracts, with the parent's images, to the VM it was built from.
+func TestLayeredRoundTrip(t *testing.T) {
+	for n := range 6 {
+		t.Run(fmt.Sprint(n), func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(uint64(n), 77))
+			bd, bm, pd, pm := pair(rng, 64*testChunk, 48*testChunk, 70*testChunk+5, 40*testChunk)
+			base := newBase(t, bd, bm)
+			dir := t.TempDir()
+			pout, _ := build(t, dir, base, pd, pm, BuildOptions{Codec: CodecZstd})
+			parent := openFile(t, pout)
+			// The child: the parent's VM with some chunks changed, some
+			// moved within the parent, and a different size.
+			_, _, cd, cm := pair(rng, len(pd), len(pm), len(pd)+n*testChunk, len(pm)-n)
+			copy(cd, pd)
+			copy(cm, pm[:min(len(pm), len(cm))])
+			for i := range 5 {
+				copy(cd[(10+i)*testChunk:], pd[(60-i)*testChunk:(61-i)*testChunk])
+				copy(cm[(3+i)*testChunk:], rngChunk(rng))
+			}
+			var ph ParentHashes
+			ph.Parent = Parent{ID: parent.ID, Location: "parent.overlay"}
+			for img, b := range [][]byte{pd, pm} {
+				_, hs, err := HashImage(bytes.NewReader(b), int64(len(b)), testChunk, 2, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				ph.Hashes[img] = hs
+			}
+			cdir := t.TempDir()
+			cout, sum := build(t, cdir, base, cd, cm, BuildOptions{Codec: CodecXZ, Parent: &ph})
+			if sum.Counts[Disk][ParentDisk] == 0 || sum.Counts[Memory][ParentMemory] == 0 {
+				t.Fatalf("no parent references: %v", sum.Counts)
+			}
+			if max := int64(7+n) * testChunk; sum.DataBytes > max { // 5 new chunks, the two cut-off last chunks, the disk's growth
+				t.Fatalf("the layer carries %d bytes of data, more than the %d that are new", sum.DataBytes, max)
+			}
+			child := openFile(t, cout)
+			if child.Header.Version != LayeredVersion || child.Manifest.Parent == nil || *child.Manifest.Parent != ph.Parent {
+				t.Fatalf("version %d, parent %+v", child.Header.Version, child.Manifest.Parent)
+			}
+			out := filepath.Join(cdir, "out")
+			if err := Extract(child, base, out, 2, nil); err == nil || !strings.Contains(err.Error(), "parent must be resolved") {
+				t.Fatalf("extract without the parent: %v", err)
+			}
+			child.SetParentImages([2]io.ReaderAt{bytes.NewReader(pd), bytes.NewReader(pm)})
+			if err := child.CheckParent(parent); err != nil {
+				t.Fatal(err)
+			}
+			if err := child.CheckParent(child); err == nil {
+				t.Fatal("CheckParent took the layer for its own parent")
+			}
+			if err := Extract(child, base, out, 2, nil); err != nil {
+				t.Fatal(err)
+			}
+			for name, want := range map[string][]byte{DiskFile: cd, MemoryFile: cm} {
+				got, err := os.ReadFile(filepath.Join(out, name))
+				if err != nil || !bytes.Equal(got, want) {
+					t.Fatalf("%s differs (%v)", name, err)
+				}
+			}
+		})
+	}
+}
+
+func rngChunk(rng *rand.Rand) []byte {
+	b := make([]byte, testChunk)
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	return b
 }
 
 func TestBuildFollowsOrder(t *testing.T) {
