@@ -297,3 +297,6 @@ func (f *Fetcher) cowOf(id overlay.ChunkID) cowState {
 
 // Sync makes every write durable.
 func (f *Fetcher) Sync() error { return f.cache.Sync() }
+
+// Base returns the base the overlay is read against.
+func (f *Fetcher) Base() *overlay.Base { return f.base }

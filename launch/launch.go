@@ -101,6 +101,7 @@ type Event struct {
 // Running is what a caller can see of a launch once its VM runs.
 type Running struct {
 	Session  *session.Session // nil for an extracted VM
+	VM       *qemu.VM
 	QEMUPid  int
 	Forwards []qemu.Forward
 }
@@ -233,7 +234,7 @@ func Run(ctx context.Context, opt Options) (err error) {
 	}
 	mark(StepRunning, fmt.Sprintf("QEMU running (%s%s)", opt.Accel, describeForwards(fwd)))
 	if opt.Running != nil {
-		opt.Running(Running{QEMUPid: vm.Pid(), Forwards: fwd, Session: s})
+		opt.Running(Running{QEMUPid: vm.Pid(), VM: vm, Forwards: fwd, Session: s})
 	}
 
 	probed := make(chan error, 1)

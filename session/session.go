@@ -69,6 +69,9 @@ type Options struct {
 	AllowOther bool // let users other than the mounting one in
 	Debug      bool // log every FUSE request
 	NoDiscard  bool // the images refuse discards (fs.Options.NoDiscard)
+	// Staged, if set, is a directory of segments sent ahead by a handoff,
+	// named by their sha256: they are read from there, not fetched.
+	Staged string
 	// Check, if set, vets the overlay and its base before anything is
 	// discarded or mounted.
 	Check func(o *overlay.Overlay, base *store.Base) error
@@ -220,6 +223,9 @@ func Open(ctx context.Context, opt Options) (*Session, error) {
 		return nil, err
 	}
 	s.Overlay = o
+	if opt.Staged != "" {
+		src = fetch.Staged(src, o, opt.Staged)
+	}
 	st, err := store.Open(opt.StateDir, log)
 	if err != nil {
 		return nil, err

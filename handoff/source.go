@@ -1,0 +1,718 @@
+package handoff
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/rs/zerolog"
+
+	"github.com/cloudletfs/cloudletfs/overlay"
+	"github.com/cloudletfs/cloudletfs/qemu"
+	"github.com/cloudletfs/cloudletfs/session"
+)
+
+// Options say what to hand off and where the layer goes.
+type Options struct {
+	VM      *qemu.VM
+	Session *session.Session // the VM's mount
+	// Dir is a directory of the handoff's own: the guest's memory as it
+	// arrives, the segments sent ahead, and the layer.
+	Dir string
+	// Push sends one compressed segment ahead to the destination, which
+	// keeps it by the sha256 of its bytes. An error fails the handoff.
+	Push func(ctx context.Context, sha overlay.Digest, stored []byte) error
+	// ParentLocation is where the destination fetches the VM's overlay,
+	// the layer's parent.
+	ParentLocation string
+	// SegmentSize is the raw bytes of each segment; default 256 KiB.
+	SegmentSize int
+	// DowntimeLimit is QEMU's: it stops the VM once what is left to send
+	// would take no longer than this at the rate it measures. Default
+	// 300 ms, QEMU's own.
+	DowntimeLimit time.Duration
+	// MaxPrecopy bounds the rounds: after it QEMU is told to stop the VM
+	// whatever is left. Default 2 minutes.
+	MaxPrecopy time.Duration
+	Events     func(Event)
+	Log        zerolog.Logger
+}
+
+// Event is a step of a handoff's timeline.
+type Event struct {
+	At    float64 `json:"at_s"` // seconds since the handoff began
+	Step  string  `json:"step"`
+	Round int     `json:"round,omitempty"`
+	Bytes int64   `json:"bytes,omitempty"`
+	Text  string  `json:"text"`
+}
+
+// Steps of a handoff's timeline.
+const (
+	StepPrecopy = "precopy" // QEMU's migration stream began; the VM runs on
+	StepRound   = "round"   // a round of QEMU's precopy ended: what it sent ahead
+	StepCodec   = "codec"   // the segment codec changed
+	StepStopped = "stopped" // QEMU stopped the VM: the downtime begins
+	StepLayer   = "layer"   // the last layer is written; the destination may resume
+)
+
+// Result is a handoff's outcome on the source.
+type Result struct {
+	Layer         string         // the layer file
+	ID            overlay.Digest // its overlay ID
+	Stopped       time.Time      // when QEMU stopped the VM
+	Rounds        int            // QEMU's dirty-page rounds
+	PushedBytes   int64          // stored bytes sent ahead
+	PushedUsed    int64          // of them, what the layer uses
+	LayerBytes    int64          // the layer file's size
+	MetadataBytes int64          // the layer's metadata: what the destination needs to resume
+	FinalBytes    int64          // segment bytes left for the destination to fetch
+}
+
+// Send hands off the VM: it runs QEMU's precopy migration into a reader
+// that keeps what differs from the VM's overlay and pushes it ahead, and
+// once QEMU has stopped the VM and sent its device state, writes the
+// layer. The VM is then stopped (QEMU's postmigrate state): the caller
+// quits it once the destination runs, or calls Abort.
+func Send(ctx context.Context, opt Options) (*Result, error) {
+	h := &sender{opt: opt, start: time.Now(), codec: newChooser()}
+	if h.opt.SegmentSize <= 0 {
+		h.opt.SegmentSize = 256 << 10
+	}
+	if h.opt.DowntimeLimit <= 0 {
+		h.opt.DowntimeLimit = 300 * time.Millisecond
+	}
+	if h.opt.MaxPrecopy <= 0 {
+		h.opt.MaxPrecopy = 2 * time.Minute
+	}
+	return h.run(ctx)
+}
+
+// Abort undoes a handoff that did not complete: it cancels the migration
+// if it still runs, and lets the VM run again if QEMU stopped it.
+func Abort(ctx context.Context, vm *qemu.VM) error {
+	st, _, err := vm.QMP.MigrationStatus(ctx)
+	if err != nil {
+		return err
+	}
+	if st == "active" || st == "setup" || st == "pre-switchover" || st == "device" {
+		if _, err := vm.QMP.Execute(ctx, "migrate_cancel", nil); err != nil {
+			return err
+		}
+		for range 500 {
+			if st, _, err = vm.QMP.MigrationStatus(ctx); err != nil || st != "cancelling" && st != "active" && st != "device" {
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	run, err := vm.QMP.Status(ctx)
+	if err != nil {
+		return err
+	}
+	if run != "running" {
+		if _, err := vm.QMP.Execute(ctx, "cont", nil); err != nil {
+			return fmt.Errorf("letting the VM run again: %w", err)
+		}
+	}
+	return nil
+}
+
+type sender struct {
+	opt   Options
+	start time.Time
+	codec *chooser
+
+	o     *overlay.Overlay
+	base  *overlay.Base
+	cs    int64
+	zero  overlay.Digest
+	orig  [2][]overlay.Digest // the overlay's own chunks, by digest
+	have  [2][]overlay.Digest // what the destination will have
+	where [2][]int32          // the pushed segment holding each chunk, -1 if none
+
+	mem     *os.File
+	segFile *os.File
+	segs    []pushed
+	buf     []overlay.ChunkID
+	bufRaw  []byte
+	stopped bool
+	stopAt  time.Time
+	lastDisk time.Time
+
+	pushQ   chan pushed
+	pushErr chan error
+	pushWG  sync.WaitGroup
+	mu      sync.Mutex
+	pushedB int64
+	round   int
+	roundB  int64
+}
+
+// pushed is a segment sent ahead.
+type pushed struct {
+	chunks []overlay.ChunkID
+	raw    int
+	enc    *overlay.Encoder
+	off    int64 // in segFile
+	n      int   // stored bytes
+	stored []byte
+	sha    overlay.Digest
+}
+
+func (h *sender) event(step string, round int, n int64, text string) {
+	h.opt.Log.Info().Str("step", step).Int("round", round).Int64("bytes", n).Msg(text)
+	if h.opt.Events != nil {
+		h.opt.Events(Event{At: time.Since(h.start).Seconds(), Step: step, Round: round, Bytes: n, Text: text})
+	}
+}
+
+func (h *sender) run(ctx context.Context) (res *Result, err error) {
+	s := h.opt.Session
+	h.o = s.Overlay
+	h.base = s.Fetcher.Base()
+	h.cs = int64(h.o.Header.ChunkSize)
+	if h.cs != pageSize {
+		return nil, fmt.Errorf("handoff needs an overlay of %d-byte chunks, the guest's page size; this one has %d", pageSize, h.cs)
+	}
+	h.zero = sha256.Sum256(make([]byte, h.cs))
+	if err := os.MkdirAll(h.opt.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := h.hashOriginal(ctx); err != nil {
+		return nil, err
+	}
+	for _, img := range overlay.Images {
+		h.have[img] = append([]overlay.Digest(nil), h.orig[img]...)
+		h.where[img] = make([]int32, len(h.orig[img]))
+		for i := range h.where[img] {
+			h.where[img][i] = -1
+		}
+	}
+	if h.mem, err = os.OpenFile(filepath.Join(h.opt.Dir, "memory"), os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600); err != nil {
+		return nil, err
+	}
+	defer h.mem.Close()
+	if err := h.mem.Truncate(h.o.Header.ImageSize(overlay.Memory)); err != nil {
+		return nil, err
+	}
+	if h.segFile, err = os.OpenFile(filepath.Join(h.opt.Dir, "segments"), os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600); err != nil {
+		return nil, err
+	}
+	defer h.segFile.Close()
+
+	sock := filepath.Join(h.opt.Dir, "migrate.sock")
+	os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	defer os.Remove(sock)
+	q := h.opt.VM.QMP
+	if _, err := q.Execute(ctx, "migrate-set-capabilities", map[string]any{
+		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
+	}); err != nil {
+		return nil, err
+	}
+	if _, err := q.Execute(ctx, "migrate-set-parameters", map[string]any{
+		"downtime-limit": h.opt.DowntimeLimit.Milliseconds(), "max-bandwidth": int64(1) << 34,
+	}); err != nil {
+		return nil, err
+	}
+	if _, err := q.Execute(ctx, "migrate", map[string]any{"uri": "unix:" + sock}); err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			actx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if aerr := Abort(actx, h.opt.VM); aerr != nil {
+				h.opt.Log.Error().Err(aerr).Msg("handoff: letting the VM run again")
+			}
+			cancel()
+		}
+	}()
+	conn, err := acceptCtx(ctx, ln)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	h.event(StepPrecopy, 0, 0, "QEMU's precopy began; the VM runs on while what it changed goes ahead")
+
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	h.pushQ = make(chan pushed, 1)
+	h.pushErr = make(chan error, 1)
+	h.pushWG.Add(1)
+	go h.pusher(rctx)
+	rounds := make(chan struct{})
+	go func() { defer close(rounds); h.watchRounds(rctx) }()
+
+	st := &Stream{Page: h.page, Stopped: h.stop}
+	go func() {
+		<-rctx.Done()
+		conn.Close() // unblocks the reader
+	}()
+	readErr := st.Read(conn)
+	close(h.pushQ)
+	h.pushWG.Wait()
+	var perr error
+	select {
+	case perr = <-h.pushErr:
+	default:
+	}
+	cancel()
+	<-rounds
+	if perr != nil {
+		return nil, fmt.Errorf("sending ahead: %w", perr)
+	}
+	if readErr != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, readErr
+	}
+	if name, size := st.MemoryBlock(); size != h.o.Header.ImageSize(overlay.Memory) {
+		return nil, fmt.Errorf("the guest's RAM block %s has %d bytes, the overlay's memory image %d", name, size, h.o.Header.ImageSize(overlay.Memory))
+	}
+	if err := waitMigrated(ctx, h.opt.VM); err != nil {
+		return nil, err
+	}
+	// QEMU flushed the disk when it stopped the VM.
+	if err := h.scanDisk(ctx); err != nil {
+		return nil, err
+	}
+	res, err = h.writeLayer(st.State())
+	if err != nil {
+		return nil, err
+	}
+	ok = true
+	return res, nil
+}
+
+func acceptCtx(ctx context.Context, ln net.Listener) (net.Conn, error) {
+	type r struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan r, 1)
+	go func() { c, err := ln.Accept(); ch <- r{c, err} }()
+	select {
+	case x := <-ch:
+		return x.c, x.err
+	case <-ctx.Done():
+		ln.Close()
+		return nil, ctx.Err()
+	case <-time.After(30 * time.Second):
+		ln.Close()
+		return nil, errors.New("QEMU never connected its migration stream")
+	}
+}
+
+// waitMigrated waits for QEMU to report the migration completed.
+func waitMigrated(ctx context.Context, vm *qemu.VM) error {
+	for range 1000 {
+		st, desc, err := vm.QMP.MigrationStatus(ctx)
+		if err != nil {
+			return err
+		}
+		switch st {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return fmt.Errorf("QEMU's migration %s: %s", st, desc)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return errors.New("QEMU never reported its migration completed")
+}
+
+// hashOriginal hashes every chunk of the overlay's own images, as the
+// destination will have them from the overlay.
+func (h *sender) hashOriginal(ctx context.Context) error {
+	f := h.opt.Session.Fetcher
+	buf := make([]byte, 1<<20)
+	for _, img := range overlay.Images {
+		size := h.o.Header.ImageSize(img)
+		n := h.o.Header.Chunks(img)
+		ds := make([]overlay.Digest, n)
+		for off := int64(0); off < size; off += int64(len(buf)) {
+			b := buf[:min(int64(len(buf)), size-off)]
+			if err := f.ReadOriginal(ctx, img, b, off); err != nil {
+				return fmt.Errorf("reading the overlay's %s: %w", img, err)
+			}
+			for p := int64(0); p < int64(len(b)); p += h.cs {
+				ds[(off+p)/h.cs] = h.digest(b[p:min(p+h.cs, int64(len(b)))])
+			}
+		}
+		h.orig[img] = ds
+	}
+	return nil
+}
+
+// digest hashes a chunk as the overlay format does: a short last chunk as
+// if padded with zeros.
+func (h *sender) digest(b []byte) overlay.Digest {
+	if int64(len(b)) == h.cs {
+		return sha256.Sum256(b)
+	}
+	p := make([]byte, h.cs)
+	copy(p, b)
+	return sha256.Sum256(p)
+}
+
+// page takes one page of guest memory from the stream.
+func (h *sender) page(off int64, data []byte) error {
+	var d overlay.Digest
+	if data == nil {
+		d = h.zero
+		if _, err := h.mem.WriteAt(zeroPage[:], off); err != nil {
+			return err
+		}
+	} else {
+		d = sha256.Sum256(data)
+		if _, err := h.mem.WriteAt(data, off); err != nil {
+			return err
+		}
+	}
+	id := overlay.ChunkID{Image: overlay.Memory, Index: uint32(off / h.cs)}
+	if err := h.changed(id, d, data); err != nil {
+		return err
+	}
+	if !h.stopped && time.Since(h.lastDisk) > time.Second {
+		h.lastDisk = time.Now()
+		return h.scanDisk(context.Background())
+	}
+	return nil
+}
+
+var zeroPage [pageSize]byte
+
+// changed records a chunk's new content: sent ahead while the VM runs,
+// left for the layer's own segments once it stopped.
+func (h *sender) changed(id overlay.ChunkID, d overlay.Digest, data []byte) error {
+	if h.have[id.Image][id.Index] == d {
+		return nil
+	}
+	h.have[id.Image][id.Index] = d
+	h.where[id.Image][id.Index] = -1
+	if h.stopped || d == h.orig[id.Image][id.Index] || d == h.zero {
+		return nil // the layer refers to it, or carries it in its own segments
+	}
+	if _, ok := h.base.Lookup(d); ok {
+		return nil
+	}
+	h.buf = append(h.buf, id)
+	if data == nil {
+		data = zeroPage[:]
+	}
+	h.bufRaw = append(h.bufRaw, data...)
+	if len(h.bufRaw) >= h.opt.SegmentSize {
+		return h.seal()
+	}
+	return nil
+}
+
+// seal compresses the chunks gathered and queues them to be pushed. The
+// queue holds one: a slow link holds the reader back, and so QEMU.
+func (h *sender) seal() error {
+	if len(h.buf) == 0 {
+		return nil
+	}
+	stored, enc, changed, err := h.codec.encode(h.bufRaw)
+	if err != nil {
+		return err
+	}
+	if changed {
+		h.event(StepCodec, h.round, 0, fmt.Sprintf("segments now %s: link %s/s, %s", enc.Name, rate(h.codec.linkRate), h.codec.describe()))
+	}
+	p := pushed{chunks: h.buf, raw: len(h.bufRaw), enc: enc, stored: stored, sha: sha256.Sum256(stored)}
+	st, err := h.segFile.Stat()
+	if err != nil {
+		return err
+	}
+	p.off = st.Size()
+	if _, err := h.segFile.WriteAt(stored, p.off); err != nil {
+		return err
+	}
+	seg := int32(len(h.segs))
+	for _, c := range p.chunks {
+		h.where[c.Image][c.Index] = seg
+	}
+	h.segs = append(h.segs, pushed{chunks: p.chunks, raw: p.raw, enc: enc, off: p.off, n: len(stored), sha: p.sha})
+	h.buf, h.bufRaw = nil, nil
+	select {
+	case h.pushQ <- p:
+		return nil
+	case err := <-h.pushErr:
+		h.pushErr <- err
+		return err
+	}
+}
+
+func (h *sender) pusher(ctx context.Context) {
+	defer h.pushWG.Done()
+	for p := range h.pushQ {
+		t := time.Now()
+		if err := h.opt.Push(ctx, p.sha, p.stored); err != nil {
+			select {
+			case h.pushErr <- err:
+			default:
+			}
+			for range h.pushQ {
+			}
+			return
+		}
+		h.codec.pushed(len(p.stored), time.Since(t))
+		h.mu.Lock()
+		h.pushedB += int64(len(p.stored))
+		h.roundB += int64(len(p.stored))
+		h.mu.Unlock()
+	}
+}
+
+// watchRounds follows QEMU's rounds of dirty pages, and bounds them.
+func (h *sender) watchRounds(ctx context.Context) {
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	forced := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		raw, err := h.opt.VM.QMP.Execute(ctx, "query-migrate", nil)
+		if err != nil {
+			continue
+		}
+		var q struct {
+			Status string `json:"status"`
+			RAM    struct {
+				Syncs int `json:"dirty-sync-count"`
+			} `json:"ram"`
+		}
+		json.Unmarshal(raw, &q)
+		h.mu.Lock()
+		for h.round < q.RAM.Syncs-1 {
+			h.round++
+			n := h.roundB
+			h.roundB = 0
+			h.mu.Unlock()
+			h.event(StepRound, h.round, n, fmt.Sprintf("round %d sent %s ahead", h.round, bytesOf(n)))
+			h.mu.Lock()
+		}
+		h.mu.Unlock()
+		if !forced && time.Since(h.start) > h.opt.MaxPrecopy && q.Status == "active" {
+			forced = true
+			h.opt.VM.QMP.Execute(ctx, "migrate-set-parameters", map[string]any{"downtime-limit": 60000})
+			h.opt.Log.Warn().Msg("handoff: the rounds did not converge in time; stopping the VM with what is left")
+		}
+	}
+}
+
+// stop marks the end of the rounds: QEMU has stopped the VM.
+func (h *sender) stop() {
+	h.stopAt = time.Now()
+	h.stopped = true
+	// What was gathered but not pushed goes with the layer.
+	h.buf, h.bufRaw = nil, nil
+	h.mu.Lock()
+	n := h.roundB
+	h.mu.Unlock()
+	h.event(StepStopped, h.round+1, n, "QEMU stopped the VM and sends the last round and the device state")
+}
+
+// scanDisk takes the disk chunks written through the mount that changed
+// since the last scan.
+func (h *sender) scanDisk(ctx context.Context) error {
+	s := h.opt.Session
+	ids, err := s.Cache.CowChunks()
+	if err != nil {
+		return err
+	}
+	zeros, err := s.Cache.DiscardedChunks()
+	if err != nil {
+		return err
+	}
+	ids = append(ids, zeros...)
+	sort.Slice(ids, func(i, j int) bool { return ids[i].Image < ids[j].Image || ids[i].Image == ids[j].Image && ids[i].Index < ids[j].Index })
+	buf := make([]byte, h.cs)
+	for _, id := range ids {
+		if id.Image != overlay.Disk || int(id.Index) >= len(h.have[id.Image]) {
+			continue
+		}
+		b := buf[:h.o.Header.ChunkLen(id)]
+		if err := s.Fetcher.ReadAt(ctx, id.Image, b, int64(id.Index)*h.cs); err != nil {
+			return fmt.Errorf("reading %s: %w", id, err)
+		}
+		d := h.digest(b)
+		var data []byte
+		if d != h.zero {
+			data = append([]byte(nil), b...)
+		}
+		if err := h.changed(id, d, data); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func rate(r float64) string {
+	if r == 0 {
+		return "not yet measured"
+	}
+	return bytesOf(int64(r))
+}
+
+func (c *chooser) describe() string {
+	s := ""
+	for _, e := range overlay.Encoders {
+		if st := c.stats[e]; st != nil {
+			s += fmt.Sprintf("%s %s/s %.0f%%; ", e.Name, bytesOf(int64(st.speed)), 100*st.ratio)
+		}
+	}
+	return s
+}
+
+// writeLayer writes the layer: the pushed segments none of whose chunks
+// changed since, then segments of every other chunk that differs from
+// the overlay, the base and zeros. The last are compressed with the
+// fastest codec: the VM is stopped while they are.
+func (h *sender) writeLayer(state []byte) (*Result, error) {
+	valid := make([]bool, len(h.segs))
+	for i, p := range h.segs {
+		valid[i] = true
+		for _, c := range p.chunks {
+			if h.where[c.Image][c.Index] != int32(i) {
+				valid[i] = false
+				break
+			}
+		}
+	}
+	for i, p := range h.segs {
+		if !valid[i] {
+			for _, c := range p.chunks {
+				if h.where[c.Image][c.Index] == int32(i) {
+					h.where[c.Image][c.Index] = -1
+				}
+			}
+		}
+	}
+	m := &overlay.Manifest{Parent: &overlay.Parent{ID: h.o.ID, Location: h.opt.ParentLocation}}
+	var final []overlay.ChunkID
+	for _, img := range overlay.Images {
+		refs := make([]overlay.Ref, len(h.have[img]))
+		for i, d := range h.have[img] {
+			switch {
+			case d == h.orig[img][i]:
+				refs[i] = overlay.Ref{Kind: overlay.ParentDisk + overlay.Kind(img), Index: uint32(i)}
+			case d == h.zero:
+				refs[i] = overlay.Ref{Kind: overlay.Zero}
+			default:
+				if r, ok := h.base.Lookup(d); ok {
+					refs[i] = r
+				} else {
+					refs[i] = overlay.Ref{Kind: overlay.Data}
+					if h.where[img][i] < 0 {
+						final = append(final, overlay.ChunkID{Image: img, Index: uint32(i)})
+					}
+				}
+			}
+		}
+		m.Refs[img] = refs
+	}
+	type piece struct {
+		pushed int // index into h.segs, or -1
+		raw    []byte
+	}
+	var pieces []piece
+	place := func(c overlay.ChunkID) {
+		m.Refs[c.Image][c.Index].Index = uint32(len(m.Order))
+		m.Order = append(m.Order, c)
+	}
+	res := &Result{Stopped: h.stopAt, Rounds: h.round + 1, PushedBytes: h.pushedB}
+	for i, p := range h.segs {
+		if !valid[i] {
+			continue
+		}
+		seg := overlay.Segment{Codec: p.enc.Codec, First: len(m.Order), Count: len(p.chunks), Raw: uint32(p.raw)}
+		for _, c := range p.chunks {
+			place(c)
+		}
+		m.Segments = append(m.Segments, seg)
+		pieces = append(pieces, piece{pushed: i})
+	}
+	ctx := context.Background()
+	var raw []byte
+	var ids []overlay.ChunkID
+	flush := func() {
+		if len(ids) == 0 {
+			return
+		}
+		seg := overlay.Segment{Codec: overlay.CodecZstd, First: len(m.Order), Count: len(ids), Raw: uint32(len(raw))}
+		for _, c := range ids {
+			place(c)
+		}
+		m.Segments = append(m.Segments, seg)
+		pieces = append(pieces, piece{pushed: -1, raw: raw})
+		raw, ids = nil, nil
+	}
+	buf := make([]byte, h.cs)
+	for _, c := range final {
+		b := buf[:h.o.Header.ChunkLen(c)]
+		var err error
+		if c.Image == overlay.Memory {
+			_, err = h.mem.ReadAt(b, int64(c.Index)*h.cs)
+		} else {
+			err = h.opt.Session.Fetcher.ReadAt(ctx, c.Image, b, int64(c.Index)*h.cs)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("reading %s for the layer: %w", c, err)
+		}
+		raw = append(raw, b...)
+		ids = append(ids, c)
+		if len(raw) >= h.opt.SegmentSize {
+			flush()
+		}
+	}
+	flush()
+	hd := &overlay.Header{Version: overlay.LayeredVersion, ChunkSize: uint32(h.cs),
+		DiskSize: h.o.Header.DiskSize, MemorySize: h.o.Header.MemorySize, BaseID: h.o.Header.BaseID, MetaCodec: overlay.CodecZstd}
+	fast := overlay.Encoders[1]
+	out := filepath.Join(h.opt.Dir, "layer.overlay")
+	id, err := overlay.Assemble(out, hd, m, state, h.o.VMConfig, func(i int) ([]byte, error) {
+		p := pieces[i]
+		if p.pushed < 0 {
+			stored, err := fast.Encode(p.raw)
+			res.FinalBytes += int64(len(stored))
+			return stored, err
+		}
+		sp := h.segs[p.pushed]
+		b := make([]byte, sp.n)
+		if _, err := h.segFile.ReadAt(b, sp.off); err != nil {
+			return nil, err
+		}
+		res.PushedUsed += int64(len(b))
+		return b, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	res.Layer, res.ID = out, id
+	res.LayerBytes, res.MetadataBytes = hd.TotalLen(), hd.MetadataLen()
+	h.event(StepLayer, 0, res.MetadataBytes, fmt.Sprintf("layer %s written: %s of metadata, %s sent ahead and used, %s left to fetch", id.Short(), bytesOf(res.MetadataBytes), bytesOf(res.PushedUsed), bytesOf(res.FinalBytes)))
+	return res, nil
+}
+
+func bytesOf(n int64) string { return humanize.IBytes(uint64(n)) }
