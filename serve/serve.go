@@ -4,6 +4,10 @@
 // connection, like a single access link, plus one round trip of delay per
 // request. Any static server or CDN can serve overlays; this one exists to
 // measure early start on a known link.
+//
+// A Link emulates such a link for any TCP stream, not only HTTP: it relays
+// connections to a target through one token bucket per direction, shared
+// by every connection, and delays each direction by half the round trip.
 package serve
 
 import (
@@ -71,11 +75,16 @@ func New(dir string, opt Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("serve: %w", err)
 	}
-	s := &Server{root: root, opt: opt}
-	if opt.Rate > 0 {
-		s.bucket = rate.NewLimiter(rate.Limit(opt.Rate), burst)
+	return &Server{root: root, opt: opt, bucket: newBucket(opt.Rate)}, nil
+}
+
+// newBucket is the token bucket of a link of bps bytes per second, or nil
+// for an unlimited link.
+func newBucket(bps float64) *rate.Limiter {
+	if bps <= 0 {
+		return nil
 	}
-	return s, nil
+	return rate.NewLimiter(rate.Limit(bps), burst)
 }
 
 // Close releases the directory.

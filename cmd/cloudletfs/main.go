@@ -89,7 +89,7 @@ Typical use:
 			c.App.Metadata = map[string]any{"log": log}
 			return nil
 		},
-		Commands: append(append([]*cli.Command{baseCommand(), overlayCommand()}, runtimeCommands()...), append(append(append(vmCommands(), cloudletCommands()...), orderCommands()...), cacheCommand())...),
+		Commands: append(append([]*cli.Command{baseCommand(), overlayCommand()}, runtimeCommands()...), append(append(append(vmCommands(), cloudletCommands()...), orderCommands()...), cacheCommand(), linkCommand())...),
 	})
 }
 
