@@ -30,7 +30,59 @@ type Request struct {
 	// Probe says when the application answers: its first response is
 	// the VM's first response.
 	Probe *Probe `json:"probe,omitempty"`
+	// Handoff, set by the cloudlet a VM is handed off from, names the
+	// handoff whose segments sent ahead (POST /v1/handoffs) this VM's
+	// overlay, the handoff's layer, reads locally.
+	Handoff string `json:"handoff,omitempty"`
+	// From is that cloudlet's URL, for the record.
+	From string `json:"from,omitempty"`
 }
+
+// HandoffRequest asks to move a running VM to another cloudlet: the body
+// of POST /v1/vms/{id}/handoff.
+type HandoffRequest struct {
+	// To is the destination cloudlet's URL, as this cloudlet reaches it.
+	To string `json:"to"`
+	// Token is the destination's API token, if it has one.
+	Token string `json:"token,omitempty"`
+}
+
+// Handoff is a VM's move between cloudlets, as each of them reports it.
+type Handoff struct {
+	ID   string `json:"id"`
+	To   string `json:"to,omitempty"`   // on the source: the destination
+	From string `json:"from,omitempty"` // on the destination: the source
+	// Phase is where the handoff is (see the Handoff phases).
+	Phase  string `json:"phase"`
+	Reason string `json:"reason,omitempty"` // why it failed
+	// DestVM and DestPorts are the VM on the destination, once created.
+	DestVM    string `json:"dest_vm,omitempty"`
+	DestPorts []Port `json:"dest_ports,omitempty"`
+	// Timeline: rounds (with the bytes each sent ahead and the codec),
+	// the stop, the layer, the destination running and complete; timed
+	// from the handoff's request.
+	Timeline []Step `json:"timeline"`
+	Rounds   int    `json:"rounds,omitempty"`
+	// PushedBytes were sent ahead while the VM ran; LayerBytes is the
+	// layer's size, MetadataBytes what of it the destination needs to
+	// resume, FinalBytes its segments left for the destination to fetch.
+	PushedBytes   int64 `json:"pushed_bytes,omitempty"`
+	LayerBytes    int64 `json:"layer_bytes,omitempty"`
+	MetadataBytes int64 `json:"metadata_bytes,omitempty"`
+	FinalBytes    int64 `json:"final_bytes,omitempty"`
+	// DowntimeS is from QEMU stopping the VM here to the destination
+	// running it.
+	DowntimeS float64 `json:"downtime_s,omitempty"`
+}
+
+// Handoff phases.
+const (
+	HandoffSending  = "sending"  // rounds: the VM runs here while what it changed goes ahead
+	HandoffResuming = "resuming" // the VM is stopped here; the destination resumes it from the layer
+	HandoffRunning  = "running"  // the destination runs it; it fetches the rest from here
+	HandoffComplete = "complete" // the destination has every chunk; this cloudlet let the VM go
+	HandoffFailed   = "failed"   // see Reason; the VM runs on here
+)
 
 // Probe is how the cloudlet finds out that the guest's application
 // answers.
@@ -53,13 +105,14 @@ const (
 	Stopping         State = "stopping"          // a stop was asked for
 	Stopped          State = "stopped"           // stopped as asked, or exited on its own after answering
 	Failed           State = "failed"            // see Reason
+	Moved            State = "moved"             // handed off to another cloudlet (see Handoff)
 )
 
 // Final reports whether a VM in state s has ended.
-func (s State) Final() bool { return s == Stopped || s == Failed }
+func (s State) Final() bool { return s == Stopped || s == Failed || s == Moved }
 
 // States lists every state, in journey order.
-var States = []State{FetchingMetadata, Resuming, Running, FirstResponse, Complete, Stopping, Stopped, Failed}
+var States = []State{FetchingMetadata, Resuming, Running, FirstResponse, Complete, Stopping, Stopped, Failed, Moved}
 
 // VM is what the cloudlet reports of one VM: GET /v1/vms/{id}, and each
 // event of /v1/vms/{id}/events.
@@ -81,6 +134,8 @@ type VM struct {
 	Progress *Progress `json:"progress,omitempty"`
 	// Stats are the mount's full statistics, once mounted.
 	Stats *fetch.Stats `json:"stats,omitempty"`
+	// Handoff is the VM's move to another cloudlet, or from one.
+	Handoff *Handoff `json:"handoff,omitempty"`
 }
 
 // Step is one point of a VM's timeline.

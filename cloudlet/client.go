@@ -262,3 +262,54 @@ func (c *Client) stream(ctx context.Context, id string, f func(VM) bool) (done b
 	}
 	return false, io.ErrUnexpectedEOF
 }
+
+// Handoff asks the cloudlet to move a running VM to another; it returns
+// at once, with the VM as it is. Follow it to see the handoff through.
+func (c *Client) Handoff(ctx context.Context, id string, r HandoffRequest) (VM, error) {
+	var v VM
+	err := c.do(ctx, http.MethodPost, "/v1/vms/"+url.PathEscape(id)+"/handoff", r, &v)
+	return v, err
+}
+
+// HandoffPrepare is the body of POST /v1/handoffs: a cloudlet about to
+// hand a VM off here says so, and which base the VM needs.
+type HandoffPrepare struct {
+	ID   string `json:"id"`
+	Base string `json:"base"`
+	From string `json:"from,omitempty"`
+}
+
+// PrepareHandoff readies the destination of a handoff for its segments.
+func (c *Client) PrepareHandoff(ctx context.Context, p HandoffPrepare) error {
+	return c.do(ctx, http.MethodPost, "/v1/handoffs", p, nil)
+}
+
+// PutSegment sends one segment of a handoff ahead to its destination.
+func (c *Client) PutSegment(ctx context.Context, handoff, sha string, stored []byte) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.base.String()+"/v1/handoffs/"+url.PathEscape(handoff)+"/segments/"+url.PathEscape(sha), bytes.NewReader(stored))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/octet-stream")
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return c.unreachable(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return c.readError(resp)
+	}
+	return nil
+}
+
+// DeleteHandoff drops what the destination holds of a handoff that will
+// not complete: its staged segments, and a VM made from it that has not
+// ended.
+func (c *Client) DeleteHandoff(ctx context.Context, handoff string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/handoffs/"+url.PathEscape(handoff), nil, nil)
+}

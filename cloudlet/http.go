@@ -37,6 +37,13 @@ func (s *Service) Handler() http.Handler {
 	})
 	api("GET /v1/vms/{id}/events", s.events)
 	api("DELETE /v1/vms/{id}", s.deleteVM)
+	api("POST /v1/vms/{id}/handoff", s.postHandoff)
+	api("POST /v1/handoffs", s.prepareHandoff)
+	api("PUT /v1/handoffs/{hid}/segments/{sha}", s.putSegment)
+	api("DELETE /v1/handoffs/{hid}", s.deleteHandoff)
+	// The handoff's ID is the capability: the destination fetches the
+	// layer as it fetches any overlay, with no token of this cloudlet's.
+	mux.Handle("GET /v1/handoffs/{hid}/layer.overlay", http.HandlerFunc(s.serveLayer))
 	api("GET /v1/bases", func(w http.ResponseWriter, r *http.Request) {
 		bs, err := s.Bases()
 		if err != nil {
@@ -100,6 +107,16 @@ func allowed(path string) string {
 	case len(parts) == 3 && parts[1] == "vms":
 		return "GET, DELETE"
 	case len(parts) == 4 && parts[1] == "vms" && parts[3] == "events":
+		return "GET"
+	case len(parts) == 4 && parts[1] == "vms" && parts[3] == "handoff":
+		return "POST"
+	case path == "/v1/handoffs":
+		return "POST"
+	case len(parts) == 3 && parts[1] == "handoffs":
+		return "DELETE"
+	case len(parts) == 5 && parts[1] == "handoffs" && parts[3] == "segments":
+		return "PUT"
+	case len(parts) == 4 && parts[1] == "handoffs" && parts[3] == "layer.overlay":
 		return "GET"
 	}
 	return ""

@@ -56,7 +56,11 @@ type Options struct {
 	FetchTimeout time.Duration // per read; also bounds the header read at admission
 	ProbeTimeout time.Duration
 	CacheSize    int64
-	Log          zerolog.Logger
+	// Advertise is this cloudlet's URL as other cloudlets reach it: a
+	// handoff's destination fetches the layer from it. By default, the
+	// URL the handoff was asked at.
+	Advertise string
+	Log       zerolog.Logger
 }
 
 // Service is a running cloudlet: the VMs it knows and the registry they
@@ -392,6 +396,19 @@ func (s *Service) validate(r *Request) error {
 			return badRequest("ports", "%d is named twice", p)
 		}
 		seen[p] = true
+	}
+	if r.Handoff != "" {
+		if !handoffID.MatchString(r.Handoff) {
+			return badRequest("handoff", "want the 32 hex digits of a handoff's ID")
+		}
+		if _, err := os.Stat(s.stagedDir(r.Handoff)); err != nil {
+			return badRequest("handoff", "no handoff %s was prepared here (POST /v1/handoffs)", r.Handoff)
+		}
+	}
+	if r.From != "" {
+		if _, err := NewClient(r.From, ""); err != nil {
+			return badRequest("from", "want the source cloudlet's URL")
+		}
 	}
 	if r.Probe != nil {
 		if r.Probe.HTTP == "" {
@@ -829,6 +846,13 @@ func (s *Service) finalize(e *entry, rep report) {
 	scrubSpec(rec.Dir)
 	s.takePorts(rec.VM.ID)
 	s.log.Info().Str("vm", rec.VM.ID).Str("state", string(rec.VM.State)).Str("reason", rec.VM.Reason).Msg("a VM ended")
+	if rec.VM.State == Moved {
+		// It runs on another cloudlet now, which has all of it: nothing
+		// of it is left here.
+		if err := s.Remove(rec.VM.ID); err != nil {
+			s.log.Warn().Err(err).Str("vm", rec.VM.ID).Msg("forgetting a VM handed off")
+		}
+	}
 }
 
 // scrubSpec drops the request's headers, which may be credentials, from

@@ -80,6 +80,13 @@ type worker struct {
 	answered bool // and it succeeded
 	complete bool
 	sess     *session.Session // once QEMU runs
+	vm       *qemu.VM         // once QEMU runs
+
+	sp      spec
+	runCtx  context.Context
+	stopRun context.CancelFunc // ends the launch: QEMU quits, the mount goes
+	handing bool               // a handoff is under way
+	moved   *handoffDone       // the handoff succeeded: the VM runs elsewhere
 }
 
 // RunWorker runs the VM described in dir until it ends or ctx does, and
@@ -111,7 +118,12 @@ func RunWorker(ctx context.Context, dir string, registered io.Reader, log zerolo
 			writeAtomic(filepath.Join(dir, specFile), b, true)
 		}
 	}
-	w := &worker{dir: dir, log: log, rep: report{VM: sp.VM}, changed: make(chan struct{})}
+	w := &worker{dir: dir, log: log, rep: report{VM: sp.VM}, changed: make(chan struct{}), sp: sp}
+	w.runCtx, w.stopRun = context.WithCancel(ctx)
+	defer w.stopRun()
+	if h := sp.Request.Handoff; h != "" {
+		w.rep.VM.Handoff = &Handoff{ID: h, From: sp.Request.From, Phase: HandoffResuming, Timeline: []Step{}}
+	}
 	w.probed = sp.Request.Probe != nil && sp.Request.Probe.HTTP != ""
 	ln, err := net.Listen("unix", socketAddr(dir))
 	if err != nil {
@@ -149,9 +161,13 @@ func RunWorker(ctx context.Context, dir string, registered io.Reader, log zerolo
 		// vm.json's own guest port, on the cloudlet's address.
 		fwd = append(fwd, qemu.Forward{HostAddr: sp.HostAddr})
 	}
+	var staged string
+	if sp.Request.Handoff != "" {
+		staged = filepath.Join(sp.StateDir, "cloudlet", "handoffs", sp.Request.Handoff)
+	}
 	opt := launch.Options{
 		Session: session.Options{Overlay: sp.Request.Overlay, StateDir: sp.StateDir, Log: log,
-			Headers: headers, FetchTimeout: sp.FetchTimeout, CacheSize: sp.CacheSize},
+			Headers: headers, FetchTimeout: sp.FetchTimeout, CacheSize: sp.CacheSize, Staged: staged},
 		Mountpoint: mnt, QEMU: sp.QEMU, Accel: sp.Accel, Forwards: fwd,
 		ProbeTimeout: sp.ProbeTimeout, Console: console, Events: w.event, Running: w.running,
 	}
@@ -164,9 +180,16 @@ func RunWorker(ctx context.Context, dir string, registered io.Reader, log zerolo
 		defer close(sampled)
 		w.sample(stopSampling)
 	}()
-	runErr := launch.Run(ctx, opt)
+	runErr := launch.Run(w.runCtx, opt)
 	close(stopSampling)
 	<-sampled
+	w.mu.Lock()
+	moved := w.moved
+	w.mu.Unlock()
+	if moved != nil && ctx.Err() == nil {
+		w.awaitComplete(ctx, moved)
+		runErr = nil
+	}
 	w.finish(ctx, runErr)
 	return runErr
 }
@@ -200,9 +223,25 @@ func (c *capped) Write(p []byte) (int, error) {
 
 // event turns a step of the launch into the VM's timeline and state.
 func (w *worker) event(e launch.Event) {
+	if e.Step == launch.StepComplete && w.sp.Request.Handoff != "" {
+		// Every segment is in the cache: the staged ones are not needed.
+		os.RemoveAll(filepath.Join(w.sp.StateDir, "cloudlet", "handoffs", w.sp.Request.Handoff))
+	}
 	w.update(func(r *report) {
 		v := &r.VM
+		if w.moved != nil && (e.Step == launch.StepStopping || e.Step == launch.StepStopped) {
+			v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: string(e.Step), Text: "QEMU quit here: the VM runs on " + w.moved.to})
+			return
+		}
 		v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: string(e.Step), Text: e.Text})
+		if h := v.Handoff; h != nil && h.From != "" {
+			switch e.Step {
+			case launch.StepRunning:
+				h.Phase = HandoffRunning
+			case launch.StepComplete:
+				h.Phase = HandoffComplete
+			}
+		}
 		switch e.Step {
 		case launch.StepMetadata:
 			v.State = Resuming
@@ -239,7 +278,7 @@ func (w *worker) running(r launch.Running) {
 		}
 	})
 	w.mu.Lock()
-	w.sess = r.Session
+	w.sess, w.vm = r.Session, r.VM
 	w.mu.Unlock()
 }
 
@@ -282,6 +321,8 @@ func (w *worker) finish(ctx context.Context, runErr error) {
 		case runErr != nil && ctx.Err() == nil:
 			v.State, v.Reason = Failed, oneLine(runErr.Error())
 			v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: StepFailed, Text: v.Reason})
+		case w.moved != nil && ctx.Err() == nil:
+			v.State, v.Reason = Moved, fmt.Sprintf("handed off to %s as VM %s", w.moved.to, w.moved.vm)
 		case ctx.Err() != nil:
 			v.State, v.Reason = Stopped, "stopped as asked"
 			if runErr != nil {
@@ -290,7 +331,7 @@ func (w *worker) finish(ctx context.Context, runErr error) {
 		default:
 			v.State, v.Reason = Stopped, "the VM exited"
 		}
-		if n := len(v.Timeline); v.State == Stopped && (n == 0 || v.Timeline[n-1].Step != string(launch.StepStopped)) {
+		if n := len(v.Timeline); (v.State == Stopped || v.State == Moved) && (n == 0 || v.Timeline[n-1].Step != string(launch.StepStopped)) {
 			v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: string(launch.StepStopped), Text: v.Reason})
 		}
 		r.QEMUPid = 0
@@ -348,6 +389,7 @@ func (w *worker) save(final bool) {
 // then each change, until the final report.
 func (w *worker) handler() http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("POST /handoff", w.startHandoff)
 	mux.HandleFunc("GET /watch", func(rw http.ResponseWriter, r *http.Request) {
 		rw.Header().Set("Content-Type", "application/x-ndjson")
 		rc := http.NewResponseController(rw)
@@ -431,18 +473,7 @@ func socketAddr(dir string) string {
 // watch follows a worker's reports on its socket, calling f for each,
 // until the stream ends or ctx does.
 func watch(ctx context.Context, dir string, f func(report)) error {
-	c := &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			conn, err := d.DialContext(ctx, "unix", socketAddr(dir))
-			if err == nil && !peerIsUs(conn) {
-				// Another user's process took the name first.
-				conn.Close()
-				return nil, fmt.Errorf("the socket of worker %s belongs to another user", dir)
-			}
-			return conn, err
-		},
-	}}
+	c := workerClient(dir)
 	defer c.CloseIdleConnections()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://worker/watch", nil)
 	if err != nil {
@@ -466,6 +497,23 @@ func watch(ctx context.Context, dir string, f func(report)) error {
 		return err
 	}
 	return nil
+}
+
+// workerClient talks to the worker of the VM in dir on its socket, as
+// http://worker/.
+func workerClient(dir string) *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			conn, err := d.DialContext(ctx, "unix", socketAddr(dir))
+			if err == nil && !peerIsUs(conn) {
+				// Another user's process took the name first.
+				conn.Close()
+				return nil, fmt.Errorf("the socket of worker %s belongs to another user", dir)
+			}
+			return conn, err
+		},
+	}}
 }
 
 // readReport reads a worker's last report from its status file.

@@ -40,6 +40,9 @@ func cloudletCommands() []*cli.Command {
   GET    /v1/vms              every VM: state, timeline, forwarded ports, the overlay's progress
   GET    /v1/vms/ID           one VM;  GET /v1/vms/ID/events: the same as server-sent events
   DELETE /v1/vms/ID           stop the VM and unmount (?forget=1 on a stopped VM forgets it)
+  POST   /v1/vms/ID/handoff   {"to": URL, "token": T}: move the running VM to the cloudlet at URL
+  POST   /v1/handoffs, PUT /v1/handoffs/H/segments/SHA, DELETE /v1/handoffs/H, and
+  GET    /v1/handoffs/H/layer.overlay: what two cloudlets say to each other in a handoff
   GET    /v1/bases            the bases this cloudlet holds
   GET    /metrics             Prometheus metrics;  GET /: a status page
 Overlay URLs are http://, https:// (presigned S3 URLs too), s3://BUCKET/KEY (endpoint
@@ -61,6 +64,7 @@ With --token-file every call needs 'Authorization: Bearer TOKEN'; --open-status 
 				&cli.DurationFlag{Name: "fetch-timeout", Value: 30 * time.Second, Usage: "longest a VM's read waits for its segment before failing with EIO"},
 				&cli.DurationFlag{Name: "probe-timeout", Value: 10 * time.Minute, Usage: "how long a VM's probe is tried before the VM is failed"},
 				cacheSizeFlag,
+				&cli.StringFlag{Name: "advertise", Usage: "this cloudlet's URL as other cloudlets reach it, where a handoff's destination fetches the VM from (default: the URL the handoff was asked at)"},
 			},
 			Action: cloudletCmd,
 		},
@@ -96,6 +100,27 @@ response (with --probe '' or --detach: once it runs), 1 if it failed first.`,
 				&cli.DurationFlag{Name: "timeout", Value: 15 * time.Minute, Usage: "give up following the VM after this long (it runs on)"},
 			},
 			Action: synthesizeCmd,
+		},
+		{
+			Name:      "handoff",
+			Usage:     "move a running VM to another cloudlet, as its user moves",
+			UsageText: "cloudletfs handoff --cloudlet URL-A [--token-file F] --to URL-B [--to-token-file F] ID",
+			Description: `Asks cloudlet A to hand VM ID off to cloudlet B, which must hold the VM's base, and
+prints the handoff's timeline as it happens. While the VM runs on A, A reads QEMU's own
+precopy migration stream and sends B what the VM changed since it started, in rounds,
+compressed with the codec that keeps the link busy; then QEMU stops the VM, A writes
+the last round and the device state as a layered overlay on the VM's overlay, and B
+resumes the VM from it as soon as its metadata has arrived, fetching the rest from A.
+B needs to reach A at the URL A was asked at (or A's --advertise), and the VM's
+overlay at the URL it was started from. Exits 0 once B has all of the VM and A has let
+it go; 1 if the handoff failed, and then the VM runs on at A.`,
+			Flags: []cli.Flag{
+				cloudletFlag, tokenFileFlag,
+				&cli.StringFlag{Name: "to", Usage: "the destination cloudlet's URL, as cloudlet A reaches it"},
+				&cli.PathFlag{Name: "to-token-file", Usage: "file holding the destination's API token"},
+				&cli.DurationFlag{Name: "timeout", Value: 30 * time.Minute, Usage: "give up following the handoff after this long (it goes on)"},
+			},
+			Action: handoffCmd,
 		},
 		{
 			Name:      "vms",
@@ -179,7 +204,7 @@ func cloudletCmd(c *cli.Context) error {
 		MaxMemory: int64(maxMem), MaxVMs: c.Int("max-vms"), AllowFile: c.Bool("allow-file"),
 		Worker: []string{exe, "--state-dir", c.String("state-dir"), "--log-level", c.String("log-level"), "cloudlet-worker"},
 		QEMU:   bin, Accel: accel, FetchTimeout: c.Duration("fetch-timeout"), ProbeTimeout: c.Duration("probe-timeout"),
-		CacheSize: limit, Log: logger(c),
+		CacheSize: limit, Log: logger(c), Advertise: c.String("advertise"),
 	})
 	if err != nil {
 		return err
@@ -406,5 +431,68 @@ func stopCmd(c *cli.Context) error {
 	if len(failed) > 0 {
 		return fmt.Errorf("stop: %d of %d VMs not stopped", len(failed), c.NArg())
 	}
+	return nil
+}
+
+func handoffCmd(c *cli.Context) error {
+	if err := need(c, 1, "the ID of the VM to hand off"); err != nil {
+		return err
+	}
+	if c.String("to") == "" {
+		return badFlag("--to: give the destination cloudlet's URL, such as http://cloudlet-b:8021")
+	}
+	cl, err := client(c)
+	if err != nil {
+		return err
+	}
+	toToken, err := readToken(c.Path("to-token-file"))
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
+	defer cancel()
+	id := c.Args().First()
+	v, err := cl.Handoff(ctx, id, cloudlet.HandoffRequest{To: c.String("to"), Token: toToken})
+	if err != nil {
+		return err
+	}
+	w := c.App.Writer
+	fmt.Fprintf(w, "handing VM %s off from %s to %s\n", id, fetch.Redact(c.String("cloudlet")), fetch.Redact(c.String("to")))
+	hid := ""
+	if v.Handoff != nil {
+		hid = v.Handoff.ID
+	}
+	printed := 0
+	last, err := cl.Follow(ctx, id, func(v cloudlet.VM) bool {
+		h := v.Handoff
+		if h == nil || hid != "" && h.ID != hid {
+			return true
+		}
+		hid = h.ID
+		for ; printed < len(h.Timeline); printed++ {
+			s := h.Timeline[printed]
+			fmt.Fprintf(w, "%8.3f s  %s\n", s.At, s.Text)
+		}
+		return h.Phase != cloudlet.HandoffFailed && h.Phase != cloudlet.HandoffComplete
+	})
+	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		var ae *cloudlet.APIError
+		if !errors.As(err, &ae) || ae.Status != 404 {
+			return err
+		}
+	}
+	h := last.Handoff
+	switch {
+	case h == nil:
+		return fmt.Errorf("VM %s is %s and shows no handoff", id, last.State)
+	case h.Phase == cloudlet.HandoffFailed:
+		return fmt.Errorf("the handoff of VM %s failed, and it runs on at %s: %s", id, fetch.Redact(c.String("cloudlet")), h.Reason)
+	case h.Phase != cloudlet.HandoffComplete:
+		return fmt.Errorf("the handoff of VM %s is %s after --timeout %s; it goes on", id, h.Phase, c.Duration("timeout"))
+	}
+	fmt.Fprintf(w, "VM %s now runs on %s as VM %s: %d rounds, %s sent ahead, layer %s (metadata %s), downtime %.2f s\n", id,
+		fetch.Redact(c.String("to")), h.DestVM, h.Rounds, humanize.IBytes(uint64(h.PushedBytes)), humanize.IBytes(uint64(h.LayerBytes)),
+		humanize.IBytes(uint64(h.MetadataBytes)), h.DowntimeS)
+	printPorts(w, c.String("to"), cloudlet.VM{ID: h.DestVM, Ports: h.DestPorts})
 	return nil
 }

@@ -59,8 +59,9 @@ func parseSynth(t *testing.T, out string) synthesized {
 }
 
 // appAnswer is the test guest's application: a counter and a checksum in
-// the guest's RAM, and a line from its custom disk.
-var appAnswer = regexp.MustCompile(`^count=([0-9]+) sum=[0-9a-f]{32} disk=hello from the custom disk$`)
+// the guest's RAM, a line from its custom disk, and the lines it appended
+// to a file there, one a request: how many, and the last.
+var appAnswer = regexp.MustCompile(`^count=([0-9]+) sum=[0-9a-f]{32} disk=hello from the custom disk hits=([0-9]+) last=([0-9]+)$`)
 
 func askApp(t *testing.T, hostPort string) string {
 	t.Helper()

@@ -194,6 +194,7 @@ func TestQEMUEndToEnd(t *testing.T) {
 	})
 
 	t.Run("cloudlet service", func(t *testing.T) { testCloudlet(t, e.in(t), srvDir, url, ovl, trace) })
+	t.Run("handoff between cloudlets", func(t *testing.T) { testHandoff(t, e.in(t), url) })
 	t.Run("daemon killed under QEMU: launch", func(t *testing.T) { killUnderLaunch(t, e.in(t), url) })
 	t.Run("daemon killed under QEMU: capture, then SIGTERM", func(t *testing.T) { killUnderCapture(t, e.in(t)) })
 
