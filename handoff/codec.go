@@ -1,6 +1,7 @@
 package handoff
 
 import (
+	"sync"
 	"time"
 
 	"github.com/cloudletfs/cloudletfs/overlay"
@@ -14,6 +15,7 @@ import (
 // probeEvery segments it measures every encoder again on the segment at
 // hand, so that a change of link or load is followed.
 type chooser struct {
+	mu       sync.Mutex // guards linkRate, which pushers set
 	stats    map[*overlay.Encoder]*encStat
 	linkRate float64 // bytes a second, measured by pushes; 0 until one is
 	cur      *overlay.Encoder
@@ -75,23 +77,21 @@ func (c *chooser) note(e *overlay.Encoder, raw, stored int, took time.Duration) 
 	s.ratio = 0.7*s.ratio + 0.3*ratio
 }
 
-// pushed records a push of n stored bytes that took d.
-func (c *chooser) pushed(n int, d time.Duration) {
-	if d <= 0 || n < 16<<10 {
-		return // too small to time the link by
+// measured records the link's rate: n stored bytes pushed in d of time
+// with pushes under way.
+func (c *chooser) measured(n int64, d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if d <= 0 || n < 64<<10 {
+		return // too little to time the link by
 	}
-	r := float64(n) / d.Seconds()
-	if c.linkRate == 0 {
-		c.linkRate = r
-	} else {
-		c.linkRate = 0.7*c.linkRate + 0.3*r
-	}
+	c.linkRate = float64(n) / d.Seconds()
 }
 
 // pick returns the encoder with the best throughput: min(speed, link /
 // ratio).
 func (c *chooser) pick() *overlay.Encoder {
-	link := c.linkRate
+	link := c.rate()
 	if link == 0 {
 		link = assumedRate
 	}
@@ -106,4 +106,10 @@ func (c *chooser) pick() *overlay.Encoder {
 		}
 	}
 	return best
+}
+
+func (c *chooser) rate() float64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.linkRate
 }

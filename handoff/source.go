@@ -34,8 +34,14 @@ type Options struct {
 	// ParentLocation is where the destination fetches the VM's overlay,
 	// the layer's parent.
 	ParentLocation string
-	// SegmentSize is the raw bytes of each segment; default 256 KiB.
+	// SegmentSize is the raw bytes of each segment; default 64 KiB. A
+	// segment sent ahead is of use only if none of its chunks changes
+	// again before the VM stops: small ones lose less to the guest's hot
+	// pages.
 	SegmentSize int
+	// Pushes is how many segments are sent at once, to keep a link with
+	// a long round trip busy; default 4.
+	Pushes int
 	// DowntimeLimit is QEMU's: it stops the VM once what is left to send
 	// would take no longer than this at the rate it measures. Default
 	// 300 ms, QEMU's own.
@@ -86,7 +92,10 @@ type Result struct {
 func Send(ctx context.Context, opt Options) (*Result, error) {
 	h := &sender{opt: opt, start: time.Now(), codec: newChooser()}
 	if h.opt.SegmentSize <= 0 {
-		h.opt.SegmentSize = 256 << 10
+		h.opt.SegmentSize = 64 << 10
+	}
+	if h.opt.Pushes <= 0 {
+		h.opt.Pushes = 4
 	}
 	if h.opt.DowntimeLimit <= 0 {
 		h.opt.DowntimeLimit = 300 * time.Millisecond
@@ -140,13 +149,13 @@ type sender struct {
 	have  [2][]overlay.Digest // what the destination will have
 	where [2][]int32          // the pushed segment holding each chunk, -1 if none
 
-	mem     *os.File
-	segFile *os.File
-	segs    []pushed
-	buf     []overlay.ChunkID
-	bufRaw  []byte
-	stopped bool
-	stopAt  time.Time
+	mem      *os.File
+	segFile  *os.File
+	segs     []pushed
+	buf      []overlay.ChunkID
+	bufRaw   []byte
+	stopped  bool
+	stopAt   time.Time
 	lastDisk time.Time
 
 	pushQ   chan pushed
@@ -156,6 +165,11 @@ type sender struct {
 	pushedB int64
 	round   int
 	roundB  int64
+
+	inFlight  int
+	busySince time.Time
+	busy      time.Duration
+	busyBytes int64
 }
 
 // pushed is a segment sent ahead.
@@ -210,14 +224,18 @@ func (h *sender) run(ctx context.Context) (res *Result, err error) {
 	}
 	defer h.segFile.Close()
 
-	sock := filepath.Join(h.opt.Dir, "migrate.sock")
-	os.Remove(sock)
+	// A directory of its own in /tmp: a socket's path must fit 108 bytes.
+	sockDir, err := os.MkdirTemp("", "cloudletfs-migrate-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(sockDir)
+	sock := filepath.Join(sockDir, "migrate.sock")
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
 		return nil, err
 	}
 	defer ln.Close()
-	defer os.Remove(sock)
 	q := h.opt.VM.QMP
 	if _, err := q.Execute(ctx, "migrate-set-capabilities", map[string]any{
 		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
@@ -251,10 +269,12 @@ func (h *sender) run(ctx context.Context) (res *Result, err error) {
 
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	h.pushQ = make(chan pushed, 1)
+	h.pushQ = make(chan pushed)
 	h.pushErr = make(chan error, 1)
-	h.pushWG.Add(1)
-	go h.pusher(rctx)
+	for range h.opt.Pushes {
+		h.pushWG.Add(1)
+		go h.pusher(rctx)
+	}
 	rounds := make(chan struct{})
 	go func() { defer close(rounds); h.watchRounds(rctx) }()
 
@@ -423,8 +443,9 @@ func (h *sender) changed(id overlay.ChunkID, d overlay.Digest, data []byte) erro
 	return nil
 }
 
-// seal compresses the chunks gathered and queues them to be pushed. The
-// queue holds one: a slow link holds the reader back, and so QEMU.
+// seal compresses the chunks gathered and hands them to a pusher,
+// waiting for one to be free: a slow link holds the reader back, and so
+// QEMU.
 func (h *sender) seal() error {
 	if len(h.buf) == 0 {
 		return nil
@@ -434,7 +455,10 @@ func (h *sender) seal() error {
 		return err
 	}
 	if changed {
-		h.event(StepCodec, h.round, 0, fmt.Sprintf("segments now %s: link %s/s, %s", enc.Name, rate(h.codec.linkRate), h.codec.describe()))
+		h.mu.Lock()
+		round := h.round
+		h.mu.Unlock()
+		h.event(StepCodec, round, 0, fmt.Sprintf("segments now %s: link %s/s, %s", enc.Name, rate(h.codec.rate()), h.codec.describe()))
 	}
 	p := pushed{chunks: h.buf, raw: len(h.bufRaw), enc: enc, stored: stored, sha: sha256.Sum256(stored)}
 	st, err := h.segFile.Stat()
@@ -463,7 +487,12 @@ func (h *sender) seal() error {
 func (h *sender) pusher(ctx context.Context) {
 	defer h.pushWG.Done()
 	for p := range h.pushQ {
-		t := time.Now()
+		h.mu.Lock()
+		if h.inFlight == 0 {
+			h.busySince = time.Now()
+		}
+		h.inFlight++
+		h.mu.Unlock()
 		if err := h.opt.Push(ctx, p.sha, p.stored); err != nil {
 			select {
 			case h.pushErr <- err:
@@ -473,10 +502,20 @@ func (h *sender) pusher(ctx context.Context) {
 			}
 			return
 		}
-		h.codec.pushed(len(p.stored), time.Since(t))
 		h.mu.Lock()
 		h.pushedB += int64(len(p.stored))
 		h.roundB += int64(len(p.stored))
+		// The link's rate: bytes over the time pushes were under way,
+		// all of them together.
+		h.busyBytes += int64(len(p.stored))
+		if h.inFlight--; h.inFlight == 0 {
+			h.busy += time.Since(h.busySince)
+		}
+		busy := h.busy
+		if h.inFlight > 0 {
+			busy += time.Since(h.busySince)
+		}
+		h.codec.measured(h.busyBytes, busy)
 		h.mu.Unlock()
 	}
 }
@@ -528,9 +567,9 @@ func (h *sender) stop() {
 	// What was gathered but not pushed goes with the layer.
 	h.buf, h.bufRaw = nil, nil
 	h.mu.Lock()
-	n := h.roundB
+	n, round := h.roundB, h.round
 	h.mu.Unlock()
-	h.event(StepStopped, h.round+1, n, "QEMU stopped the VM and sends the last round and the device state")
+	h.event(StepStopped, round+1, n, "QEMU stopped the VM and sends the last round and the device state")
 }
 
 // scanDisk takes the disk chunks written through the mount that changed
@@ -546,7 +585,9 @@ func (h *sender) scanDisk(ctx context.Context) error {
 		return err
 	}
 	ids = append(ids, zeros...)
-	sort.Slice(ids, func(i, j int) bool { return ids[i].Image < ids[j].Image || ids[i].Image == ids[j].Image && ids[i].Index < ids[j].Index })
+	sort.Slice(ids, func(i, j int) bool {
+		return ids[i].Image < ids[j].Image || ids[i].Image == ids[j].Image && ids[i].Index < ids[j].Index
+	})
 	buf := make([]byte, h.cs)
 	for _, id := range ids {
 		if id.Image != overlay.Disk || int(id.Index) >= len(h.have[id.Image]) {
@@ -641,7 +682,9 @@ func (h *sender) writeLayer(state []byte) (*Result, error) {
 		m.Refs[c.Image][c.Index].Index = uint32(len(m.Order))
 		m.Order = append(m.Order, c)
 	}
+	h.mu.Lock()
 	res := &Result{Stopped: h.stopAt, Rounds: h.round + 1, PushedBytes: h.pushedB}
+	h.mu.Unlock()
 	for i, p := range h.segs {
 		if !valid[i] {
 			continue

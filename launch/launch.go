@@ -232,10 +232,11 @@ func Run(ctx context.Context, opt Options) (err error) {
 			return err
 		}
 	}
-	mark(StepRunning, fmt.Sprintf("QEMU running (%s%s)", opt.Accel, describeForwards(fwd)))
+	// Running first: whoever reports the step has the ports by then.
 	if opt.Running != nil {
 		opt.Running(Running{QEMUPid: vm.Pid(), VM: vm, Forwards: fwd, Session: s})
 	}
+	mark(StepRunning, fmt.Sprintf("QEMU running (%s%s)", opt.Accel, describeForwards(fwd)))
 
 	probed := make(chan error, 1)
 	if opt.Probe != "" || opt.ProbeHTTP != "" {

@@ -139,6 +139,8 @@ var positional = map[string]args{
 	"cloudlet-worker": {1, 1, "the VM's DIR", false},
 	"synthesize":      {1, 1, "one OVERLAY-URL", false},
 	"stop":            {1, -1, "one VM ID or more (see cloudletfs vms)", false},
+	"handoff":         {1, 1, "one VM ID (see cloudletfs vms)", false},
+	"link":            {1, 1, "one TARGET_HOST:PORT", false},
 }
 
 // args is what a command takes as positional arguments.

@@ -10,11 +10,6 @@ import (
 	"github.com/cloudletfs/cloudletfs/serve"
 )
 
-func init() {
-	// link's entry in the table of positional arguments (args.go).
-	positional["link"] = args{1, 1, "one TARGET_HOST:PORT", false}
-}
-
 func linkCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "link",
