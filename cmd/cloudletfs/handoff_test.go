@@ -44,7 +44,7 @@ type appClient struct {
 }
 
 type appAnswerAt struct {
-	where              string
+	where             string
 	count, hits, last int
 }
 
