@@ -90,7 +90,7 @@ type Result struct {
 // layer. The VM is then stopped (QEMU's postmigrate state): the caller
 // quits it once the destination runs, or calls Abort.
 func Send(ctx context.Context, opt Options) (*Result, error) {
-	h := &sender{opt: opt, start: time.Now(), codec: newChooser()}
+	h := &sender{opt: opt, start: time.Now(), codec: newChooser(), inBuf: map[overlay.ChunkID]int{}}
 	if h.opt.SegmentSize <= 0 {
 		h.opt.SegmentSize = 64 << 10
 	}
@@ -154,6 +154,7 @@ type sender struct {
 	segs     []pushed
 	buf      []overlay.ChunkID
 	bufRaw   []byte
+	inBuf    map[overlay.ChunkID]int // offset in bufRaw of each chunk in buf
 	stopped  bool
 	stopAt   time.Time
 	lastDisk time.Time
@@ -432,10 +433,17 @@ func (h *sender) changed(id overlay.ChunkID, d overlay.Digest, data []byte) erro
 	if _, ok := h.base.Lookup(d); ok {
 		return nil
 	}
-	h.buf = append(h.buf, id)
 	if data == nil {
 		data = zeroPage[:]
 	}
+	if at, ok := h.inBuf[id]; ok {
+		// Changed again before its segment was sealed: one copy, the
+		// last.
+		copy(h.bufRaw[at:at+len(data)], data)
+		return nil
+	}
+	h.inBuf[id] = len(h.bufRaw)
+	h.buf = append(h.buf, id)
 	h.bufRaw = append(h.bufRaw, data...)
 	if len(h.bufRaw) >= h.opt.SegmentSize {
 		return h.seal()
@@ -475,6 +483,7 @@ func (h *sender) seal() error {
 	}
 	h.segs = append(h.segs, pushed{chunks: p.chunks, raw: p.raw, enc: enc, off: p.off, n: len(stored), sha: p.sha})
 	h.buf, h.bufRaw = nil, nil
+	clear(h.inBuf)
 	select {
 	case h.pushQ <- p:
 		return nil
@@ -566,6 +575,7 @@ func (h *sender) stop() {
 	h.stopped = true
 	// What was gathered but not pushed goes with the layer.
 	h.buf, h.bufRaw = nil, nil
+	clear(h.inBuf)
 	h.mu.Lock()
 	n, round := h.roundB, h.round
 	h.mu.Unlock()

@@ -473,7 +473,8 @@ func handoffCmd(c *cli.Context) error {
 			s := h.Timeline[printed]
 			fmt.Fprintf(w, "%8.3f s  %s\n", s.At, s.Text)
 		}
-		return h.Phase != cloudlet.HandoffFailed && h.Phase != cloudlet.HandoffComplete
+		// A complete handoff ends with the VM's end here.
+		return h.Phase != cloudlet.HandoffFailed
 	})
 	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
 		var ae *cloudlet.APIError

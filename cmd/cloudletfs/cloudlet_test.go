@@ -59,9 +59,11 @@ func parseSynth(t *testing.T, out string) synthesized {
 }
 
 // appAnswer is the test guest's application: a counter and a checksum in
-// the guest's RAM, a line from its custom disk, and the lines it appended
-// to a file there, one a request: how many, and the last.
-var appAnswer = regexp.MustCompile(`^count=([0-9]+) sum=[0-9a-f]{32} disk=hello from the custom disk hits=([0-9]+) last=([0-9]+)$`)
+// the guest's RAM, a line from its custom disk, and what the request
+// before wrote on the disk: each request writes its count into a block of
+// its own with direct I/O, past the guest's page cache, and reads the
+// block of the one before it from the disk.
+var appAnswer = regexp.MustCompile(`^count=([0-9]+) sum=[0-9a-f]{32} disk=hello from the custom disk prev=([0-9]*)$`)
 
 func askApp(t *testing.T, hostPort string) string {
 	t.Helper()

@@ -44,8 +44,8 @@ type appClient struct {
 }
 
 type appAnswerAt struct {
-	where             string
-	count, hits, last int
+	where       string
+	count, prev int
 }
 
 func newAppClient(target string) *appClient {
@@ -79,14 +79,26 @@ func (c *appClient) run() {
 		}
 		a := appAnswerAt{where: target}
 		a.count, _ = strconv.Atoi(m[1])
-		a.hits, _ = strconv.Atoi(m[2])
-		a.last, _ = strconv.Atoi(m[3])
+		a.prev, _ = strconv.Atoi(m[2])
 		c.mu.Lock()
 		c.answers = append(c.answers, a)
 		close(c.changed)
 		c.changed = make(chan struct{})
 		c.mu.Unlock()
 	}
+}
+
+// from counts the answers from where so far.
+func (c *appClient) from(where string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, a := range c.answers {
+		if a.where == where {
+			n++
+		}
+	}
+	return n
 }
 
 // waitFrom waits until n answers came from where.
@@ -128,16 +140,17 @@ func (c *appClient) end() []appAnswerAt {
 	return append([]appAnswerAt(nil), c.answers...)
 }
 
-// unbroken checks that the counter in the guest's memory and the lines on
-// its disk went on together and never back.
+// unbroken checks that the counter in the guest's memory went on and
+// never back, and that each request found on the disk what the one before
+// it wrote there.
 func unbroken(t *testing.T, as []appAnswerAt) {
 	t.Helper()
 	for i, a := range as {
-		if a.last != a.count {
-			t.Fatalf("answer %d from %s: the counter in memory is %d, the last line on disk %d", i, a.where, a.count, a.last)
+		if a.count > 1 && a.prev != a.count-1 {
+			t.Fatalf("answer %d from %s: request %d read %d from the disk, not the %d the request before wrote", i, a.where, a.count, a.prev, a.count-1)
 		}
-		if i > 0 && (a.count <= as[i-1].count || a.hits <= as[i-1].hits) {
-			t.Fatalf("answer %d from %s went back: count %d hits %d after count %d hits %d from %s", i, a.where, a.count, a.hits, as[i-1].count, as[i-1].hits, as[i-1].where)
+		if i > 0 && a.count <= as[i-1].count {
+			t.Fatalf("answer %d from %s went back: count %d after %d from %s", i, a.where, a.count, as[i-1].count, as[i-1].where)
 		}
 	}
 }
@@ -164,7 +177,19 @@ func testHandoff(t *testing.T, e *env, url string) {
 			"--memory", filepath.Join(b, "memory.img"), "--state", filepath.Join(b, "state"), "--vm-config", filepath.Join(b, "vm.json")); err != nil {
 			t.Fatalf("base import: %v\n%s", err, out)
 		}
-		t.Cleanup(func() { stopWorkers(t, c.state) })
+		t.Cleanup(func() {
+			stopWorkers(t, c.state)
+			if t.Failed() {
+				logs, _ := filepath.Glob(filepath.Join(c.state, "cloudlet", "vms", "*", "*.log"))
+				for _, l := range logs {
+					b, _ := os.ReadFile(l)
+					if len(b) > 3000 {
+						b = b[len(b)-3000:]
+					}
+					t.Logf("%s ends:\n%s", l, b)
+				}
+			}
+		})
 		return c
 	}
 	eA, eB := cloudletEnv("a"), cloudletEnv("b")
@@ -231,8 +256,15 @@ func testHandoff(t *testing.T, e *env, url string) {
 	t.Logf("answers: first %+v, last %+v, %d in all", as[0], as[len(as)-1], len(as))
 
 	// Nothing of the VM is left on A: not its record, QEMU, mount, port.
-	if _, err := clA.Get(ctx, vm.id); err == nil || !strings.Contains(err.Error(), "404") {
-		t.Fatalf("A still knows the VM: %v", err)
+	// A forgets it just after its last report.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		_, err := clA.Get(ctx, vm.id)
+		if err != nil && strings.Contains(err.Error(), "404") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("A still knows the VM 10 s after the handoff: %v", err)
+		}
 	}
 	dir := filepath.Join(eA.state, "cloudlet", "vms", vm.id)
 	if len(vmProcesses(eA.state, vm.id)) > 0 || mounted(filepath.Join(dir, "mnt")) {
@@ -286,8 +318,21 @@ func testHandoff(t *testing.T, e *env, url string) {
 	if v.State != cloudlet.Running && v.State != cloudlet.FirstResponse && v.State != cloudlet.Complete || len(vmProcesses(eA.state, vm2.id)) != 1 {
 		t.Fatalf("after the failed handoff A's VM is %s", v.State)
 	}
-	n := len(app.answers)
-	app.waitFrom(t, vm2.app, n+2)
-	unbroken(t, app.end())
+	app.waitFrom(t, vm2.app, app.from(vm2.app)+2)
 	t.Logf("the failed handoff: %s", v.Handoff.Reason)
+
+	// A destination that refuses the VM once QEMU has stopped it here:
+	// it has no room for it. The VM runs again here.
+	eD := cloudletEnv("d")
+	dd := startCloudlet(t, eD, "--max-memory", "1MiB")
+	toD := startLink(t, e, strings.TrimPrefix(dd.url, "http://"), "--rate", "25mbit", "--rtt", "20ms")
+	out, err = run("handoff", "--cloudlet", a.url, vm2.id, "--to", "http://"+toD)
+	if err == nil || !strings.Contains(out, "QEMU stopped the VM") || !strings.Contains(out, "507") || !strings.Contains(out, "runs on at") {
+		t.Fatalf("a handoff to a cloudlet without room: %v\n%s", err, out)
+	}
+	app.waitFrom(t, vm2.app, app.from(vm2.app)+2)
+	unbroken(t, app.end())
+	if v, err := clA.Get(ctx, vm2.id); err != nil || v.State.Final() || len(vmProcesses(eA.state, vm2.id)) != 1 {
+		t.Fatalf("after the refused handoff A's VM is %s (%v)", v.State, err)
+	}
 }
