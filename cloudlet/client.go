@@ -65,8 +65,6 @@ func callTimeout(method string) time.Duration {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, body, out any) error {
-	ctx, cancel := context.WithTimeout(ctx, callTimeout(method))
-	defer cancel()
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -75,12 +73,20 @@ func (c *Client) do(ctx context.Context, method, path string, body, out any) err
 		}
 		rd = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, c.base.String()+path, rd)
+	return c.send(ctx, callTimeout(method), method, path, "application/json", rd, out)
+}
+
+// send makes one call with body of type ctype, if body is set, and
+// decodes a JSON reply into out, if out is set.
+func (c *Client) send(ctx context.Context, timeout time.Duration, method, path, ctype string, body io.Reader, out any) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, c.base.String()+path, body)
 	if err != nil {
 		return err
 	}
 	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Content-Type", ctype)
 	}
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
@@ -286,25 +292,8 @@ func (c *Client) PrepareHandoff(ctx context.Context, p HandoffPrepare) error {
 
 // PutSegment sends one segment of a handoff ahead to its destination.
 func (c *Client) PutSegment(ctx context.Context, handoff, sha string, stored []byte) error {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPut, c.base.String()+"/v1/handoffs/"+url.PathEscape(handoff)+"/segments/"+url.PathEscape(sha), bytes.NewReader(stored))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", "application/octet-stream")
-	if c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.token)
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return c.unreachable(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		return c.readError(resp)
-	}
-	return nil
+	return c.send(ctx, 2*time.Minute, http.MethodPut, "/v1/handoffs/"+url.PathEscape(handoff)+"/segments/"+url.PathEscape(sha),
+		"application/octet-stream", bytes.NewReader(stored), nil)
 }
 
 // DeleteHandoff drops what the destination holds of a handoff that will

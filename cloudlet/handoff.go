@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"mime"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -163,15 +162,8 @@ func (s *Service) serveLayer(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Service) prepareHandoff(w http.ResponseWriter, r *http.Request) {
-	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-		writeError(w, &RequestError{Status: 415, Msg: "send the request as Content-Type: application/json"})
-		return
-	}
 	var p HandoffPrepare
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&p); err != nil {
-		writeError(w, badRequest("", "the body is not a JSON handoff: %v", err))
+	if !decodeJSON(w, r, &p, "id, base and from") {
 		return
 	}
 	if !handoffID.MatchString(p.ID) {
@@ -284,15 +276,8 @@ func (s *Service) deleteHandoff(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Service) postHandoff(w http.ResponseWriter, r *http.Request) {
-	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-		writeError(w, &RequestError{Status: 415, Msg: "send the request as Content-Type: application/json"})
-		return
-	}
 	var hr HandoffRequest
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&hr); err != nil {
-		writeError(w, badRequest("", "the body is not a JSON handoff request ({\"to\": URL, \"token\": TOKEN}): %v", err))
+	if !decodeJSON(w, r, &hr, "to and token") {
 		return
 	}
 	self := s.opt.Advertise

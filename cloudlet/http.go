@@ -168,31 +168,8 @@ func (s *Service) auth(h http.HandlerFunc) http.Handler {
 }
 
 func (s *Service) postVM(w http.ResponseWriter, r *http.Request) {
-	// A form a web page posts cannot send JSON, so it cannot ask for a VM.
-	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
-		writeError(w, &RequestError{Status: 415, Msg: "send the request as Content-Type: application/json"})
-		return
-	}
 	var req Request
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		var mbe *http.MaxBytesError
-		var ute *json.UnmarshalTypeError
-		switch {
-		case errors.As(err, &mbe):
-			writeError(w, &RequestError{Status: 413, Msg: fmt.Sprintf("the request body is larger than %d bytes", maxBody)})
-		case errors.As(err, &ute):
-			writeError(w, badRequest(ute.Field, "want %s", jsonKind(ute.Type)))
-		case strings.HasPrefix(err.Error(), "json: unknown field "):
-			writeError(w, badRequest(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`), "unknown field: the request takes overlay, headers, ports and probe"))
-		default:
-			writeError(w, badRequest("", "the body is not a JSON request: %v", err))
-		}
-		return
-	}
-	if dec.More() {
-		writeError(w, badRequest("", "the body holds more than one JSON value"))
+	if !decodeJSON(w, r, &req, "overlay, headers, ports and probe") {
 		return
 	}
 	v, err := s.Create(r.Context(), req)
@@ -202,6 +179,39 @@ func (s *Service) postVM(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Location", "/v1/vms/"+v.ID)
 	writeJSON(w, http.StatusAccepted, v)
+}
+
+// decodeJSON reads a request's JSON body into v, whose fields are the
+// ones named by takes, or answers the request with what is wrong and
+// returns false. A form a web page posts cannot send JSON, so no such
+// page can make these calls.
+func decodeJSON(w http.ResponseWriter, r *http.Request, v any, takes string) bool {
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" {
+		writeError(w, &RequestError{Status: 415, Msg: "send the request as Content-Type: application/json"})
+		return false
+	}
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var mbe *http.MaxBytesError
+		var ute *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &mbe):
+			writeError(w, &RequestError{Status: 413, Msg: fmt.Sprintf("the request body is larger than %d bytes", maxBody)})
+		case errors.As(err, &ute):
+			writeError(w, badRequest(ute.Field, "want %s", jsonKind(ute.Type)))
+		case strings.HasPrefix(err.Error(), "json: unknown field "):
+			writeError(w, badRequest(strings.Trim(strings.TrimPrefix(err.Error(), "json: unknown field "), `"`), "unknown field: the request takes %s", takes))
+		default:
+			writeError(w, badRequest("", "the body is not a JSON request: %v", err))
+		}
+		return false
+	}
+	if dec.More() {
+		writeError(w, badRequest("", "the body holds more than one JSON value"))
+		return false
+	}
+	return true
 }
 
 func (s *Service) deleteVM(w http.ResponseWriter, r *http.Request) {

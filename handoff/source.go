@@ -306,7 +306,7 @@ func (h *sender) run(ctx context.Context) (res *Result, err error) {
 	if name, size := st.MemoryBlock(); size != h.o.Header.ImageSize(overlay.Memory) {
 		return nil, fmt.Errorf("the guest's RAM block %s has %d bytes, the overlay's memory image %d", name, size, h.o.Header.ImageSize(overlay.Memory))
 	}
-	if err := waitMigrated(ctx, h.opt.VM); err != nil {
+	if err := h.opt.VM.WaitMigration(ctx, "handoff"); err != nil {
 		return nil, err
 	}
 	// QEMU flushed the disk when it stopped the VM.
@@ -338,24 +338,6 @@ func acceptCtx(ctx context.Context, ln net.Listener) (net.Conn, error) {
 		ln.Close()
 		return nil, errors.New("QEMU never connected its migration stream")
 	}
-}
-
-// waitMigrated waits for QEMU to report the migration completed.
-func waitMigrated(ctx context.Context, vm *qemu.VM) error {
-	for range 1000 {
-		st, desc, err := vm.QMP.MigrationStatus(ctx)
-		if err != nil {
-			return err
-		}
-		switch st {
-		case "completed":
-			return nil
-		case "failed", "cancelled":
-			return fmt.Errorf("QEMU's migration %s: %s", st, desc)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	return errors.New("QEMU never reported its migration completed")
 }
 
 // hashOriginal hashes every chunk of the overlay's own images, as the

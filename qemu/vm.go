@@ -474,7 +474,7 @@ func (v *VM) Save(ctx context.Context, state string) error {
 	if _, err := v.QMP.Execute(ctx, "migrate", map[string]any{"uri": "exec:cat > " + shellQuote(tmp)}); err != nil {
 		return err
 	}
-	if err := v.waitMigration(ctx, "save"); err != nil {
+	if err := v.WaitMigration(ctx, "save"); err != nil {
 		os.Remove(tmp)
 		return err
 	}
@@ -490,7 +490,7 @@ func (v *VM) Resume(ctx context.Context, state string) error {
 	if _, err := v.QMP.Execute(ctx, "migrate-incoming", map[string]any{"uri": "exec:cat " + shellQuote(state)}); err != nil {
 		return err
 	}
-	if err := v.waitMigration(ctx, "resume"); err != nil {
+	if err := v.WaitMigration(ctx, "resume"); err != nil {
 		return err
 	}
 	if st, err := v.QMP.Status(ctx); err == nil && st == "running" {
@@ -500,8 +500,9 @@ func (v *VM) Resume(ctx context.Context, state string) error {
 	return err
 }
 
-// waitMigration polls query-migrate until the migration ends.
-func (v *VM) waitMigration(ctx context.Context, what string) error {
+// WaitMigration polls query-migrate until the migration ends: nil once it
+// completed, an error naming what (save, resume...) if it failed.
+func (v *VM) WaitMigration(ctx context.Context, what string) error {
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		st, desc, err := v.QMP.MigrationStatus(ctx)
