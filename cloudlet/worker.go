@@ -321,7 +321,8 @@ func (w *worker) finish(ctx context.Context, runErr error) {
 		case runErr != nil && ctx.Err() == nil:
 			v.State, v.Reason = Failed, oneLine(runErr.Error())
 			v.Timeline = append(v.Timeline, Step{At: time.Since(v.Requested).Seconds(), Step: StepFailed, Text: v.Reason})
-		case w.moved != nil && ctx.Err() == nil:
+		case w.moved != nil:
+			// It runs there, whether or not this worker saw it complete.
 			v.State, v.Reason = Moved, fmt.Sprintf("handed off to %s as VM %s", w.moved.to, w.moved.vm)
 		case ctx.Err() != nil:
 			v.State, v.Reason = Stopped, "stopped as asked"
