@@ -409,14 +409,12 @@ func (h *sender) changed(id overlay.ChunkID, d overlay.Digest, data []byte) erro
 	}
 	h.have[id.Image][id.Index] = d
 	h.where[id.Image][id.Index] = -1
-	if h.stopped || d == h.orig[id.Image][id.Index] || d == h.zero {
-		return nil // the layer refers to it, or carries it in its own segments
-	}
-	if _, ok := h.base.Lookup(d); ok {
+	_, inBase := h.base.Lookup(d)
+	if h.stopped || d == h.orig[id.Image][id.Index] || d == h.zero || inBase {
+		// The layer refers to it, or carries it in its own segments:
+		// a copy gathered to go ahead is out of date.
+		h.unbuffer(id)
 		return nil
-	}
-	if data == nil {
-		data = zeroPage[:]
 	}
 	if at, ok := h.inBuf[id]; ok {
 		// Changed again before its segment was sealed: one copy, the
@@ -431,6 +429,39 @@ func (h *sender) changed(id overlay.ChunkID, d overlay.Digest, data []byte) erro
 		return h.seal()
 	}
 	return nil
+}
+
+// unbuffer drops a chunk from the segment being gathered.
+func (h *sender) unbuffer(id overlay.ChunkID) {
+	if _, ok := h.inBuf[id]; !ok {
+		return
+	}
+	buf, raw := h.buf, h.bufRaw
+	h.buf, h.bufRaw = nil, nil
+	clear(h.inBuf)
+	for _, c := range buf {
+		at, n := h.inBufAt(raw, buf, c)
+		if c == id {
+			continue
+		}
+		h.inBuf[c] = len(h.bufRaw)
+		h.buf = append(h.buf, c)
+		h.bufRaw = append(h.bufRaw, raw[at:at+n]...)
+	}
+}
+
+// inBufAt returns where chunk c's bytes are in raw, gathered in buf's
+// order.
+func (h *sender) inBufAt(raw []byte, buf []overlay.ChunkID, c overlay.ChunkID) (int, int) {
+	at := 0
+	for _, b := range buf {
+		n := int(h.o.Header.ChunkLen(b))
+		if b == c {
+			return at, n
+		}
+		at += n
+	}
+	return len(raw), 0
 }
 
 // seal compresses the chunks gathered and hands them to a pusher,
@@ -627,7 +658,7 @@ func (h *sender) writeLayer(state []byte) (*Result, error) {
 	for i, p := range h.segs {
 		valid[i] = true
 		for _, c := range p.chunks {
-			if h.where[c.Image][c.Index] != int32(i) {
+			if h.where[c.Image][c.Index] != int32(i) || !h.isData(c) {
 				valid[i] = false
 				break
 			}
@@ -744,6 +775,11 @@ func (h *sender) writeLayer(state []byte) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Read it back as the destination will, before it is asked to.
+	if err := checkLayer(out); err != nil {
+		os.Remove(out)
+		return nil, fmt.Errorf("the layer written does not read back: %w", err)
+	}
 	res.Layer, res.ID = out, id
 	res.LayerBytes, res.MetadataBytes = hd.TotalLen(), hd.MetadataLen()
 	h.event(StepLayer, 0, res.MetadataBytes, fmt.Sprintf("layer %s written: %s of metadata, %s sent ahead and used, %s left to fetch", id.Short(), bytesOf(res.MetadataBytes), bytesOf(res.PushedUsed), bytesOf(res.FinalBytes)))
@@ -751,3 +787,31 @@ func (h *sender) writeLayer(state []byte) (*Result, error) {
 }
 
 func bytesOf(n int64) string { return humanize.IBytes(uint64(n)) }
+
+// checkLayer opens a layer's metadata as a reader of it would, which
+// checks the manifest against the segments whole; the segments' digests
+// are of the bytes just written.
+func checkLayer(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	_, err = overlay.Open(f, st.Size())
+	return err
+}
+
+// isData reports whether the layer carries chunk c's bytes: they are not
+// the overlay's, zeros or the base's.
+func (h *sender) isData(c overlay.ChunkID) bool {
+	d := h.have[c.Image][c.Index]
+	if d == h.orig[c.Image][c.Index] || d == h.zero {
+		return false
+	}
+	_, inBase := h.base.Lookup(d)
+	return !inBase
+}
