@@ -131,4 +131,3 @@ func TestLayerHoldsEachPageAsItLastWas(t *testing.T) {
 		}
 	}
 }
-
