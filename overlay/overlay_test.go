@@ -2,6 +2,7 @@ package overlay
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -250,6 +251,9 @@ func TestLayeredRoundTrip(t *testing.T) {
 			}
 			if err := Extract(child, base, out, 2, nil); err != nil {
 				t.Fatal(err)
+			}
+			if _, err := Reorder(filepath.Join(cdir, "re.overlay"), child, base, nil, BuildOptions{Codec: CodecZstd}); !errors.Is(err, errLayered) {
+				t.Fatalf("reorder of a layered overlay: %v", err)
 			}
 			for name, want := range map[string][]byte{DiskFile: cd, MemoryFile: cm} {
 				got, err := os.ReadFile(filepath.Join(out, name))

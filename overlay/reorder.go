@@ -2,6 +2,7 @@ package overlay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -68,6 +69,9 @@ func (v *view) ReadAt(p []byte, off int64) (int, error) {
 // the temporary file. A segment that cannot be read fails it with a
 // *SourceError; a done ctx stops it.
 func (o *Overlay) Unpack(ctx context.Context, base *Base, dir string, workers int) (*Input, func(), error) {
+	if o.Header.Layered() {
+		return nil, nil, errLayered
+	}
 	if err := o.CheckBase(base); err != nil {
 		return nil, nil, err
 	}
@@ -119,6 +123,10 @@ type SourceError struct{ Err error }
 func (e *SourceError) Error() string { return e.Err.Error() }
 func (e *SourceError) Unwrap() error { return e.Err }
 
+// errLayered refuses to rewrite a layered overlay: its parent's chunks
+// would have to be written into it.
+var errLayered = errors.New("a layered overlay cannot be rewritten: extract it (with its parents) and build it again with `overlay create`, with --parent to keep it layered")
+
 // Reorder writes o again to out with a new stream order and segmentation:
 // the chunks in first come first, in that order; the rest keep the order
 // they had in o. The VM it describes is the same, byte for byte, and it
@@ -131,6 +139,9 @@ func Reorder(out string, o *Overlay, base *Base, first []ChunkID, opt BuildOptio
 }
 
 func reorder(out string, o *Overlay, base *Base, first []ChunkID, opt BuildOptions) (sum *Summary, err error) {
+	if o.Header.Layered() {
+		return nil, errLayered
+	}
 	for _, c := range first {
 		if int(c.Index) >= o.Header.Chunks(c.Image) {
 			return nil, fmt.Errorf("order names %s, beyond the image's %d chunks", c, o.Header.Chunks(c.Image))
