@@ -9,7 +9,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -72,15 +74,21 @@ func (s *Service) Handoff(ctx context.Context, id string, hr HandoffRequest, sel
 	default:
 		return VM{}, &RequestError{Status: 409, Msg: fmt.Sprintf("VM %s is %s: only a running VM can be handed off", id, v.State)}
 	}
-	if v.Handoff != nil && v.Handoff.Phase != HandoffFailed {
-		return VM{}, &RequestError{Status: 409, Msg: fmt.Sprintf("VM %s is being handed off already (to %s)", id, v.Handoff.To)}
+	if h := v.Handoff; h != nil && h.From != "" {
+		return VM{}, &RequestError{Status: 409, Msg: fmt.Sprintf("VM %s came here by a handoff from %s: handing a VM on a second time is not supported yet (its layer would need the first one, which %s lets go once this cloudlet has it)", id, h.From, h.From)}
+	}
+	if h := v.Handoff; h != nil && h.Phase != HandoffFailed {
+		return VM{}, &RequestError{Status: 409, Msg: fmt.Sprintf("VM %s is being handed off already (to %s)", id, h.To)}
+	}
+	if loopback(self) && !loopback(hr.To) {
+		return VM{}, badRequest("to", "this cloudlet was asked at %s, which %s cannot reach: start it with --advertise URL, the URL other cloudlets reach it at", self, hr.To)
 	}
 	hid, err := newHandoffID()
 	if err != nil {
 		return VM{}, err
 	}
 	body, _ := json.Marshal(workerHandoff{ID: hid, To: hr.To, Token: hr.Token, From: self,
-		LayerURL: strings.TrimSuffix(self, "/") + "/v1/handoffs/" + hid + "/layer.overlay"})
+		LayerURL: strings.TrimSuffix(self, "/") + "/v1/handoffs/layer.overlay?signature=" + hid})
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://worker/handoff", strings.NewReader(string(body)))
 	if err != nil {
 		return VM{}, err
@@ -115,6 +123,17 @@ func (s *Service) Handoff(ctx context.Context, id string, hr HandoffRequest, sel
 	}
 }
 
+// loopback reports whether a cloudlet's URL names this machine only.
+func loopback(u string) bool {
+	pu, err := url.Parse(u)
+	if err != nil {
+		return false
+	}
+	h := pu.Hostname()
+	ip := net.ParseIP(h)
+	return h == "localhost" || ip != nil && ip.IsLoopback()
+}
+
 // layerPath returns the layer of the handoff hid, if a VM here is its
 // source.
 func (s *Service) layerPath(hid string) string {
@@ -124,7 +143,9 @@ func (s *Service) layerPath(hid string) string {
 		e.mu.Lock()
 		h, dir := e.rec.VM.Handoff, e.rec.Dir
 		e.mu.Unlock()
-		if h != nil && h.ID == hid && h.To != "" {
+		// Served from the stop to the destination's having it all, or
+		// the VM's end if it never does: not once the handoff failed.
+		if h != nil && h.ID == hid && h.To != "" && h.Phase != HandoffFailed && h.Phase != HandoffSending {
 			return filepath.Join(dir, handoffDir, "layer.overlay")
 		}
 	}
@@ -141,7 +162,7 @@ func (s *Service) stagedDir(hid string) string {
 }
 
 func (s *Service) serveLayer(w http.ResponseWriter, r *http.Request) {
-	hid := r.PathValue("hid")
+	hid := r.URL.Query().Get("signature")
 	p := ""
 	if handoffID.MatchString(hid) {
 		p = s.layerPath(hid)
@@ -258,6 +279,8 @@ func (s *Service) deleteHandoff(w http.ResponseWriter, r *http.Request) {
 	}
 	var stop []string
 	s.mu.Lock()
+	// A VM of it asked for from now on is refused (see Create).
+	s.dropped[hid] = true
 	for id, e := range s.vms {
 		e.mu.Lock()
 		if h := e.rec.VM.Handoff; h != nil && h.ID == hid && h.From != "" && !e.rec.VM.State.Final() {
@@ -267,8 +290,11 @@ func (s *Service) deleteHandoff(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Unlock()
 	for _, id := range stop {
+		// The source resumes the VM only once this says it is gone.
 		if _, err := s.Stop(r.Context(), id); err != nil {
 			s.log.Warn().Err(err).Str("vm", id).Msg("stopping the VM of a handoff given up")
+			writeError(w, &RequestError{Status: 503, Msg: fmt.Sprintf("VM %s of the handoff did not stop: %v", id, err)})
+			return
 		}
 	}
 	os.RemoveAll(s.stagedDir(hid))

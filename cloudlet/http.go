@@ -43,7 +43,7 @@ func (s *Service) Handler() http.Handler {
 	api("DELETE /v1/handoffs/{hid}", s.deleteHandoff)
 	// The handoff's ID is the capability: the destination fetches the
 	// layer as it fetches any overlay, with no token of this cloudlet's.
-	mux.Handle("GET /v1/handoffs/{hid}/layer.overlay", http.HandlerFunc(s.serveLayer))
+	mux.Handle("GET /v1/handoffs/layer.overlay", http.HandlerFunc(s.serveLayer))
 	api("GET /v1/bases", func(w http.ResponseWriter, r *http.Request) {
 		bs, err := s.Bases()
 		if err != nil {
@@ -112,11 +112,11 @@ func allowed(path string) string {
 		return "POST"
 	case path == "/v1/handoffs":
 		return "POST"
-	case len(parts) == 3 && parts[1] == "handoffs":
+	case len(parts) == 3 && parts[1] == "handoffs" && parts[2] != "layer.overlay":
 		return "DELETE"
 	case len(parts) == 5 && parts[1] == "handoffs" && parts[3] == "segments":
 		return "PUT"
-	case len(parts) == 4 && parts[1] == "handoffs" && parts[3] == "layer.overlay":
+	case path == "/v1/handoffs/layer.overlay":
 		return "GET"
 	}
 	return ""
@@ -169,7 +169,7 @@ func (s *Service) auth(h http.HandlerFunc) http.Handler {
 
 func (s *Service) postVM(w http.ResponseWriter, r *http.Request) {
 	var req Request
-	if !decodeJSON(w, r, &req, "overlay, headers, ports and probe") {
+	if !decodeJSON(w, r, &req, "overlay, headers, ports, probe, handoff and from") {
 		return
 	}
 	v, err := s.Create(r.Context(), req)

@@ -102,6 +102,9 @@ type Service struct {
 
 	metrics *metrics
 	bases   cached[[]Base]
+	// dropped are the handoffs whose source gave them up: no VM of one
+	// may start here after.
+	dropped map[string]bool
 
 	// portsMu guards ports, the host ports given to VMs that have not
 	// ended: two VMs that start together never get the same one. It is
@@ -203,7 +206,7 @@ func New(opt Options) (*Service, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &Service{opt: opt, reg: reg, log: opt.Log, vms: map[string]*entry{}, ports: map[int]string{}}
+	s := &Service{opt: opt, reg: reg, log: opt.Log, vms: map[string]*entry{}, ports: map[int]string{}, dropped: map[string]bool{}}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.metrics = newMetrics(s)
 	recs, err := reg.all()
@@ -488,6 +491,10 @@ func (s *Service) Create(ctx context.Context, r Request) (VM, error) {
 	now := time.Now()
 	v := VM{ID: id, Overlay: shown, State: FetchingMetadata, Requested: now, Base: base.Name, MemoryBytes: mem,
 		Timeline: []Step{{At: 0, Step: StepRequested, Text: fmt.Sprintf("requested %s (base %s, %s of RAM)", shown, base.Name, humanize.IBytes(uint64(mem)))}}}
+	if r.Handoff != "" {
+		// Known from the start: the source's DELETE finds it by this.
+		v.Handoff = &Handoff{ID: r.Handoff, From: r.From, Phase: HandoffResuming, Timeline: []Step{}}
+	}
 
 	// Admission and the entry's insertion are one step: two requests
 	// cannot both take the last room.
@@ -495,6 +502,9 @@ func (s *Service) Create(ctx context.Context, r Request) (VM, error) {
 	defer s.mu.Unlock()
 	if s.closing {
 		return VM{}, &RequestError{Status: 503, Msg: "the cloudlet is shutting down: ask again once it is back"}
+	}
+	if r.Handoff != "" && s.dropped[r.Handoff] {
+		return VM{}, &RequestError{Status: 409, Field: "handoff", Msg: fmt.Sprintf("handoff %s was given up by its source", r.Handoff)}
 	}
 	var used int64
 	live := 0
@@ -536,7 +546,7 @@ func (s *Service) Create(ctx context.Context, r Request) (VM, error) {
 		return VM{}, err
 	}
 	sp := spec{VM: v, Request: r, StateDir: s.opt.StateDir, QEMU: s.opt.QEMU, Accel: s.opt.Accel, HostAddr: s.opt.HostAddr,
-		Forwards: fwd, FetchTimeout: s.opt.FetchTimeout, ProbeTimeout: s.opt.ProbeTimeout, CacheSize: s.opt.CacheSize}
+		Forwards: fwd, FetchTimeout: s.opt.FetchTimeout, ProbeTimeout: s.opt.ProbeTimeout, CacheSize: s.opt.CacheSize, AllowFile: s.opt.AllowFile}
 	b, err := json.Marshal(sp)
 	if err != nil {
 		return VM{}, err
@@ -846,12 +856,16 @@ func (s *Service) finalize(e *entry, rep report) {
 	scrubSpec(rec.Dir)
 	s.takePorts(rec.VM.ID)
 	s.log.Info().Str("vm", rec.VM.ID).Str("state", string(rec.VM.State)).Str("reason", rec.VM.Reason).Msg("a VM ended")
-	if rec.VM.State == Moved {
+	if h := rec.VM.Handoff; rec.VM.State == Moved && h != nil && h.Phase == HandoffComplete {
 		// It runs on another cloudlet now, which has all of it: nothing
-		// of it is left here.
-		if err := s.Remove(rec.VM.ID); err != nil {
-			s.log.Warn().Err(err).Str("vm", rec.VM.ID).Msg("forgetting a VM handed off")
-		}
+		// of it is left here. (One that may not have all of it keeps
+		// the layer served until the VM is forgotten.) Not under s.mu,
+		// which a caller may hold.
+		go func() {
+			if err := s.Remove(rec.VM.ID); err != nil {
+				s.log.Warn().Err(err).Str("vm", rec.VM.ID).Msg("forgetting a VM handed off")
+			}
+		}()
 	}
 }
 

@@ -50,6 +50,7 @@ type spec struct {
 	FetchTimeout time.Duration `json:"fetch_timeout"`
 	ProbeTimeout time.Duration `json:"probe_timeout"`
 	CacheSize    int64         `json:"cache_size"`
+	AllowFile    bool          `json:"allow_file,omitempty"`
 }
 
 // report is what a worker says of its VM: what the API shows, and what
@@ -167,7 +168,7 @@ func RunWorker(ctx context.Context, dir string, registered io.Reader, log zerolo
 	}
 	opt := launch.Options{
 		Session: session.Options{Overlay: sp.Request.Overlay, StateDir: sp.StateDir, Log: log,
-			Headers: headers, FetchTimeout: sp.FetchTimeout, CacheSize: sp.CacheSize, Staged: staged},
+			Headers: headers, FetchTimeout: sp.FetchTimeout, CacheSize: sp.CacheSize, Staged: staged, NetworkParents: !sp.AllowFile},
 		Mountpoint: mnt, QEMU: sp.QEMU, Accel: sp.Accel, Forwards: fwd,
 		ProbeTimeout: sp.ProbeTimeout, Console: console, Events: w.event, Running: w.running,
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/dustin/go-humanize"
 
+	"github.com/cloudletfs/cloudletfs/fetch"
 	"github.com/cloudletfs/cloudletfs/handoff"
 	"github.com/cloudletfs/cloudletfs/overlay"
 )
@@ -110,6 +111,10 @@ func (w *worker) handoff(req workerHandoff) {
 		w.mu.Unlock()
 	}
 	step("requested", "handing off to "+req.To, nil)
+	if len(w.sp.Request.Headers) > 0 || fetch.Redact(w.sp.Request.Overlay) != w.sp.Request.Overlay {
+		fail(errors.New("the VM's overlay is fetched with credentials (headers, a password or a signed URL), which its layer would hand the destination: handing off such a VM is not supported"), false, false)
+		return
+	}
 	if err := dest.PrepareHandoff(ctx, HandoffPrepare{ID: req.ID, Base: sess.Overlay.Header.BaseID.String(), From: req.From}); err != nil {
 		fail(fmt.Errorf("the destination refused the handoff: %w", err), false, false)
 		return
@@ -193,16 +198,19 @@ func (w *worker) awaitComplete(ctx context.Context, m *handoffDone) {
 	}
 	fctx, cancel := context.WithTimeout(ctx, destCompleteTimeout)
 	defer cancel()
-	last, err := m.dest.Follow(fctx, m.vm, func(v VM) bool {
-		return !(v.Progress != nil && v.Progress.Complete)
-	})
-	if last.Progress != nil && last.Progress.Complete {
-		step("dest-complete", fmt.Sprintf("the destination has all of the VM (%s fetched there); this cloudlet lets it go", humanize.IBytes(uint64(last.Progress.BytesFetched))), func(h *Handoff) { h.Phase = HandoffComplete })
+	// The layer's own segments: the VM's overlay and its parents come
+	// from their own URLs, not from here.
+	has := func(v VM) bool { return v.Stats != nil && v.Stats.SegmentsPresent == v.Stats.Segments }
+	last, err := m.dest.Follow(fctx, m.vm, func(v VM) bool { return !has(v) })
+	if has(last) {
+		step("dest-complete", fmt.Sprintf("the destination has all of the layer (%s fetched there); this cloudlet lets the VM go", humanize.IBytes(uint64(last.Stats.BytesFetched))), func(h *Handoff) { h.Phase = HandoffComplete })
 		return
 	}
 	why := fmt.Sprintf("the destination's VM is %s", last.State)
 	if err != nil {
 		why += fmt.Sprintf(" (%v)", err)
 	}
-	step("dest-incomplete", "stopped waiting for the destination to have all of the VM: "+why, func(h *Handoff) { h.Phase = HandoffComplete; h.Reason = why })
+	// Still running: the layer stays, served, until the VM is forgotten
+	// here.
+	step("dest-incomplete", "stopped waiting for the destination to have all of the layer, which this cloudlet serves until the VM is forgotten: "+why, func(h *Handoff) { h.Reason = why })
 }

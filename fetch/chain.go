@@ -136,6 +136,10 @@ func ExtractChain(ctx context.Context, chain []Layer, base *overlay.Base, tmp st
 			cleanup()
 			return below, nil, fmt.Errorf("parent overlay %s: %w", Redact(l.Ref), err)
 		}
+		if o.ID != l.Overlay.ID {
+			cleanup()
+			return below, nil, fmt.Errorf("overlay %s changed while it was read: it is %s now, %s before", Redact(l.Ref), o.ID.Short(), l.Overlay.ID.Short())
+		}
 		if i < len(chain)-1 {
 			o.SetParentImages(below)
 		}

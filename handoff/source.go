@@ -213,14 +213,19 @@ func (h *sender) run(ctx context.Context) (res *Result, err error) {
 			h.where[img][i] = -1
 		}
 	}
-	if h.mem, err = os.OpenFile(filepath.Join(h.opt.Dir, "memory"), os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600); err != nil {
+	// The guest's memory as it arrives, and the segments sent ahead:
+	// the layer is made of them, and then they go.
+	memPath, segPath := filepath.Join(h.opt.Dir, "memory"), filepath.Join(h.opt.Dir, "segments")
+	defer os.Remove(memPath)
+	defer os.Remove(segPath)
+	if h.mem, err = os.OpenFile(memPath, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600); err != nil {
 		return nil, err
 	}
 	defer h.mem.Close()
 	if err := h.mem.Truncate(h.o.Header.ImageSize(overlay.Memory)); err != nil {
 		return nil, err
 	}
-	if h.segFile, err = os.OpenFile(filepath.Join(h.opt.Dir, "segments"), os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600); err != nil {
+	if h.segFile, err = os.OpenFile(segPath, os.O_CREATE|os.O_RDWR|os.O_TRUNC, 0o600); err != nil {
 		return nil, err
 	}
 	defer h.segFile.Close()
@@ -279,7 +284,7 @@ func (h *sender) run(ctx context.Context) (res *Result, err error) {
 	rounds := make(chan struct{})
 	go func() { defer close(rounds); h.watchRounds(rctx) }()
 
-	st := &Stream{Page: h.page, Stopped: h.stop}
+	st := &Stream{Page: h.page, Stopped: h.stop, MemorySize: h.o.Header.ImageSize(overlay.Memory)}
 	go func() {
 		<-rctx.Done()
 		conn.Close() // unblocks the reader
@@ -302,9 +307,6 @@ func (h *sender) run(ctx context.Context) (res *Result, err error) {
 			return nil, ctx.Err()
 		}
 		return nil, readErr
-	}
-	if name, size := st.MemoryBlock(); size != h.o.Header.ImageSize(overlay.Memory) {
-		return nil, fmt.Errorf("the guest's RAM block %s has %d bytes, the overlay's memory image %d", name, size, h.o.Header.ImageSize(overlay.Memory))
 	}
 	if err := h.opt.VM.WaitMigration(ctx, "handoff"); err != nil {
 		return nil, err
@@ -376,11 +378,22 @@ func (h *sender) digest(b []byte) overlay.Digest {
 
 // page takes one page of guest memory from the stream.
 func (h *sender) page(off int64, data []byte) error {
+	select {
+	case err := <-h.pushErr:
+		// A push failed: stop now, not at the next segment.
+		h.pushErr <- err
+		return err
+	default:
+	}
 	var d overlay.Digest
 	if data == nil {
 		d = h.zero
-		if _, err := h.mem.WriteAt(zeroPage[:], off); err != nil {
-			return err
+		// The file starts sparse: zeros need writing only over a page
+		// that was not.
+		if h.have[overlay.Memory][off/h.cs] != h.zero {
+			if _, err := h.mem.WriteAt(zeroPage[:], off); err != nil {
+				return err
+			}
 		}
 	} else {
 		d = sha256.Sum256(data)

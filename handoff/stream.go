@@ -50,6 +50,8 @@ type Stream struct {
 	// Stopped is called when the stream's last RAM section begins: QEMU
 	// has stopped the VM, and what follows is what changed since.
 	Stopped func()
+	// MemorySize, if set, is the size the memory block must have.
+	MemorySize int64
 
 	r            *bufio.Reader
 	ignoreShared bool
@@ -383,6 +385,9 @@ func (s *Stream) memSize(total int64) error {
 		if s.memBlock == "" || b.size > s.size(s.memBlock) {
 			s.memBlock = b.name
 		}
+	}
+	if size := s.size(s.memBlock); s.MemorySize > 0 && size != s.MemorySize {
+		return bad("the guest's RAM block %s has %d bytes, the VM's memory image %d", s.memBlock, size, s.MemorySize)
 	}
 	return nil
 }

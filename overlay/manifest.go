@@ -131,7 +131,7 @@ func (m *Manifest) Encode() []byte {
 		}
 	}
 	b = binary.AppendUvarint(b, uint64(len(m.Order)))
-	prev = [4]int64{-1, -1}
+	prev = [4]int64{-1, -1} // the order's previous chunk, per image
 	for _, c := range m.Order {
 		d := int64(c.Index) - (prev[c.Image] + 1)
 		zz := uint64(d<<1) ^ uint64(d>>63)
@@ -295,7 +295,7 @@ func DecodeManifest(r io.Reader, h *Header, segOff int64) (*Manifest, error) {
 		return nil, badManifest("order lists %d chunks; %d are data and segments hold %d", nord, ndata, first)
 	}
 	m.Order = make([]ChunkID, nord)
-	prev = [4]int64{-1, -1}
+	prev = [4]int64{-1, -1} // the order's previous chunk, per image
 	for pos := range m.Order {
 		v, err := binary.ReadUvarint(br)
 		if err != nil {

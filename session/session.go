@@ -69,6 +69,10 @@ type Options struct {
 	AllowOther bool // let users other than the mounting one in
 	Debug      bool // log every FUSE request
 	NoDiscard  bool // the images refuse discards (fs.Options.NoDiscard)
+	// NetworkParents refuses the parents of a layered overlay that are
+	// not http://, https:// or s3:// URLs: a cloudlet that refuses file://
+	// overlays must not read local files as parents either.
+	NetworkParents bool
 	// Staged, if set, is a directory of segments sent ahead by a handoff,
 	// named by their sha256: they are read from there, not fetched.
 	Staged string
@@ -107,6 +111,9 @@ func (s *Session) openParents(ctx context.Context, opt Options, src fetch.Source
 	}
 	client := fetch.DefaultClient(tlsConfig)
 	open := func(ref string) (fetch.Source, error) {
+		if u, err := url.Parse(ref); opt.NetworkParents && (err != nil || u.Scheme != "http" && u.Scheme != "https" && u.Scheme != "s3") {
+			return nil, fmt.Errorf("%s is not an http://, https:// or s3:// URL, and this cloudlet reads no local files (--allow-file)", fetch.Redact(ref))
+		}
 		h := header
 		if !sameHost(ref, opt.Overlay) {
 			h = nil

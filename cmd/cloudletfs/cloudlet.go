@@ -488,6 +488,8 @@ func handoffCmd(c *cli.Context) error {
 		return fmt.Errorf("VM %s is %s and shows no handoff", id, last.State)
 	case h.Phase == cloudlet.HandoffFailed:
 		return fmt.Errorf("the handoff of VM %s failed, and it runs on at %s: %s", id, fetch.Redact(c.String("cloudlet")), h.Reason)
+	case h.Phase != cloudlet.HandoffComplete && last.State == cloudlet.Moved:
+		return fmt.Errorf("VM %s runs on %s as VM %s, but that cloudlet did not get all of its layer: %s", id, fetch.Redact(c.String("to")), h.DestVM, h.Reason)
 	case h.Phase != cloudlet.HandoffComplete:
 		return fmt.Errorf("the handoff of VM %s is %s after --timeout %s; it goes on", id, h.Phase, c.Duration("timeout"))
 	}
