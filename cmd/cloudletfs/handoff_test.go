@@ -237,7 +237,7 @@ func testHandoff(t *testing.T, e *env, url string) {
 		t.Fatalf("handoff: %v\n%s", err, out)
 	}
 	t.Logf("handoff:\n%s", out)
-	for _, want := range []string{"handing off to", "precopy began", "QEMU stopped the VM", "layer", "the destination runs the VM: downtime", "has all of the VM", "now runs on"} {
+	for _, want := range []string{"handing off to", "precopy began", "QEMU stopped the VM", "layer", "the destination runs the VM: downtime", "has all of the layer", "now runs on"} {
 		if !strings.Contains(out, want) {
 			t.Fatalf("the handoff's timeline lacks %q:\n%s", want, out)
 		}
@@ -277,7 +277,11 @@ func testHandoff(t *testing.T, e *env, url string) {
 		c.Close()
 		t.Fatalf("A's port %s still answers", vm.app)
 	}
-	bv, err := clB.Get(ctx, bID)
+	// B has all of the VM once its parent, the VM's overlay, has come
+	// from the overlay's URL too.
+	fctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	bv, err := clB.Follow(fctx, bID, func(v cloudlet.VM) bool { return v.Handoff == nil || v.Handoff.Phase != cloudlet.HandoffComplete })
+	cancel()
 	if err != nil || bv.Stats == nil || bv.Stats.Parent == nil || bv.Stats.Parent.From != "url" || bv.Handoff == nil || bv.Handoff.Phase != cloudlet.HandoffComplete {
 		t.Fatalf("B's VM: %v %+v", err, bv.Handoff)
 	}
@@ -309,7 +313,7 @@ func testHandoff(t *testing.T, e *env, url string) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	c.p.cmd.Process.Kill()
-	fctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	fctx, cancel = context.WithTimeout(ctx, 3*time.Minute)
 	v, err := clA.Follow(fctx, vm2.id, func(v cloudlet.VM) bool { return v.Handoff == nil || v.Handoff.Phase != cloudlet.HandoffFailed })
 	cancel()
 	if v.Handoff == nil || v.Handoff.Phase != cloudlet.HandoffFailed || !strings.Contains(v.Handoff.Reason, "runs on here") {
