@@ -239,7 +239,7 @@ func TestBadInput(t *testing.T) {
 	e.write("bad/state.overlay", flip(stateOff+2))
 	e.write("bad/absurd.overlay", reseal(func(b []byte) { binary.LittleEndian.PutUint64(b[80:], 1<<55) }))
 	e.write("bad/hugeimage.overlay", reseal(func(b []byte) { binary.LittleEndian.PutUint64(b[24:], 1<<61) }))
-	e.write("bad/version.overlay", reseal(func(b []byte) { b[8] = 2 }))
+	e.write("bad/version.overlay", reseal(func(b []byte) { b[8] = 3 }))
 	e.write("empty.trace", []byte("# nothing\n\n"))
 	e.write("beyond.trace", []byte("0 disk 1\n0.1 memory 999\n"))
 	createArgs := func(out string, extra ...string) []string {
@@ -295,7 +295,7 @@ func TestBadInput(t *testing.T) {
 		"state":     {"state: sha256 mismatch"},
 		"absurd":    {"manifest claims"},
 		"hugeimage": {"memory size", "exceeds the limit"},
-		"version":   {"format version 2 is not supported"},
+		"version":   {"format version 3 is not supported"},
 	} {
 		t.Run("extract "+name, func(t *testing.T) {
 			e := e.in(t)
