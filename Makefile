@@ -70,6 +70,7 @@ bench: deps build
 	tools/bench-reliability.sh $(BUILD)/bench-reliability
 	tools/bench-io.sh $(BIN) $(BUILD)/bench-io
 	tools/bench-cloudlet.sh $(BIN) $(BUILD)/bench-cloudlet
+	tools/bench-handoff.sh $(BIN) $(BUILD)/bench-handoff
 
 # The FACE VM's figures (two captures and nine launches under TCG: about an
 # hour on 2 cores).
