@@ -429,7 +429,7 @@ func waitState(t *testing.T, cl *cloudlet.Client, id string, want cloudlet.State
 // stopWorkers stops the cloudlet workers of the state dir that a failed
 // test left running, as a stop through the API would, and kills those that
 // do not stop.
-func stopWorkers(t *testing.T, state string) {
+func stopWorkers(t testing.TB, state string) {
 	find := func() []int {
 		var out []int
 		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")

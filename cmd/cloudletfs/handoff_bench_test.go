@@ -669,7 +669,7 @@ func hbHandoff(b *testing.B, fx *hbFixture, mbit int) hbResult {
 // startCloudlet starts `cloudletfs cloudlet` on state and returns its URL;
 // the run's end stops it, and any worker of it left.
 func (fx *hbFixture) startCloudlet(b *testing.B, sc *hbScope, state string, args ...string) (string, *hbProc) {
-	sc.add(func() { hbStopWorkers(b, state) }) // once the daemon has stopped
+	sc.add(func() { stopWorkers(b, state) }) // once the daemon has stopped
 	p := hbStart(b, sc, fx.bin, append([]string{"--state-dir", state, "cloudlet", "--accel", "tcg"}, args...)...)
 	l, err := p.line(60 * time.Second)
 	m := regexp.MustCompile(`^cloudlet listening on (http://\S+) `).FindStringSubmatch(l)
@@ -679,35 +679,6 @@ func (fx *hbFixture) startCloudlet(b *testing.B, sc *hbScope, state string, args
 	return m[1], p
 }
 
-// hbStopWorkers stops the cloudlet workers of state that outlived their
-// daemon, by their process IDs.
-func hbStopWorkers(b *testing.B, state string) {
-	find := func() []int {
-		var out []int
-		procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-		for _, p := range procs {
-			c, _ := os.ReadFile(p)
-			if strings.Contains(string(c), "cloudlet-worker\x00"+filepath.Join(state, "cloudlet", "vms")) {
-				var pid int
-				fmt.Sscanf(p, "/proc/%d/cmdline", &pid)
-				out = append(out, pid)
-			}
-		}
-		return out
-	}
-	for _, pid := range find() {
-		syscall.Kill(pid, syscall.SIGTERM)
-	}
-	for deadline := time.Now().Add(30 * time.Second); len(find()) > 0; time.Sleep(50 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			for _, pid := range find() {
-				b.Logf("killing worker %d, which did not stop", pid)
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-			return
-		}
-	}
-}
 
 // hbAnswers takes the client's figures of a move that began at t0, with
 // B running from ranAt, and reports whether the counter in the guest's RAM
