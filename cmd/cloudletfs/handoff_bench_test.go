@@ -679,7 +679,6 @@ func (fx *hbFixture) startCloudlet(b *testing.B, sc *hbScope, state string, args
 	return m[1], p
 }
 
-
 // hbAnswers takes the client's figures of a move that began at t0, with
 // B running from ranAt, and reports whether the counter in the guest's RAM
 // went on from A to B.
