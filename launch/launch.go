@@ -430,9 +430,13 @@ func probeHTTP(ctx context.Context, path, host string, port int) (string, error)
 		return "", err
 	}
 	defer resp.Body.Close()
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	if resp.StatusCode/100 != 2 {
 		return "", fmt.Errorf("GET %s: %s", path, resp.Status)
+	}
+	if err != nil {
+		// A reply cut short is not yet the application answering.
+		return "", fmt.Errorf("GET %s: %s, then the body was cut: %w", path, resp.Status, err)
 	}
 	first, _, _ := strings.Cut(string(body), "\n")
 	return fmt.Sprintf("HTTP %d %s", resp.StatusCode, strings.TrimSpace(first)), nil
